@@ -1,0 +1,145 @@
+"""How global sequence positions map to the ranks of a sequence-parallel group.
+
+Two layouts (DESIGN.md section 3):
+
+* ``contiguous``: rank ``r`` holds positions ``[r*N/W, (r+1)*N/W)``; what slicing gives.
+* ``zigzag``: the sequence is cut into ``2W`` chunks and rank ``r`` holds chunks ``r`` and
+  ``2W-1-r``. Under a causal mask every rank then gets the same amount of work.
+
+A rank's shard is a list of *pieces* (contiguous runs of global positions): one piece
+for ``contiguous``, two for ``zigzag``. Everything else (positions for RoPE and labels,
+which ranks must talk, which blocks are empty) is derived from the pieces.
+
+Letters: B batch, N global sequence length, T local length (N/W), W group size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A contiguous run of global positions held by one rank."""
+
+    start: int  #: first global position
+    length: int  #: number of positions
+    local_offset: int  #: where the run starts inside the rank's local shard
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not a sharding layout; valid values: {LAYOUTS}")
+
+
+def check_divisible(seq_len: int, group_size: int, layout: str) -> None:
+    """Raise a ValueError saying how much padding is needed if the layout cannot split."""
+    _check_layout(layout)
+    parts = group_size * (2 if layout == "zigzag" else 1)
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if seq_len % parts != 0:
+        pad = parts - seq_len % parts
+        raise ValueError(
+            f"sequence length {seq_len} cannot be split by the {layout!r} layout over "
+            f"{group_size} ranks: it must be a multiple of {parts}. Pad {pad} more "
+            f"positions (ring_lightning.sharding.pad_to_multiple(x, {parts}))."
+        )
+
+
+def rank_pieces(seq_len: int, group_size: int, rank: int, layout: str) -> List[Piece]:
+    """The pieces of global positions that ``rank`` holds, in local order."""
+    check_divisible(seq_len, group_size, layout)
+    if not 0 <= rank < group_size:
+        raise ValueError(f"rank {rank} is outside a group of size {group_size}")
+    if layout == "contiguous":
+        local = seq_len // group_size
+        return [Piece(rank * local, local, 0)]
+    chunk = seq_len // (2 * group_size)
+    return [
+        Piece(rank * chunk, chunk, 0),
+        Piece((2 * group_size - 1 - rank) * chunk, chunk, chunk),
+    ]
+
+
+def sequence_positions(
+    seq_len: int, group_size: int, rank: int, layout: str = "contiguous", device=None
+) -> torch.Tensor:
+    """Global positions (LongTensor of shape ``(seq_len // group_size,)``) of ``rank``'s shard."""
+    parts = [
+        torch.arange(p.start, p.start + p.length, device=device)
+        for p in rank_pieces(seq_len, group_size, rank, layout)
+    ]
+    return torch.cat(parts)
+
+
+def shard_sequence(
+    x: torch.Tensor, group_size: int, rank: int, layout: str = "contiguous", dim: int = 1
+) -> torch.Tensor:
+    """This rank's shard of a full-sequence tensor (a copy for zigzag, a view otherwise)."""
+    seq_len = x.shape[dim]
+    pieces = rank_pieces(seq_len, group_size, rank, layout)
+    parts = [x.narrow(dim, p.start, p.length) for p in pieces]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def unshard_sequence(shards: List[torch.Tensor], layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
+    """Reassemble the full sequence from every rank's shard (rank order)."""
+    group_size = len(shards)
+    local = shards[0].shape[dim]
+    if layout == "contiguous":
+        return torch.cat(shards, dim=dim)
+    _check_layout(layout)
+    half = local // 2
+    chunks: List[Optional[torch.Tensor]] = [None] * (2 * group_size)
+    for r, s in enumerate(shards):
+        chunks[r] = s.narrow(dim, 0, half)
+        chunks[2 * group_size - 1 - r] = s.narrow(dim, half, half)
+    return torch.cat(chunks, dim=dim)  # type: ignore[arg-type]
+
+
+def gather_sequence(
+    x: torch.Tensor, group: Optional[dist.ProcessGroup] = None, layout: str = "contiguous", dim: int = 1
+) -> torch.Tensor:
+    """All-gather every rank's shard and return the full sequence (no autograd)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return x
+    world = dist.get_world_size(group)
+    if world == 1:
+        return x
+    shards = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(shards, x.contiguous(), group=group)
+    return unshard_sequence(shards, layout, dim)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, dim: int = 1, value: float = 0) -> torch.Tensor:
+    """Pad ``x`` along ``dim`` at the end so its length is a multiple of ``multiple``."""
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    length = x.shape[dim]
+    pad = (-length) % multiple
+    if pad == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    filler = torch.full(shape, value, dtype=x.dtype, device=x.device)
+    return torch.cat([x, filler], dim=dim)
+
+
+def required_multiple(
+    segment_lengths: Optional[List[int]], group_size: int, layout: str
+) -> int:
+    """Smallest length unit that every layout piece and every segment divides."""
+    import math
+
+    parts = group_size * (2 if layout == "zigzag" else 1)
+    unit = parts
+    for w in segment_lengths or []:
+        unit = math.lcm(unit, w)
+    return unit
