@@ -1,0 +1,288 @@
+"""RingAttentionBase: the module every variant shares (input checks, groups, sharding).
+
+A variant changes only what its name says (how blocks are computed, which tokens are
+masked, which production checks run) by overriding ``_context_options``; the ring itself
+(ring.py) and the merge (merge.py) are shared.
+
+Process group: resolved lazily, never in ``__init__``. The strategy hands one with
+``set_process_group(group, layout)``; otherwise the first call takes the default group if
+one is initialised (the usage guide's multi-GPU example), else runs on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..sharding import check_divisible, rank_pieces, shard_sequence, unshard_sequence
+from .comm import BufferPool, RingComm
+from .config import RingAttentionConfig
+from .plan import get_plan
+from .profiling import RingProfiler
+from .ring import RingAttentionFunction, RingContext
+
+log = logging.getLogger(__name__)
+_UNSET = object()
+
+
+def _stable_hash(x) -> int:
+    """Same value in every process (Python's str hash is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(repr(x).encode(), digest_size=7).digest(), "little")
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather shards into the full sequence; backward keeps this rank's positions only.
+
+    Every rank computes the same loss from the gathered output, so each rank's gradient of
+    the full output is already complete: it takes its own slice, no reduction needed.
+    """
+
+    @staticmethod
+    def forward(fctx, x, group, layout, rank):
+        world = dist.get_world_size(group)
+        shards = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(shards, x.contiguous(), group=group)
+        fctx.meta = (world, rank, layout)
+        return unshard_sequence(shards, layout, dim=1)
+
+    @staticmethod
+    def backward(fctx, grad):
+        world, rank, layout = fctx.meta
+        return shard_sequence(grad, world, rank, layout, dim=1).contiguous(), None, None, None
+
+
+class _ShardSequence(torch.autograd.Function):
+    """Take this rank's shard of a full sequence; backward scatters into zeros elsewhere."""
+
+    @staticmethod
+    def forward(fctx, x, world, rank, layout):
+        fctx.meta = (x.shape, world, rank, layout)
+        return shard_sequence(x, world, rank, layout, dim=1).contiguous()
+
+    @staticmethod
+    def backward(fctx, grad):
+        shape, world, rank, layout = fctx.meta
+        full = grad.new_zeros(shape)
+        for p in rank_pieces(shape[1], world, rank, layout):
+            full.narrow(1, p.start, p.length).copy_(grad.narrow(1, p.local_offset, p.length))
+        return full, None, None, None
+
+
+class RingAttentionBase(nn.Module):
+    """Exact ring attention over a sequence split across a process group.
+
+    Call: ``out = attn(q, k, v, is_causal=False, already_split=False)`` with
+    q (B, T, H, D), k/v (B, T, K, D), ``H % K == 0``. See DESIGN.md section 2.
+    """
+
+    variant = "standard"
+
+    def __init__(self, config: Optional[RingAttentionConfig] = None, **fields) -> None:
+        super().__init__()
+        if config is None:
+            config = RingAttentionConfig(**fields)
+        elif fields:
+            config = dataclasses.replace(config, **fields)
+        if not isinstance(config, RingAttentionConfig):
+            raise TypeError(f"config must be a RingAttentionConfig, got {type(config).__name__}")
+        self.config = config
+        config.warn_inert_fields(self.variant)
+        self._group = _UNSET
+        self._layout_hint: Optional[str] = None
+        self._verified = set()
+        self.profiler = RingProfiler()
+        self.pool = BufferPool(config.max_buffer_size_mb * 2**20, config.enable_memory_pool)
+        self._comm: Optional[RingComm] = None
+
+    # ----------------------------------------------------------------- process group
+    def set_process_group(self, group: Optional[dist.ProcessGroup], layout: Optional[str] = None) -> None:
+        """Use ``group`` for the ring (``None``: one device) and ``layout`` for split inputs."""
+        if layout is not None and layout not in ("contiguous", "zigzag"):
+            raise ValueError(f"layout={layout!r} is not valid; valid values: ('contiguous', 'zigzag')")
+        self._group = group
+        self._layout_hint = layout
+        self._comm = None
+
+    def _resolve_group(self) -> Optional[dist.ProcessGroup]:
+        if self._group is _UNSET:
+            ready = dist.is_available() and dist.is_initialized()
+            self._group = dist.group.WORLD if ready else None
+        return self._group
+
+    def _group_size(self) -> int:
+        group = self._resolve_group()
+        return 1 if group is None else dist.get_world_size(group)
+
+    def preferred_layout(self, seq_len: int, group_size: int, is_causal: bool) -> str:
+        """zigzag when a causal pattern spans ranks and zigzag can split it; else contiguous."""
+        if self.config.layout != "auto":
+            return self.config.layout
+        if not is_causal or group_size == 1:
+            return "contiguous"
+        local = seq_len // group_size
+        spans = any(w > local for w, _ in self.config.patterns(seq_len))
+        if not spans or seq_len % (2 * group_size) != 0:
+            return "contiguous"
+        try:
+            get_plan(seq_len, group_size, "zigzag", tuple(self.config.patterns(seq_len)), True, 1, 1)
+        except ValueError:
+            return "contiguous"
+        return "zigzag"
+
+    # ------------------------------------------------------------------- variants
+    def _context_options(self, q: torch.Tensor, seq_len: int, is_causal: bool) -> dict:
+        """Variant hook: extra RingContext fields (mask_fn, compute_dtype, grad_check...)."""
+        return {}
+
+    def _comm_blocking(self) -> Optional[bool]:
+        return None  # gloo: blocking with timeout; NCCL: stream-ordered waits
+
+    # ----------------------------------------------------------------------- forward
+    def forward(self, q, k, v, is_causal: bool = False, already_split: bool = False,
+                return_lse: bool = False):
+        """Attention of this rank's queries over the whole sequence.
+
+        Args:
+            q: (B, T, H, D); k, v: (B, T, K, D) with H % K == 0.
+            is_causal: keys at global positions <= the query's only.
+            already_split: True if each rank passes its own shard (layout: ``config.layout``,
+                else the one the strategy set, else contiguous); False if every rank passes
+                the full sequence (then the full output is returned on every rank).
+            return_lse: also return the log-sum-exp (B, T, H), float32.
+        Raises:
+            ValueError / TypeError on inconsistent inputs, with what to change.
+        """
+        self._check_inputs(q, k, v)
+        cfg = self.config
+        group = self._resolve_group()
+        world = 1 if group is None else dist.get_world_size(group)
+        if cfg.ring_size is not None and cfg.ring_size != world:
+            raise ValueError(
+                f"ring_size={cfg.ring_size} but the sequence-parallel group has {world} ranks; "
+                f"set ring_size=None or {world}"
+            )
+        if world == 1:
+            layout, rank = "contiguous", 0
+            seq_len = q.shape[1]
+        elif already_split:
+            layout = cfg.layout if cfg.layout != "auto" else (self._layout_hint or "contiguous")
+            rank = dist.get_rank(group)
+            seq_len = q.shape[1] * world
+        else:
+            seq_len = q.shape[1]
+            layout = self.preferred_layout(seq_len, world, is_causal)
+            rank = dist.get_rank(group)
+            check_divisible(seq_len, world, layout)
+        patterns = tuple(cfg.patterns(seq_len))
+        H, K = q.shape[2], k.shape[2]
+        plan = get_plan(seq_len, world, layout, patterns, bool(is_causal), H, K)
+        comm = None
+        if world > 1:
+            if self._comm is None or self._comm.group is not group:
+                self._comm = RingComm(group, cfg.comm_timeout_s, cfg.custom_ring_order, self._comm_blocking())
+            comm = self._comm
+            self._verify_across_ranks(comm, q, k, seq_len, layout, is_causal, already_split)
+        if not already_split and world > 1:
+            q, k, v = (_ShardSequence.apply(x, world, rank, layout) for x in (q, k, v))
+
+        self.profiler.reset(q.device, cfg.profile_memory)
+        self.profiler.calls += 1
+        ctx = RingContext(
+            plan=plan, comm=comm,
+            scale=cfg.scale if cfg.scale is not None else 1.0 / math.sqrt(q.shape[-1]),
+            profiler=self.profiler, pool=self.pool, kernel=cfg.kernel, tile=cfg.compute_block_size,
+            dropout_p=cfg.dropout if self.training else 0.0,
+            dropout_seed=int(torch.randint(0, 2**62, (1,)).item()) if (self.training and cfg.dropout > 0) else 0,
+            async_comm=cfg.async_ring_communication, sync_profiling=cfg.enable_profiling,
+            profile_communication=cfg.profile_communication,
+            **self._context_options(q, seq_len, is_causal),
+        )
+        with self.profiler.total.span():
+            out, lse = RingAttentionFunction.apply(q, k, v, ctx)
+        if cfg.log_communication_stats and comm is not None:
+            log.info("ring %s rank %d: sent %.2f MB in %d steps", self.variant, comm.rank,
+                     self.profiler.bytes_sent / 2**20, self.profiler.ring_steps)
+        if cfg.aggressive_memory_cleanup:
+            self.clear_memory_pool()
+        if not already_split and world > 1:
+            out = _GatherSequence.apply(out, group, layout, rank)
+            lse = _GatherSequence.apply(lse, group, layout, rank) if return_lse else lse
+        return (out, lse) if return_lse else out
+
+    # ---------------------------------------------------------------------- checks
+    def _check_inputs(self, q, k, v) -> None:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.dim() != 4:
+                raise ValueError(f"{name} must have shape (batch, seq, heads, head_dim), got {tuple(x.shape)}")
+            if x.dtype not in _SUPPORTED_DTYPES:
+                raise TypeError(f"{name} has dtype {x.dtype}; supported: {_SUPPORTED_DTYPES}")
+        if not (q.dtype == k.dtype == v.dtype):
+            raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if not (q.device == k.device == v.device):
+            raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        B, T, H, D = q.shape
+        if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
+            raise ValueError(
+                f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, seq or head_dim"
+            )
+        if H % k.shape[2] != 0:
+            raise ValueError(
+                f"query heads ({H}) must be a multiple of kv heads ({k.shape[2]}) for grouped-query attention"
+            )
+        if T == 0:
+            raise ValueError("sequence length must be positive")
+
+    def _verify_across_ranks(self, comm, q, k, seq_len, layout, is_causal, already_split) -> None:
+        """Once per input signature: every rank of the group must agree (one all_gather)."""
+        cfg = self.config
+        sig = (tuple(q.shape), tuple(k.shape), str(q.dtype), layout, bool(is_causal), bool(already_split),
+               self.variant, tuple(cfg.patterns(seq_len)), cfg.block_size, cfg.sparsity_ratio,
+               cfg.sparse_pattern, cfg.sparse_seed)
+        if sig in self._verified:
+            return
+        names = ["shape q", "shape k", "dtype", "layout", "is_causal", "already_split", "variant",
+                 "patterns", "block_size", "sparsity_ratio", "sparse_pattern", "sparse_seed"]
+        codes = torch.tensor([_stable_hash(x) for x in sig], dtype=torch.int64,
+                             device=q.device if comm.backend == "nccl" else "cpu")
+        gathered = [torch.empty_like(codes) for _ in range(comm.world)]
+        work = dist.all_gather(gathered, codes, group=comm.group, async_op=True)
+        try:
+            work.wait(timeout=comm.timeout) if comm.backend != "nccl" else work.wait()
+        except Exception as exc:
+            raise comm.error([r for r in range(comm.world) if r != comm.rank], 0, exc) from exc
+        mine = codes.tolist()
+        for r, other in enumerate(gathered):
+            diff = [n for n, a, b in zip(names, mine, other.tolist()) if a != b]
+            if diff:
+                raise ValueError(
+                    f"rank {comm.rank} and rank {r} of the sequence-parallel group called ring attention "
+                    f"with different {', '.join(diff)} (this rank: {[sig[names.index(d)] for d in diff]}). "
+                    f"Every rank must pass shards of the same length and use the same config."
+                )
+        self._verified.add(sig)
+
+    # --------------------------------------------------------------------- stats
+    def get_profiling_stats(self) -> dict:
+        """Measured figures of the last call (forward and its backward)."""
+        return self.profiler.stats()
+
+    def clear_memory_pool(self) -> None:
+        self.pool.clear()
+        if self.config.aggressive_memory_cleanup and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"variant={self.variant}, segment_lengths={c.segment_lengths}, dilation_rates={c.dilation_rates}"

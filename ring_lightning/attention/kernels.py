@@ -1,0 +1,225 @@
+"""Local block attention that returns the log-sum-exp, forward and backward.
+
+One call computes attention of a query block against one key block, either with no mask
+("full") or with a top-left aligned lower-triangular mask ("causal": the two blocks hold
+the same positions), optionally intersected with a token mask (block-sparse). It returns
+``(out, lse)`` so the ring can merge it, and its backward takes the FINAL merged ``out``
+and ``lse`` -- the standard flash-attention backward identity:
+
+    P = exp(S - lse_final),  dS = P * (dO @ V^T - rowsum(dO * O_final))
+
+which is exact for any split of the keys into blocks.
+
+Two implementations:
+* ``math``: portable PyTorch, tiled so that it never holds more than one
+  ``tile x tile`` block of scores; skips tiles with nothing allowed; supports dropout
+  through a per-tile seeded mask that backward regenerates. Used on CPU, for float32/64
+  and wherever a CUDA kernel does not apply.
+* CUDA SDPA kernels (cuDNN, flash, memory-efficient) through their ATen ops, which return
+  the log-sum-exp. Tried in the order the config allows; a kernel that refuses an input
+  (dtype, head dim) is skipped for that input signature.
+
+Letters: B' batch (batch x segments), M query tokens, L key tokens, H heads, D head dim.
+Tensors arrive as (B', M, H, D); lse is (B', M, H).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import torch
+
+from .merge import accumulator_dtype
+
+_CUDA_KERNELS = ("cudnn", "flash", "efficient")
+_refused: set = set()  # (kernel, dtype, head_dim) signatures a CUDA kernel rejected
+
+
+@dataclass
+class BlockSpec:
+    """How one query block attends to one key block."""
+
+    causal: bool = False  #: top-left aligned lower-triangular (same positions on both sides)
+    token_mask: Optional[torch.Tensor] = None  #: optional (M, L) bool, True = allowed
+    dropout_p: float = 0.0
+    dropout_seed: int = 0  #: per-task seed; tiles derive their own from it
+
+
+def _tile_dropout(spec: BlockSpec, qi: int, ki: int, shape, device) -> torch.Tensor:
+    # Seeded per (task, tile) so backward regenerates exactly the forward's mask.
+    gen = torch.Generator(device=device)
+    gen.manual_seed((spec.dropout_seed * 1_000_003 + qi * 7919 + ki) % (2**63 - 1))
+    keep = torch.rand(shape, generator=gen, device=device) >= spec.dropout_p
+    return keep
+
+
+def _tile_mask(spec: BlockSpec, q0: int, q1: int, k0: int, k1: int, device):
+    """None = all allowed; False = nothing allowed (skip); else (mq, mk) bool."""
+    mask = None
+    if spec.causal:
+        if k0 > q1 - 1:
+            return False
+        if k1 - 1 > q0:  # the tile crosses the diagonal
+            qi = torch.arange(q0, q1, device=device)
+            ki = torch.arange(k0, k1, device=device)
+            mask = ki[None, :] <= qi[:, None]
+    if spec.token_mask is not None:
+        tm = spec.token_mask[q0:q1, k0:k1]
+        if not bool(tm.any()):
+            return False
+        mask = tm if mask is None else (mask & tm)
+    return mask
+
+
+def math_forward(q, k, v, scale: float, spec: BlockSpec, tile: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Tiled online-softmax forward. Returns out (B',M,H,D), lse (B',M,H) and tiles skipped."""
+    acc = accumulator_dtype(q.dtype)
+    Bp, M, H, D = q.shape
+    L = k.shape[1]
+    qf = q.to(acc).transpose(1, 2)  # (B', H, M, D)
+    kf = k.to(acc).transpose(1, 2)  # (B', H, L, D)
+    vf = v.to(acc).transpose(1, 2)
+    out = torch.zeros(Bp, H, M, D, dtype=acc, device=q.device)
+    lse = torch.full((Bp, H, M), float("-inf"), dtype=acc, device=q.device)
+    skipped = 0
+    for q0 in range(0, M, tile):
+        q1 = min(q0 + tile, M)
+        row_max = torch.full((Bp, H, q1 - q0), float("-inf"), dtype=acc, device=q.device)
+        row_sum = torch.zeros((Bp, H, q1 - q0), dtype=acc, device=q.device)
+        row_out = torch.zeros((Bp, H, q1 - q0, D), dtype=acc, device=q.device)
+        for k0 in range(0, L, tile):
+            k1 = min(k0 + tile, L)
+            mask = _tile_mask(spec, q0, q1, k0, k1, q.device)
+            if mask is False:
+                skipped += 1
+                continue
+            s = torch.matmul(qf[:, :, q0:q1], kf[:, :, k0:k1].transpose(-1, -2)) * scale  # (B',H,mq,mk)
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf"))
+            new_max = torch.maximum(row_max, s.amax(-1))
+            safe_max = torch.where(torch.isneginf(new_max), torch.zeros_like(new_max), new_max)
+            p = torch.exp(s - safe_max[..., None])
+            correction = torch.exp(row_max - safe_max)
+            row_sum = row_sum * correction + p.sum(-1)
+            if spec.dropout_p > 0:
+                keep = _tile_dropout(spec, q0, k0, p.shape, q.device)
+                p = p * keep / (1.0 - spec.dropout_p)
+            row_out = row_out * correction[..., None] + torch.matmul(p, vf[:, :, k0:k1])
+            row_max = new_max
+        safe_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+        has_key = row_sum > 0
+        lse[:, :, q0:q1] = torch.where(has_key, safe_max + torch.log(row_sum), lse[:, :, q0:q1])
+        out[:, :, q0:q1] = torch.where(has_key[..., None], row_out / row_sum.clamp_min(1e-300)[..., None], 0.0)
+    return out.transpose(1, 2), lse.transpose(1, 2), skipped
+
+
+def math_backward(q, k, v, out, dout, lse, scale: float, spec: BlockSpec, tile: int):
+    """Gradients of one block given the FINAL merged out (B',M,H,D) and lse (B',M,H)."""
+    acc = accumulator_dtype(q.dtype)
+    qf = q.to(acc).transpose(1, 2)  # (B', H, M, D)
+    kf = k.to(acc).transpose(1, 2)  # (B', H, L, D)
+    vf = v.to(acc).transpose(1, 2)
+    do = dout.to(acc).transpose(1, 2)
+    lse_t = lse.to(acc).transpose(1, 2)  # (B', H, M)
+    lse_t = torch.where(torch.isneginf(lse_t), torch.zeros_like(lse_t), lse_t)
+    delta = (do * out.to(acc).transpose(1, 2)).sum(-1)  # (B', H, M)
+    dq = torch.zeros_like(qf)
+    dk = torch.zeros_like(kf)
+    dv = torch.zeros_like(vf)
+    M, L = qf.shape[2], kf.shape[2]
+    for q0 in range(0, M, tile):
+        q1 = min(q0 + tile, M)
+        for k0 in range(0, L, tile):
+            k1 = min(k0 + tile, L)
+            mask = _tile_mask(spec, q0, q1, k0, k1, q.device)
+            if mask is False:
+                continue
+            s = torch.matmul(qf[:, :, q0:q1], kf[:, :, k0:k1].transpose(-1, -2)) * scale
+            p = torch.exp(s - lse_t[:, :, q0:q1, None])
+            if mask is not None:
+                p = torch.where(mask, p, torch.zeros_like(p))
+            dp = torch.matmul(do[:, :, q0:q1], vf[:, :, k0:k1].transpose(-1, -2))
+            if spec.dropout_p > 0:
+                keep = _tile_dropout(spec, q0, k0, p.shape, q.device) / (1.0 - spec.dropout_p)
+                dv[:, :, k0:k1] += torch.matmul((p * keep).transpose(-1, -2), do[:, :, q0:q1])
+                dp = dp * keep
+            else:
+                dv[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), do[:, :, q0:q1])
+            ds = p * (dp - delta[:, :, q0:q1, None])
+            dq[:, :, q0:q1] += torch.matmul(ds, kf[:, :, k0:k1]) * scale
+            dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qf[:, :, q0:q1]) * scale
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- CUDA kernels
+def _cuda_forward(name: str, q, k, v, scale: float, causal: bool):
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B', H, M, D) views
+    if name == "flash":
+        res = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, causal, False, scale=scale)
+        out, lse = res[0], res[1]
+        saved = ("flash", res[2], res[3], res[4], res[5], res[6], res[7])
+    elif name == "cudnn":
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, causal, False, scale=scale)
+        out, lse = res[0], res[1]
+        saved = ("cudnn", res[2], res[3], res[4], res[5], res[6], res[7], tuple(res[1].shape))
+    else:
+        res = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True, 0.0, causal, scale=scale)
+        out, lse = res[0], res[1]
+        saved = ("efficient", res[2], res[3])
+    lse = lse.reshape(lse.shape[0], lse.shape[1], -1)[:, :, : q.shape[1]]  # (B', H, M)
+    return out.transpose(1, 2), lse.transpose(1, 2), saved
+
+
+def _cuda_backward(saved, q, k, v, out, dout, lse, scale: float, causal: bool):
+    qt, kt, vt, ot, dot = (x.transpose(1, 2) for x in (q, k, v, out, dout))
+    lse_t = lse.transpose(1, 2).contiguous()  # (B', H, M)
+    name = saved[0]
+    if name == "flash":
+        _, cq, ck, mq, mk, seed, offset = saved
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dot, qt, kt, vt, ot, lse_t, cq, ck, mq, mk, 0.0, causal, seed, offset, scale=scale)
+    elif name == "cudnn":
+        _, cq, ck, mq, mk, seed, offset, lse_shape = saved
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dot, qt, kt, vt, ot, lse_t.reshape(lse_shape), seed, offset, torch.empty(0, device=q.device),
+            cq, ck, mq, mk, 0.0, causal, scale=scale)
+    else:
+        _, seed, offset = saved
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dot, qt, kt, vt, torch.empty(0, device=q.device), ot, lse_t, seed, offset, 0.0,
+            [True, True, True, False], causal, scale=scale)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def cuda_candidates(kernel: str, q: torch.Tensor, spec: BlockSpec):
+    """CUDA kernels that may take this block, in order of preference."""
+    if not q.is_cuda or spec.token_mask is not None or spec.dropout_p > 0:
+        return ()
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return ()
+    names = _CUDA_KERNELS if kernel == "auto" else ((kernel,) if kernel in _CUDA_KERNELS else ())
+    key = (q.dtype, q.shape[-1])
+    return tuple(n for n in names if (n, key) not in _refused)
+
+
+def block_forward(q, k, v, scale: float, spec: BlockSpec, kernel: str = "auto", tile: int = 1024):
+    """(out, lse, saved, skipped_tiles) for one block. q (B',M,H,D); k, v (B',L,H,D)."""
+    for name in cuda_candidates(kernel, q, spec):
+        try:
+            out, lse, saved = _cuda_forward(name, q, k, v, scale, spec.causal)
+            return out, lse, saved, 0
+        except RuntimeError:
+            # The kernel rejects this signature (head dim, alignment, arch): remember and
+            # fall through to the next one, ending with the portable math kernel.
+            _refused.add((name, (q.dtype, q.shape[-1])))
+    out, lse, skipped = math_forward(q, k, v, scale, spec, tile)
+    return out, lse, ("math",), skipped
+
+
+def block_backward(saved, q, k, v, out, dout, lse, scale: float, spec: BlockSpec, tile: int = 1024):
+    """(dq, dk, dv) of one block, given the final merged out and lse."""
+    if saved[0] != "math":
+        return _cuda_backward(saved, q, k, v, out.to(q.dtype), dout.to(q.dtype), lse, scale, spec.causal)
+    return math_backward(q, k, v, out, dout, lse, scale, spec, tile)

@@ -1,0 +1,91 @@
+"""Brute-force oracle: dense and LongNet-dilated attention from the definition.
+
+Independent of the ring on purpose: no merge routine, no layouts, no kernels. It builds the
+full boolean mask of every pattern from GLOBAL positions, concatenates the masked scores of
+all patterns along the key axis and takes ONE softmax over the concatenation. That single
+softmax equals the LongNet merge "weights proportional to each pattern's denominator"
+(Ding et al. 2023, DESIGN.md section 3), so the ring's associative merge is checked against
+a formula it does not share code with. Float64 by default; O(P * N^2) memory, tests only.
+
+Letters: B batch, N sequence, H query heads, K kv heads, D head dim, P patterns.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+
+def pattern_mask(
+    seq_len: int, num_heads: int, segment: int, dilation: int, is_causal: bool, device=None
+) -> torch.Tensor:
+    """Boolean (H, N, N) mask of one (segment, dilation) pattern; True = query may see key."""
+    t = torch.arange(seq_len, device=device)
+    heads = torch.arange(num_heads, device=device)
+    offset_h = heads % dilation  # (H,)
+    selected = ((t % segment) % dilation)[None, :] == offset_h[:, None]  # (H, N)
+    same_segment = (t[:, None] // segment) == (t[None, :] // segment)  # (N, N)
+    mask = selected[:, :, None] & selected[:, None, :] & same_segment[None]
+    if is_causal:
+        mask &= (t[None, :] <= t[:, None])[None]
+    return mask
+
+
+def block_to_token_mask(block_mask: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Expand a (N/bs, N/bs) block mask to an (N, N) token mask."""
+    return block_mask.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_causal: bool = False,
+    segment_lengths: Optional[Sequence[int]] = None,
+    dilation_rates: Optional[Sequence[int]] = None,
+    scale: Optional[float] = None,
+    block_mask: Optional[torch.Tensor] = None,
+    block_size: Optional[int] = None,
+    dtype: torch.dtype = torch.float64,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over the full sequence.
+
+    Args:
+        q: (B, N, H, D). k, v: (B, N, K, D) with H % K == 0 (grouped-query attention).
+        is_causal: keep keys at positions <= the query's.
+        segment_lengths, dilation_rates: LongNet patterns; None = dense. Segments longer
+            than N are clamped to N.
+        block_mask: optional (N/block_size, N/block_size) boolean mask ANDed into every pattern.
+    Returns:
+        out (B, N, H, D) and lse (B, N, H), in ``dtype``. Rows with no key: out 0, lse -inf.
+    """
+    B, N, H, D = q.shape
+    K = k.shape[2]
+    group = H // K
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    k = k.repeat_interleave(group, dim=2)  # (B, N, H, D)
+    v = v.repeat_interleave(group, dim=2)
+    if segment_lengths is None:
+        patterns = [(N, 1)]
+    else:
+        rates = dilation_rates or [1] * len(segment_lengths)
+        patterns = [(min(w, N), r) for w, r in zip(segment_lengths, rates)]
+    extra = None
+    if block_mask is not None:
+        extra = block_to_token_mask(block_mask.to(q.device), block_size)[None]  # (1, N, N)
+    scores = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale  # (B, H, N, N)
+    masked = []
+    for w, r in patterns:
+        mask = pattern_mask(N, H, w, r, is_causal, q.device)  # (H, N, N)
+        if extra is not None:
+            mask = mask & extra
+        masked.append(scores.masked_fill(~mask[None], float("-inf")))
+    all_scores = torch.cat(masked, dim=-1)  # (B, H, N, P*N)
+    lse = torch.logsumexp(all_scores, dim=-1)  # (B, H, N)
+    probs = torch.exp(all_scores - lse[..., None]).nan_to_num(0.0)
+    v_all = torch.cat([v] * len(patterns), dim=1)  # (B, P*N, H, D)
+    out = torch.einsum("bhnm,bmhd->bnhd", probs, v_all)
+    return out, lse.transpose(1, 2)  # (B, N, H, D), (B, N, H)

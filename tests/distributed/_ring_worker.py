@@ -1,0 +1,129 @@
+"""Rank-side code of the ring parity tests (imported by spawned gloo processes).
+
+Each rank builds the same full inputs from a seed, computes the float64 brute-force
+reference on the whole sequence, runs the ring on its shard (or on the full sequence with
+already_split=False) and returns relative errors on ITS positions. The test takes the
+maximum over ranks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from ring_lightning.attention import create_ring_attention, reference_attention
+from ring_lightning.sharding import shard_sequence
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    fin = torch.isfinite(b)
+    if not bool((torch.isfinite(a) == fin).all()):
+        return float("inf")  # -inf lse where the reference has a key, or NaN
+    denom = b[fin].norm().item() or 1.0
+    return (a[fin] - b[fin]).norm().item() / denom
+
+
+def make_inputs(case: dict, dtype=torch.float32):
+    g = torch.Generator().manual_seed(case.get("seed", 0))
+    B, N, H, K, D = case["B"], case["N"], case["H"], case["K"], case["D"]
+    q = torch.randn(B, N, H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, N, K, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, N, K, D, generator=g, dtype=torch.float64)
+    grad = torch.randn(B, N, H, D, generator=g, dtype=torch.float64)
+    return q.to(dtype), k.to(dtype), v.to(dtype), grad.to(dtype)
+
+
+def module_for(case: dict):
+    fields = dict(case.get("fields", {}))
+    fields.setdefault("compute_block_size", 16)
+    return create_ring_attention(case.get("variant", "standard"), **fields)
+
+
+def reference_for(attn, case, q, k, v, grad):
+    qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
+    cfg = attn.config
+    kwargs = {}
+    if hasattr(attn, "block_mask"):
+        kwargs = dict(block_mask=attn.block_mask(case["N"]), block_size=cfg.block_size)
+    out, lse = reference_attention(qr, kr, vr, case["causal"], cfg.segment_lengths, cfg.dilation_rates,
+                                   cfg.scale, **kwargs)
+    dq, dk, dv = torch.autograd.grad(out, (qr, kr, vr), grad.double())
+    return out, lse, dq, dk, dv
+
+
+def run_case(rank: int, world: int, case: dict) -> dict:
+    attn = module_for(case)
+    q, k, v, grad = make_inputs(case)
+    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference_for(attn, case, q, k, v, grad)
+    if case["split"]:
+        layout = case.get("fields", {}).get("layout", "auto")
+        layout = "contiguous" if layout == "auto" else layout
+        shard = lambda x: shard_sequence(x, world, rank, layout).contiguous()
+        ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
+        out, lse = attn(ql, kl, vl, is_causal=case["causal"], already_split=True, return_lse=True)
+        dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), shard(grad))
+        return {"out": rel(out, shard(ref_out)), "lse": rel(lse, shard(ref_lse)),
+                "dq": rel(dq, shard(ref_dq)), "dk": rel(dk, shard(ref_dk)), "dv": rel(dv, shard(ref_dv)),
+                "stats": attn.get_profiling_stats()}
+    qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
+    out, lse = attn(qf, kf, vf, is_causal=case["causal"], already_split=False, return_lse=True)
+    dq, dk, dv = torch.autograd.grad(out, (qf, kf, vf), grad)
+    if dist.is_initialized():  # each rank holds its own positions' gradient: the sum is the full one
+        for t in (dq, dk, dv):
+            dist.all_reduce(t)
+    return {"out": rel(out, ref_out), "lse": rel(lse, ref_lse), "dq": rel(dq, ref_dq),
+            "dk": rel(dk, ref_dk), "dv": rel(dv, ref_dv), "stats": attn.get_profiling_stats()}
+
+
+def run_cases(rank: int, world: int, cases: list) -> dict:
+    results = {}
+    for case in cases:
+        try:
+            results[case["id"]] = run_case(rank, world, case)
+        except Exception as exc:  # reported per case so one failure does not hide the others
+            import traceback
+            results[case["id"]] = {"error": traceback.format_exc()}
+    return results
+
+
+def gradcheck_two_ranks(rank: int, world: int) -> bool:
+    """torch.autograd.gradcheck through the ring Function on this rank's shard."""
+    attn = create_ring_attention("standard", segment_lengths=[4, 16], dilation_rates=[1, 2],
+                                 compute_block_size=4)
+    g = torch.Generator().manual_seed(rank)
+    B, T, H, K, D = 1, 8, 2, 1, 3
+    q = torch.randn(B, T, H, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, T, K, D, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, T, K, D, generator=g, dtype=torch.float64, requires_grad=True)
+    fn = lambda q, k, v: attn(q, k, v, is_causal=True, already_split=True)
+    # Every rank runs the same sequence of forward/backward calls, so the ring stays matched.
+    return bool(torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5, rtol=1e-4))
+
+
+def mismatched_lengths(rank: int, world: int):
+    attn = create_ring_attention("standard", comm_timeout_s=20)
+    T = 8 if rank == 0 else 12
+    q = torch.randn(1, T, 2, 4)
+    try:
+        attn(q, q, q, already_split=True)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def silent_peer(rank: int, world: int):
+    """Rank 1 never calls attention; rank 0 must raise within the timeout, not hang."""
+    if rank == 1:
+        time.sleep(8)
+        return "idle"
+    attn = create_ring_attention("distributed", comm_timeout_s=2.0)
+    q = torch.randn(1, 8, 2, 4)
+    t0 = time.monotonic()
+    try:
+        attn(q, q, q, already_split=True)
+    except Exception as exc:
+        return (type(exc).__name__, str(exc), time.monotonic() - t0)
+    return None
