@@ -8,16 +8,20 @@ from __future__ import annotations
 from typing import Optional
 
 from .base import RingAttentionBase
+from .block_sparse import BlockSparseRingAttention
 from .comm import RingCommunicationError
 from .config import VARIANTS, RingAttentionConfig
 from .distributed import DistributedRingAttention
+from .hilbert import HilbertRingAttention
 from .multihead import MultiheadRingAttention
 from .reference import reference_attention
 from .standard import StandardRingAttention
 
 _CLASSES = {
     "standard": StandardRingAttention,
+    "hilbert": HilbertRingAttention,
     "distributed": DistributedRingAttention,
+    "block_sparse": BlockSparseRingAttention,
 }
 
 
@@ -53,7 +57,8 @@ def _check_fields(fields: dict) -> None:
 
 
 __all__ = [
-    "RingAttentionBase", "RingAttentionConfig", "RingCommunicationError", "StandardRingAttention",
+    "RingAttentionBase", "RingAttentionConfig", "RingCommunicationError", "StandardRingAttention", "HilbertRingAttention",
+    "BlockSparseRingAttention",
     "DistributedRingAttention", "MultiheadRingAttention", "create_ring_attention", "reference_attention",
     "VARIANTS",
 ]

@@ -142,6 +142,10 @@ class RingAttentionBase(nn.Module):
         """Variant hook: extra RingContext fields (mask_fn, compute_dtype, grad_check...)."""
         return {}
 
+    def _sparse_key(self) -> Optional[tuple]:
+        """Variant hook: (block_size, pattern, ratio, seed) of a block mask the plan must honour."""
+        return None
+
     def _comm_blocking(self) -> Optional[bool]:
         return None  # gloo: blocking with timeout; NCCL: stream-ordered waits
 
@@ -183,7 +187,7 @@ class RingAttentionBase(nn.Module):
             check_divisible(seq_len, world, layout)
         patterns = tuple(cfg.patterns(seq_len))
         H, K = q.shape[2], k.shape[2]
-        plan = get_plan(seq_len, world, layout, patterns, bool(is_causal), H, K)
+        plan = get_plan(seq_len, world, layout, patterns, bool(is_causal), H, K, self._sparse_key())
         comm = None
         if world > 1:
             if self._comm is None or self._comm.group is not group:
@@ -198,12 +202,12 @@ class RingAttentionBase(nn.Module):
         ctx = RingContext(
             plan=plan, comm=comm,
             scale=cfg.scale if cfg.scale is not None else 1.0 / math.sqrt(q.shape[-1]),
-            profiler=self.profiler, pool=self.pool, kernel=cfg.kernel, tile=cfg.compute_block_size,
+            profiler=self.profiler, pool=self.pool, kernel=cfg.kernel,
             dropout_p=cfg.dropout if self.training else 0.0,
             dropout_seed=int(torch.randint(0, 2**62, (1,)).item()) if (self.training and cfg.dropout > 0) else 0,
             async_comm=cfg.async_ring_communication, sync_profiling=cfg.enable_profiling,
-            profile_communication=cfg.profile_communication,
-            **self._context_options(q, seq_len, is_causal),
+            profile_communication=cfg.profile_communication, device=q.device,
+            **{"tile": cfg.compute_block_size, **self._context_options(q, seq_len, is_causal)},
         )
         with self.profiler.total.span():
             out, lse = RingAttentionFunction.apply(q, k, v, ctx)

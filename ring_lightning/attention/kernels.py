@@ -42,7 +42,9 @@ class BlockSpec:
     """How one query block attends to one key block."""
 
     causal: bool = False  #: top-left aligned lower-triangular (same positions on both sides)
-    token_mask: Optional[torch.Tensor] = None  #: optional (M, L) bool, True = allowed
+    #: optional mask, True = allowed: a (M, L) / (B', 1, M, L) bool tensor, or a function
+    #: (q0, q1, k0, k1) -> the mask of that tile (so no M x L mask is ever materialised)
+    token_mask: Optional[Any] = None
     dropout_p: float = 0.0
     dropout_seed: int = 0  #: per-task seed; tiles derive their own from it
 
@@ -66,7 +68,10 @@ def _tile_mask(spec: BlockSpec, q0: int, q1: int, k0: int, k1: int, device):
             ki = torch.arange(k0, k1, device=device)
             mask = ki[None, :] <= qi[:, None]
     if spec.token_mask is not None:
-        tm = spec.token_mask[q0:q1, k0:k1]
+        if callable(spec.token_mask):
+            tm = spec.token_mask(q0, q1, k0, k1)
+        else:
+            tm = spec.token_mask[..., q0:q1, k0:k1]
         if not bool(tm.any()):
             return False
         mask = tm if mask is None else (mask & tm)

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from ..sharding import Piece, rank_pieces
+from .masks import build_block_mask
 
 FULL, CAUSAL = "full", "causal"
 
@@ -70,6 +71,7 @@ class RingPlan:
         is_causal: bool,
         num_heads: int,
         num_kv_heads: int,
+        sparse: Optional[tuple] = None,
     ) -> None:
         self.seq_len, self.group_size, self.layout = seq_len, group_size, layout
         self.is_causal = is_causal
@@ -100,6 +102,16 @@ class RingPlan:
                 )
             self.patterns.append(Pattern(i, w, r, spans))
         self._tasks = {}
+        self.blocks = None
+        if sparse is not None:  # block_sparse: (block_size, pattern, ratio, seed)
+            bs, pattern, ratio, seed = sparse
+            if seq_len % bs != 0:
+                raise ValueError(
+                    f"sequence length {seq_len} is not a multiple of block_size {bs}; pad "
+                    f"{(-seq_len) % bs} more positions (ring_lightning.sharding.pad_to_multiple)"
+                )
+            self.block_size = bs
+            self.blocks = build_block_mask(seq_len // bs, pattern, ratio, seed)
 
     # --- heads ------------------------------------------------------------------------
     def offsets(self, pattern: Pattern) -> List[int]:
@@ -147,7 +159,21 @@ class RingPlan:
             self._tasks[key] = self._build_tasks(dst, src)
         return self._tasks[key]
 
+    def _kept(self, qp: Piece, kp: Piece) -> bool:
+        """Block-sparse: does the block mask keep anything between two pieces? (conservative)"""
+        if self.blocks is None:
+            return True
+        bs = self.block_size
+        q_rows = slice(qp.start // bs, -(-(qp.start + qp.length) // bs))
+        k_cols = slice(kp.start // bs, -(-(kp.start + kp.length) // bs))
+        return bool(self.blocks[q_rows, k_cols].any())
+
     def _build_tasks(self, dst: int, src: int) -> List[Task]:
+        tasks = self._build_dense_tasks(dst, src)
+        q_pieces, k_pieces = self.pieces[dst], self.pieces[src]
+        return [t for t in tasks if self._kept(q_pieces[t.q_piece], k_pieces[t.k_piece])]
+
+    def _build_dense_tasks(self, dst: int, src: int) -> List[Task]:
         out = []
         q_pieces, k_pieces = self.pieces[dst], self.pieces[src]
         for pat in self.patterns:
@@ -198,5 +224,5 @@ class RingPlan:
 
 
 @lru_cache(maxsize=64)
-def get_plan(seq_len, group_size, layout, patterns, is_causal, num_heads, num_kv_heads) -> RingPlan:
-    return RingPlan(seq_len, group_size, layout, patterns, is_causal, num_heads, num_kv_heads)
+def get_plan(seq_len, group_size, layout, patterns, is_causal, num_heads, num_kv_heads, sparse=None) -> RingPlan:
+    return RingPlan(seq_len, group_size, layout, patterns, is_causal, num_heads, num_kv_heads, sparse)

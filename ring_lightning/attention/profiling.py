@@ -60,6 +60,7 @@ class RingProfiler:
         self.ring_steps = 0
         self.skipped_blocks = 0
         self.computed_blocks = 0
+        self.computed_tiles = 0
         self.steps_log = []
         if profile_memory and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -82,6 +83,7 @@ class RingProfiler:
             "ring_steps": self.ring_steps,
             "skipped_blocks": self.skipped_blocks,
             "computed_blocks": self.computed_blocks,
+            "computed_tiles": self.computed_tiles,
             "calls": self.calls,
             "steps": list(self.steps_log),
         }

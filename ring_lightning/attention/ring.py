@@ -51,8 +51,11 @@ class RingContext:
     profile_communication: bool = False
     #: block-sparse: (q positions (S, M), k positions (S, L)) -> token mask (S, M, L) or None = all
     mask_fn: Optional[MaskFn] = None
+    #: hilbert: positions (S, M) -> processing order (M,) of a task's tokens
+    order_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     #: gradient check run on dq/dk/dv before they leave backward (distributed variant)
     grad_check: Optional[Callable[[str, torch.Tensor], None]] = None
+    device: torch.device = torch.device("cpu")
     _masks: Dict[tuple, object] = field(default_factory=dict)
 
     @property
@@ -118,11 +121,35 @@ def _spec(ctx: RingContext, task: Task, src: int) -> Optional[BlockSpec]:
 
 
 def _batched_mask(spec: BlockSpec, batch: int, device) -> BlockSpec:
-    if spec.token_mask is None or spec.token_mask is False:
+    """A per-segment tile mask (S, mq, mk) -> (B*S, 1, mq, mk), broadcast over heads."""
+    fn = spec.token_mask
+    if not getattr(fn, "per_segment", False):
         return spec
-    tm = spec.token_mask.to(device)  # (S, M, L) -> (B*S, 1, M, L), broadcast over heads
-    tm = tm.unsqueeze(0).expand(batch, *tm.shape).flatten(0, 1).unsqueeze(1)
-    return BlockSpec(spec.causal, tm, spec.dropout_p, spec.dropout_seed)
+
+    def batched(q0, q1, k0, k1):
+        tm = fn(q0, q1, k0, k1).to(device)  # (S, mq, mk)
+        return tm.unsqueeze(0).expand(batch, *tm.shape).flatten(0, 1).unsqueeze(1)
+
+    return BlockSpec(spec.causal, batched, spec.dropout_p, spec.dropout_seed)
+
+
+def _order(ctx: RingContext, task: Task, src: int, spec: BlockSpec):
+    """Hilbert variant: (query order, key order, spec with the causal mask made explicit).
+
+    The task's tokens are permuted; the causal mask is rebuilt from the ORIGINAL positions
+    of the permuted tokens (segment 0's relative positions serve every segment of a task).
+    """
+    qpos = ctx.plan.positions(ctx.rank, task.q_piece, task.pattern, task.offset)[0]
+    kpos = ctx.plan.positions(src, task.k_piece, task.pattern, task.offset)[0]
+    qo, ko = ctx.order_fn(qpos), ctx.order_fn(kpos)
+    if spec.causal:
+        qp, kp = qpos[qo].to(ctx.device), kpos[ko].to(ctx.device)  # positions in processing order
+
+        def causal_tile(q0, q1, k0, k1):
+            return kp[None, k0:k1] <= qp[q0:q1, None]  # (mq, mk)
+
+        spec = BlockSpec(False, causal_tile, spec.dropout_p, spec.dropout_seed)
+    return qo, ko, spec
 
 
 def _cast(ctx: RingContext, x: torch.Tensor) -> torch.Tensor:
@@ -187,6 +214,8 @@ def _wait(ctx: RingContext, transfer) -> None:
 # ---------------------------------------------------------------------------- forward
 def _forward_tasks(ctx, tasks, src, q, kv_of, out, lse, saved):
     B, _, _, D = q.shape
+    # (pattern, offset, piece, piece) blocks that the plan dropped as empty by construction
+    ctx.profiler.skipped_blocks += ctx.plan.num_candidate_blocks(ctx.rank, src) - len(tasks)
     with ctx.profiler.compute.span():
         for task in tasks:
             spec = _spec(ctx, task, src)
@@ -200,10 +229,18 @@ def _forward_tasks(ctx, tasks, src, q, kv_of, out, lse, saved):
             q_in = _cast(ctx, qv.reshape(B * S, M, Hs, D))
             k_in = _cast(ctx, _expand_heads(ctx, ks, task))
             v_in = _cast(ctx, _expand_heads(ctx, vs, task))
+            if ctx.order_fn is not None:
+                qo, ko, spec = _order(ctx, task, src, spec)
+                q_in, k_in, v_in = q_in[:, qo], k_in[:, ko], v_in[:, ko]
             spec = _batched_mask(spec, B, q.device)
             o, l, kept, skipped = block_forward(q_in, k_in, v_in, ctx.scale, spec, ctx.kernel, ctx.tile)
+            if ctx.order_fn is not None:  # undo the order: position i of the task gets its own row
+                inv = torch.argsort(qo)
+                o, l = o[:, inv], l[:, inv]
             ctx.profiler.computed_blocks += 1
             ctx.profiler.skipped_blocks += skipped
+            tiles = -(-M // ctx.tile) * -(-k_in.shape[1] // ctx.tile)
+            ctx.profiler.computed_tiles += tiles - skipped if kept[0] == "math" else tiles
             merge_(_q_view(ctx, out, task), _q_view(ctx, lse, task),
                    o.view(B, S, M, Hs, D), l.view(B, S, M, Hs))
             saved.append(kept)
@@ -258,7 +295,13 @@ def _backward_tasks(ctx, tasks, src, saved, q, out, lse, dout, kv_of, dq, dkv_of
             o_in = _q_view(ctx, out, task).reshape(B * S, M, Hs, D)
             do_in = _q_view(ctx, dout, task).reshape(B * S, M, Hs, D)
             l_in = _q_view(ctx, lse, task).reshape(B * S, M, Hs)
+            if ctx.order_fn is not None:
+                qo, ko, spec = _order(ctx, task, src, _spec(ctx, task, src))
+                q_in, k_in, v_in = q_in[:, qo], k_in[:, ko], v_in[:, ko]
+                o_in, do_in, l_in = o_in[:, qo], do_in[:, qo], l_in[:, qo]
             gq, gk, gv = block_backward(kept, q_in, k_in, v_in, o_in, do_in, l_in, ctx.scale, spec, ctx.tile)
+            if ctx.order_fn is not None:
+                gq, gk, gv = gq[:, torch.argsort(qo)], gk[:, torch.argsort(ko)], gv[:, torch.argsort(ko)]
             _q_view(ctx, dq, task).add_(gq.reshape(B, S, M, Hs, D).to(dq.dtype))
             L = k_in.shape[1]
             dk_t, dv_t = dkv_of(task)

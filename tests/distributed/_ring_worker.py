@@ -127,3 +127,14 @@ def silent_peer(rank: int, world: int):
     except Exception as exc:
         return (type(exc).__name__, str(exc), time.monotonic() - t0)
     return None
+
+
+def comm_volumes(rank: int, world: int):
+    """Bytes sent for dense vs one spanning segment with dilation 4 (non-causal, no GQA)."""
+    vols = []
+    q = torch.randn(1, 32, 4, 8)
+    for fields in ({}, {"segment_lengths": [64], "dilation_rates": [4]}):
+        attn = create_ring_attention("standard", **fields)
+        attn(q, q, q, already_split=True)
+        vols.append(attn.get_profiling_stats()["comm_volume_mb"])
+    return vols

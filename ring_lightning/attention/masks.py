@@ -1,0 +1,48 @@
+"""Deterministic block masks of the block_sparse variant (pure functions of the config)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+def _band(n: int, half_width: int) -> torch.Tensor:
+    i = torch.arange(n)
+    return (i[:, None] - i[None, :]).abs() <= half_width
+
+
+@lru_cache(maxsize=32)
+def build_block_mask(num_blocks: int, pattern: str, ratio: float, seed: int) -> torch.Tensor:
+    """Deterministic (num_blocks, num_blocks) bool mask keeping about ``ratio`` of the blocks."""
+    n = num_blocks
+    budget = max(n, int(round(ratio * n * n)))  # at least the diagonal
+    if pattern == "local_window":
+        half = 0
+        while half + 1 < n and _band(n, half + 1).sum().item() <= budget:
+            half += 1
+        return _band(n, half)
+    if pattern == "dilated":
+        stride = max(1, int(round(1.0 / ratio)))
+        i = torch.arange(n)
+        return ((i[:, None] - i[None, :]) % stride) == 0
+    if pattern == "global_local":
+        g = max(1, int(round(ratio * n / 4)))  # a quarter of the budget for global rows/columns
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        mask[:g, :] = True
+        mask[:, :g] = True
+        half = 0
+        while half + 1 < n and (mask | _band(n, half + 1)).sum().item() <= budget:
+            half += 1
+        return mask | _band(n, half)
+    if pattern == "random":
+        gen = torch.Generator().manual_seed(seed)
+        mask = torch.eye(n, dtype=torch.bool)
+        extra = budget - n
+        if extra > 0:
+            scores = torch.rand(n, n, generator=gen)
+            scores[mask] = -1.0
+            idx = torch.topk(scores.flatten(), extra).indices
+            mask.view(-1)[idx] = True
+        return mask
+    raise ValueError(f"sparse_pattern={pattern!r} is not valid")
