@@ -26,6 +26,7 @@ Tensors arrive as (B', M, H, D); lse is (B', M, H).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
@@ -172,7 +173,7 @@ def _cuda_forward(name: str, q, k, v, scale: float, causal: bool):
     else:
         res = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True, 0.0, causal, scale=scale)
         out, lse = res[0], res[1]
-        saved = ("efficient", res[2], res[3])
+        saved = ("efficient", res[2], res[3], res[1].shape[-1])
     lse = lse.reshape(lse.shape[0], lse.shape[1], -1)[:, :, : q.shape[1]]  # (B', H, M)
     return out.transpose(1, 2), lse.transpose(1, 2), saved
 
@@ -188,12 +189,14 @@ def _cuda_backward(saved, q, k, v, out, dout, lse, scale: float, causal: bool):
     elif name == "cudnn":
         _, cq, ck, mq, mk, seed, offset, lse_shape = saved
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dot, qt, kt, vt, ot, lse_t.reshape(lse_shape), seed, offset, torch.empty(0, device=q.device),
+            dot, qt, kt, vt, ot, lse_t.reshape(lse_shape), seed, offset, None,
             cq, ck, mq, mk, 0.0, causal, scale=scale)
     else:
-        _, seed, offset = saved
+        _, seed, offset, padded = saved
+        if padded > lse_t.shape[-1]:  # the kernel stores lse padded to a multiple of 32 rows
+            lse_t = torch.nn.functional.pad(lse_t, (0, padded - lse_t.shape[-1]))
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            dot, qt, kt, vt, torch.empty(0, device=q.device), ot, lse_t, seed, offset, 0.0,
+            dot, qt, kt, vt, None, ot, lse_t, seed, offset, 0.0,
             [True, True, True, False], causal, scale=scale)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
@@ -215,10 +218,15 @@ def block_forward(q, k, v, scale: float, spec: BlockSpec, kernel: str = "auto", 
         try:
             out, lse, saved = _cuda_forward(name, q, k, v, scale, spec.causal)
             return out, lse, saved, 0
-        except RuntimeError:
+        except torch.OutOfMemoryError:
+            raise  # not a refusal: the math kernel would not fit either
+        except RuntimeError as exc:
             # The kernel rejects this signature (head dim, alignment, arch): remember and
             # fall through to the next one, ending with the portable math kernel.
             _refused.add((name, (q.dtype, q.shape[-1])))
+            if kernel != "auto":
+                warnings.warn(f"kernel={kernel!r} refused {q.dtype} head_dim={q.shape[-1]} ({exc}); "
+                              f"using the portable math kernel", RuntimeWarning)
     out, lse, skipped = math_forward(q, k, v, scale, spec, tile)
     return out, lse, ("math",), skipped
 
