@@ -59,7 +59,7 @@ class BlockSparseRingAttention(RingAttentionBase):
             tile.per_segment = True
             return tile
 
-        return {"mask_fn": mask_fn, "tile": bs}
+        return {"mask_fn": mask_fn, "tile": bs, "sparse_blocks": (blocks, bs)}
 
     def _sparse_key(self):
         c = self.config

@@ -28,6 +28,7 @@ from .kernels import BlockSpec, block_backward, block_forward
 from .merge import accumulator_dtype, merge_
 from .plan import CAUSAL, Item, RingPlan, Task
 from .profiling import RingProfiler
+from .sparse_kernel import aligned, build_layout, sparse_backward, sparse_forward
 
 MaskFn = Callable[[torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
 
@@ -51,6 +52,8 @@ class RingContext:
     profile_communication: bool = False
     #: block-sparse: (q positions (S, M), k positions (S, L)) -> token mask (S, M, L) or None = all
     mask_fn: Optional[MaskFn] = None
+    #: block-sparse fast path: (block mask (N/bs, N/bs) on the device, bs)
+    sparse_blocks: Optional[Tuple[torch.Tensor, int]] = None
     #: hilbert: positions (S, M) -> processing order (M,) of a task's tokens
     order_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     #: gradient check run on dq/dk/dv before they leave backward (distributed variant)
@@ -152,6 +155,21 @@ def _order(ctx: RingContext, task: Task, src: int, spec: BlockSpec):
     return qo, ko, spec
 
 
+def _sparse_layout(ctx: RingContext, task: Task, src: int, batch: int, heads: int, head_dim: int, spec):
+    """Block-sparse fast path layout for a task, or None where the portable path must run
+    (dilated selection, blocks not aligned with pieces, dropout)."""
+    if ctx.sparse_blocks is None or task.pattern.dilation != 1 or spec.dropout_p > 0:
+        return None
+    key = ("layout", task, src, batch, heads, head_dim)
+    if key not in ctx._masks:
+        blocks, bs = ctx.sparse_blocks
+        qpos = ctx.plan.positions(ctx.rank, task.q_piece, task.pattern, task.offset)
+        kpos = ctx.plan.positions(src, task.k_piece, task.pattern, task.offset)
+        ctx._masks[key] = (build_layout(blocks, qpos, kpos, bs, batch, task.kind == CAUSAL, heads, head_dim)
+                           if aligned(qpos, kpos, bs) else None)
+    return ctx._masks[key]
+
+
 def _cast(ctx: RingContext, x: torch.Tensor) -> torch.Tensor:
     return x.to(ctx.compute_dtype) if ctx.compute_dtype is not None else x
 
@@ -232,6 +250,15 @@ def _forward_tasks(ctx, tasks, src, q, kv_of, out, lse, saved):
             if ctx.order_fn is not None:
                 qo, ko, spec = _order(ctx, task, src, spec)
                 q_in, k_in, v_in = q_in[:, qo], k_in[:, ko], v_in[:, ko]
+            layout = _sparse_layout(ctx, task, src, B, Hs, D, spec)
+            if layout is not None:
+                o, l, kept, computed = sparse_forward(layout, q_in, k_in, v_in, ctx.scale, ctx.kernel)
+                ctx.profiler.computed_blocks += 1
+                ctx.profiler.computed_tiles += computed
+                merge_(_q_view(ctx, out, task), _q_view(ctx, lse, task),
+                       o.view(B, S, M, Hs, D), l.view(B, S, M, Hs))
+                saved.append(kept)
+                continue
             spec = _batched_mask(spec, B, q.device)
             o, l, kept, skipped = block_forward(q_in, k_in, v_in, ctx.scale, spec, ctx.kernel, ctx.tile)
             if ctx.order_fn is not None:  # undo the order: position i of the task gets its own row
@@ -299,7 +326,10 @@ def _backward_tasks(ctx, tasks, src, saved, q, out, lse, dout, kv_of, dq, dkv_of
                 qo, ko, spec = _order(ctx, task, src, _spec(ctx, task, src))
                 q_in, k_in, v_in = q_in[:, qo], k_in[:, ko], v_in[:, ko]
                 o_in, do_in, l_in = o_in[:, qo], do_in[:, qo], l_in[:, qo]
-            gq, gk, gv = block_backward(kept, q_in, k_in, v_in, o_in, do_in, l_in, ctx.scale, spec, ctx.tile)
+            if kept[0] == "sparse":
+                gq, gk, gv = sparse_backward(kept, q_in, k_in, v_in, o_in, do_in, l_in, ctx.scale)
+            else:
+                gq, gk, gv = block_backward(kept, q_in, k_in, v_in, o_in, do_in, l_in, ctx.scale, spec, ctx.tile)
             if ctx.order_fn is not None:
                 gq, gk, gv = gq[:, torch.argsort(qo)], gk[:, torch.argsort(ko)], gv[:, torch.argsort(ko)]
             _q_view(ctx, dq, task).add_(gq.reshape(B, S, M, Hs, D).to(dq.dtype))
