@@ -160,3 +160,21 @@ def comm_volumes(rank: int, world: int):
         attn(q, q, q, already_split=True)
         vols.append(attn.get_profiling_stats()["comm_volume_mb"])
     return vols
+
+
+def mixed_precision_errors(rank: int, world: int) -> dict:
+    """distributed variant, bf16 blocks + float32 merge: max relative error over ranks' shards."""
+    case = dict(B=1, N=256, H=4, K=2, D=16, seed=5)
+    errors = {}
+    for causal in (False, True):
+        attn = create_ring_attention("distributed", enable_mixed_precision=True, attention_dtype="bfloat16",
+                                     segment_lengths=[64, 256], dilation_rates=[1, 2], layout="contiguous")
+        q, k, v, grad = make_inputs(case)
+        ref_out, _, ref_dq, ref_dk, ref_dv = reference_for(attn, dict(case, causal=causal), q, k, v, grad)
+        shard = lambda x: shard_sequence(x, world, rank, "contiguous").contiguous()
+        ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
+        out = attn(ql, kl, vl, is_causal=causal, already_split=True)
+        dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), shard(grad))
+        errors[causal] = max(rel(out, shard(ref_out)), rel(dq, shard(ref_dq)), rel(dk, shard(ref_dk)),
+                             rel(dv, shard(ref_dv)))
+    return errors

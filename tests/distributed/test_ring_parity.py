@@ -126,3 +126,16 @@ def test_silent_peer_raises_naming_it_within_timeout():
     assert name == "RingCommunicationError"
     assert "rank(s) 1" in msg
     assert elapsed < 10
+
+
+BF16_REL_TOL = 2e-2  # bf16 blocks: ~3e-3 typical; the float32 merge keeps it flat in W
+
+
+def test_mixed_precision_error_is_bf16_sized_and_does_not_grow_with_ranks():
+    by_world = {w: conftest.run_distributed(worker.mixed_precision_errors, w, timeout=300) for w in (2, 4)}
+    single = worker.mixed_precision_errors(0, 1)
+    for causal in (False, True):
+        errs = {w: max(r[causal] for r in res) for w, res in by_world.items()}
+        errs[1] = single[causal]
+        assert all(1e-4 < e < BF16_REL_TOL for e in errs.values()), errs
+        assert errs[4] <= 1.25 * errs[1] + 1e-3, errs  # no growth with the ring size
