@@ -21,6 +21,7 @@ bs block size, nq/nk query/key blocks of the task.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -92,26 +93,26 @@ def build_layout(blocks: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor, b
     return SparseLayout(bs, rows, k_blocks, counts, diag_q, diag_k, chunks)
 
 
+_varlen_refused: list = []  # the error of a CUDA varlen kernel that refused, once per process
+
+
 def _varlen_cuda_ok(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            and not _varlen_refused)
 
 
 def _varlen_forward(q, k, v, counts, bs, scale):
     """q (n*bs, H, D); k, v (sum(counts)*bs, H, D) -> out (n*bs, H, D), lse (n, bs, H), state."""
     n = counts.numel()
     if _varlen_cuda_ok(q):
-        cu_q = torch.arange(0, n + 1, device=q.device, dtype=torch.int32) * bs
-        cu_k = torch.zeros(n + 1, device=q.device, dtype=torch.int32)
-        cu_k[1:] = torch.cumsum(counts, 0) * bs
-        max_k = int(counts.max()) * bs
-        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, bs, max_k, 0.0, False, False, scale=scale)
-        state = ("flash", cu_q, cu_k, max_k, rng, unused, tuple(lse.shape))
-        if lse.dim() == 2:  # (H, total_q)
-            lse_rows = lse.transpose(0, 1).reshape(n, bs, -1)
-        else:  # (n, H, max_q)
-            lse_rows = lse[:, :, :bs].transpose(1, 2)
-        return out, lse_rows, state
+        try:
+            return _flash_varlen_forward(q, k, v, counts, bs, scale)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:  # keep training correct (and say so) if the op refuses
+            _varlen_refused.append(repr(exc))
+            warnings.warn(f"FlashAttention varlen refused ({exc!r}); block_sparse falls back to the "
+                          f"portable kernel, which is much slower", RuntimeWarning)
     # portable emulation, one sequence at a time
     outs, lses, pos = [], [], 0
     for i, c in enumerate(counts.tolist()):
@@ -122,6 +123,23 @@ def _varlen_forward(q, k, v, counts, bs, scale):
         lses.append(l[0])
         pos += c * bs
     return torch.cat(outs), torch.stack(lses), ("math",)
+
+
+def _flash_varlen_forward(q, k, v, counts, bs, scale):
+    """FlashAttention's varlen kernel: every query sequence has bs tokens."""
+    n = counts.numel()
+    cu_q = torch.arange(0, n + 1, device=q.device, dtype=torch.int32) * bs
+    cu_k = torch.zeros(n + 1, device=q.device, dtype=torch.int32)
+    cu_k[1:] = torch.cumsum(counts, 0) * bs
+    max_k = int(counts.max()) * bs
+    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, bs, max_k, 0.0, False, False, scale=scale)
+    state = ("flash", cu_q, cu_k, max_k, rng, unused, tuple(lse.shape))
+    if lse.dim() == 2:  # (H, total_q)
+        lse_rows = lse.transpose(0, 1).reshape(n, bs, -1)
+    else:  # (n, H, max_q)
+        lse_rows = lse[:, :, :bs].transpose(1, 2)
+    return out, lse_rows, state
 
 
 def _varlen_backward(state, q, k, v, out, dout, lse_rows, counts, bs, scale):

@@ -1,0 +1,348 @@
+"""LongDocTransformer: a decoder-only language model for very long documents.
+
+A LLaMA-style stack (Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language
+Models"): pre-norm blocks of RMSNorm (Zhang & Sennrich 2019) -> grouped-query attention
+(Ainslie et al. 2023, "GQA") with rotary position embeddings (Su et al. 2021,
+"RoFormer") -> RMSNorm -> SwiGLU feed-forward (Shazeer 2020, "GLU Variants Improve
+Transformer"), then a final RMSNorm and an untied LM head.
+
+The model knows nothing about process groups. Two things are passed in:
+
+* the attention core of each layer, built by ``attention_factory(layer_idx)`` and called
+  as ``core(q, k, v, is_causal=True, already_split=True)``. ``already_split=True`` always:
+  the model computes on whatever shard of the sequence it is given (the whole sequence
+  on one device); a ring attention core exchanges keys and values with the other ranks.
+* the GLOBAL positions of the tokens it holds (``position_ids``). Rotary embeddings are
+  computed from them, never from ``arange``, so a rank holding positions 4096..8191 (or
+  the two zigzag chunks of a sequence) rotates queries and keys exactly as the single
+  device model would.
+
+Letters in tensor names: B batch, T local sequence length, H query heads, K kv heads,
+D head dim, C model dim (``config.dim``), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+CHECKPOINTING = ("none", "selective", "full")
+
+# SwiGLU hidden sizes are rounded up to a multiple of this so matmuls stay tensor-core friendly.
+_FFN_MULTIPLE = 64
+
+
+@dataclass
+class ModelConfig:
+    """Sizes and options of a LongDocTransformer."""
+
+    vocab_size: int = 259
+    """Vocabulary size. 259 = 256 bytes + PAD/BOS/EOS of the default byte tokenizer."""
+    dim: int = 256
+    """Model (residual stream) width C."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 8
+    """Query heads H; head_dim = dim // n_heads must be even (rotary pairs)."""
+    n_kv_heads: Optional[int] = None
+    """Key/value heads K for grouped-query attention; None means n_heads. n_heads % n_kv_heads == 0."""
+    hidden_dim: Optional[int] = None
+    """SwiGLU hidden width; None derives 8/3 * dim rounded up to a multiple of 64 (LLaMA)."""
+    norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
+    rope_theta: float = 10000.0
+    """Rotary base; larger values (e.g. 500000) suit longer contexts."""
+    checkpointing: str = "none"
+    """Activation checkpointing: none | selective (every n-th block) | full (every block)."""
+    checkpoint_every_n_layers: int = 2
+    """With checkpointing="selective": checkpoint blocks 0, n, 2n, ..."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight init (output projections scaled by 1/sqrt(2*n_layers))."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "checkpoint_every_n_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(
+                f"ModelConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} "
+                f"(valid values: the divisors of {self.n_heads})"
+            )
+        if self.dim % self.n_heads != 0 or (self.dim // self.n_heads) % 2 != 0:
+            raise ValueError(
+                f"ModelConfig.dim={self.dim} must be a multiple of n_heads={self.n_heads} with an even "
+                f"head_dim (rotary embeddings rotate pairs of channels)"
+            )
+        if self.hidden_dim is None:
+            self.hidden_dim = _FFN_MULTIPLE * math.ceil(8 * self.dim / 3 / _FFN_MULTIPLE)
+        if self.hidden_dim < 1:
+            raise ValueError(f"ModelConfig.hidden_dim must be positive or None, got {self.hidden_dim}")
+        if self.checkpointing not in CHECKPOINTING:
+            raise ValueError(
+                f"ModelConfig.checkpointing={self.checkpointing!r} is not valid; valid values: {CHECKPOINTING}"
+            )
+        if not self.norm_eps > 0 or not self.rope_theta > 0 or not self.init_std > 0:
+            raise ValueError("ModelConfig.norm_eps, rope_theta and init_std must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A named size, optionally with fields overridden.
+
+        Args:
+            name: one of ``PRESETS``: tiny (CPU tests), small (CPU runs), 350m, 1b.
+            **overrides: any ModelConfig field.
+
+        Raises:
+            ValueError: unknown preset or field.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; valid values: {tuple(PRESETS)}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid fields: {sorted(known)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_any(cls, value: Union["ModelConfig", dict, None]) -> "ModelConfig":
+        """Accept a ModelConfig, a (Hydra) mapping of fields, or a mapping with a ``preset`` key."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        try:
+            data = dict(value)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"model must be a ModelConfig or a mapping of its fields, got {type(value).__name__}"
+            ) from None
+        preset = data.pop("preset", None)
+        if preset is not None:
+            return cls.preset(preset, **data)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid fields: {sorted(known)} (or 'preset')")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Field overrides over the ModelConfig defaults (kept as mappings so that overriding
+# ``dim`` re-derives ``hidden_dim``). Parameter counts are with the byte vocabulary.
+PRESETS = {
+    # ~0.13M parameters: unit tests and the retrieval task on CPU.
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2),
+    # ~3M parameters: a few hundred CPU steps in minutes.
+    "small": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4),
+    # ~340M parameters, head_dim 64.
+    "350m": dict(dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, hidden_dim=3584, rope_theta=500000.0),
+    # ~1.0B parameters, LLaMA-3.2-1B shapes, head_dim 64.
+    "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, rope_theta=500000.0),
+}
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, normalised in float32 so bf16 activations do not lose range."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.type_as(x) * self.weight
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables of RoFormer rotary embeddings at arbitrary (global) positions."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        # Not persistent: it is a function of the config, so checkpoints stay portable.
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, T) -> cos, sin of shape (B, T, 1, D/2), float32."""
+        # Angles in float64: at position 1e6 a float32 product is off by ~0.06 rad,
+        # which would make rank-local and single-device rotations disagree.
+        angles = position_ids.to(torch.float64)[..., None] * self.inv_freq.to(position_ids.device)  # (B, T, D/2)
+        angles = angles[:, :, None, :]  # (B, T, 1, D/2): broadcast over heads
+        return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x_BTHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + D/2) of x by the angles in cos/sin (rotate-half form)."""
+    x = x_BTHD.float()
+    x1, x2 = x.chunk(2, dim=-1)  # (B, T, H, D/2) each
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, T, H, D)
+    return out.type_as(x_BTHD)
+
+
+class Attention(nn.Module):
+    """q/k/v/o projections around a pluggable attention core (GQA, RoPE from positions)."""
+
+    def __init__(self, config: ModelConfig, core: nn.Module):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.core = core  # a submodule, so the strategy finds ring modules in model.modules()
+
+    def forward(self, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTC.shape
+        q = self.wq(x_BTC).view(B, T, self.n_heads, self.head_dim)  # (B, T, H*D) -> (B, T, H, D)
+        k = self.wk(x_BTC).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K*D) -> (B, T, K, D)
+        v = self.wv(x_BTC).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K*D) -> (B, T, K, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = self.core(q, k, v, is_causal=True, already_split=True)  # (B, T, H, D)
+        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))  # (B, T, H*D) -> (B, T, C)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, config: ModelConfig, core: nn.Module):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, core)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+def _default_attention_factory(layer_idx: int) -> nn.Module:
+    from ring_lightning.attention import create_ring_attention
+
+    return create_ring_attention("standard")
+
+
+class LongDocTransformer(nn.Module):
+    """Decoder-only LM: embeddings -> n_layers Blocks -> RMSNorm -> LM head.
+
+    Args:
+        config: a ModelConfig (or a mapping of its fields, or ``{"preset": name, ...}``).
+        attention_factory: ``layer_idx -> nn.Module`` building each layer's attention core,
+            called as ``core(q, k, v, is_causal=True, already_split=True)`` with q (B,T,H,D),
+            k/v (B,T,K,D), returning (B,T,H,D). Default: ``create_ring_attention("standard")``.
+    """
+
+    def __init__(
+        self,
+        config: Union[ModelConfig, dict],
+        attention_factory: Optional[Callable[[int], nn.Module]] = None,
+    ):
+        super().__init__()
+        self.config = config = ModelConfig.from_any(config)
+        factory = attention_factory or _default_attention_factory
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.layers = nn.ModuleList(Block(config, factory(i)) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
+            elif p.dim() >= 2 and ".core." not in name:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def _checkpointed(self, layer_idx: int) -> bool:
+        mode = self.config.checkpointing
+        return mode == "full" or (mode == "selective" and layer_idx % self.config.checkpoint_every_n_layers == 0)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits for the tokens this device holds.
+
+        Args:
+            input_ids: (B, T) token ids.
+            position_ids: (B, T) or (T,) GLOBAL positions of those tokens; default arange(T).
+
+        Returns:
+            logits (B, T, V).
+
+        Raises:
+            ValueError: position_ids whose shape does not match input_ids.
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device)
+        if tuple(position_ids.shape) not in ((B, T), (T,)):
+            raise ValueError(f"position_ids must have shape (B, T)={(B, T)} or (T,), got {tuple(position_ids.shape)}")
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0).expand(B, T)  # (T,) -> (B, T)
+        cos, sin = self.rope(position_ids)  # (B, T, 1, D/2) each, shared by every layer
+        h = self.tok_embeddings(input_ids)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            if self._checkpointed(i) and torch.is_grad_enabled():
+                # Non-reentrant: works with ring autograd Functions and keeps the RNG state.
+                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin)
+        return self.output(self.norm(h))  # (B, T, V)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Number of parameters; ``exclude_embedding`` drops the token table (a lookup, no FLOPs)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_embeddings.weight.numel() if exclude_embedding else n
+
+    def flops_per_token(self, seq_len: int, causal: bool = True, attention_fraction: float = 1.0) -> float:
+        """Training FLOPs (forward + backward) per token, for MFU.
+
+        ``6 * N`` for the matmuls (N = parameters without the embedding table) plus the
+        attention scores and weighted sum: ``12 * n_layers * H * D * seq_len`` for dense
+        attention (PaLM appendix B), halved when causal (only the lower triangle is
+        computed), times ``attention_fraction`` for sparse or dilated patterns.
+
+        Args:
+            seq_len: GLOBAL sequence length (keys a query can see), not the local shard.
+            causal: count only the causal half of the score matrix.
+            attention_fraction: fraction of the (causal) score matrix actually computed.
+
+        Returns:
+            FLOPs per token.
+        """
+        c = self.config
+        attn = 12 * c.n_layers * c.n_heads * c.head_dim * seq_len * attention_fraction
+        return 6 * self.num_params(exclude_embedding=True) + (attn / 2 if causal else attn)

@@ -1,0 +1,357 @@
+"""LongDocumentLM: the LightningModule that trains a LongDocTransformer, built to be subclassed.
+
+Override points (each a method with a docstring below):
+
+* ``build_attention(layer_idx)``: the attention core of one layer (default: the ring
+  attention variant named in ``attention``).
+* ``prepare_batch(batch)``: anything done to a batch before the forward pass (default:
+  add ``position_ids = arange`` when absent; under RingStrategy they are already the
+  shard's GLOBAL positions).
+* ``compute_loss(logits, batch) -> (loss_sum, num_tokens)``: the SUM of token losses of
+  this rank's tokens and how many tokens it covers. Return sums, not means: the strategy
+  turns them into a loss whose gradient matches a single device however the sequence is
+  split (a rank may hold no labelled token at all).
+* ``configure_optimizers()``: AdamW with decay / no-decay groups, linear warm-up and
+  cosine decay to ``min_lr_ratio * lr``, stepped every optimizer step.
+
+Example (tested in tests/unit/test_module.py)::
+
+    class LabelSmoothingLM(LongDocumentLM):
+        def compute_loss(self, logits, batch):
+            labels = batch["labels"]
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                   ignore_index=-100, label_smoothing=0.1, reduction="sum")
+            return loss, (labels != -100).sum()
+
+Logged: train/loss, train/ppl, val/loss, val/ppl (token-weighted over all ranks), lr,
+perf/tokens_per_s (global), perf/peak_memory_mb (max over ranks, and per rank), on CUDA
+perf/tflops_per_gpu and perf/mfu, ring/{total,compute,comm}_ms and ring/comm_volume_mb
+(first ring attention module, last call), ring/compression_ratio, and val/<task metric>
+(val/retrieval_acc for the retrieval task).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import resource
+import time
+from dataclasses import asdict, is_dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ring_lightning.data import retrieval_accuracy
+from ring_lightning.model import LongDocTransformer, ModelConfig
+
+IGNORE_INDEX = -100
+DEFAULT_SEQUENCE_KEYS = ("input_ids", "labels", "position_ids", "loss_mask")
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, for MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def _plain(value: Any) -> Any:
+    """Hydra DictConfig/ListConfig (or a dataclass) -> plain Python containers."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:
+        pass
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    return value
+
+
+class WarmupCosine:
+    """LR multiplier: linear warm-up over ``warmup_steps``, cosine to ``min_ratio`` at ``max_steps``.
+
+    A callable object rather than a lambda so LambdaLR saves it in checkpoints.
+    """
+
+    def __init__(self, warmup_steps: int, max_steps: float, min_ratio: float):
+        self.warmup_steps, self.max_steps, self.min_ratio = warmup_steps, max_steps, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if not math.isfinite(self.max_steps):
+            return 1.0  # no known end: hold the peak
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LongDocumentLM(pl.LightningModule):
+    """Next-token language modelling on long documents with ring attention.
+
+    Args:
+        model: a ModelConfig, a mapping of its fields, or ``{"preset": "tiny", ...}``.
+        attention: ``{"variant": standard | hilbert | distributed | block_sparse, **fields}``
+            where fields are RingAttentionConfig fields (e.g. segment_lengths, dilation_rates).
+        lr: peak learning rate.
+        weight_decay: AdamW decay of matrices (norm weights are never decayed).
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps.
+        max_steps: end of the cosine decay; None = the trainer's estimated stepping batches.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        sequence_keys: batch entries the strategy shards along the sequence (dim 1).
+        throughput_window: steps averaged into perf/tokens_per_s.
+
+    Raises:
+        ValueError: an argument outside its valid values (the message names it).
+    """
+
+    #: Read by RingStrategy to choose the layout (zigzag balances causal work).
+    is_causal = True
+
+    def __init__(
+        self,
+        model: Union[ModelConfig, Dict[str, Any], None] = None,
+        attention: Optional[Dict[str, Any]] = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.1,
+        betas: Sequence[float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        max_steps: Optional[int] = None,
+        min_lr_ratio: float = 0.1,
+        sequence_keys: Sequence[str] = DEFAULT_SEQUENCE_KEYS,
+        throughput_window: int = 20,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        betas = tuple(float(b) for b in _plain(betas))
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps must be None or >= 1, got {max_steps}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if throughput_window < 1:
+            raise ValueError(f"throughput_window must be >= 1, got {throughput_window}")
+        self.lr, self.weight_decay, self.betas = float(lr), float(weight_decay), betas
+        self.warmup_steps, self.max_steps, self.min_lr_ratio = int(warmup_steps), max_steps, float(min_lr_ratio)
+        self.sequence_keys = tuple(_plain(sequence_keys))
+        self.attention_variant, self.attention_config = self._attention_config(_plain(attention))
+        self.model = LongDocTransformer(ModelConfig.from_any(_plain(model)), self.build_attention)
+        self._ring_modules: List[nn.Module] = []
+        self._tput = collections.deque(maxlen=throughput_window + 1)  # (time, cumulative global tokens)
+        self._tokens_seen = 0
+        self._val_stats: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def _attention_config(attention: Optional[Dict[str, Any]]):
+        from ring_lightning.attention import RingAttentionConfig
+        from ring_lightning.attention.config import VARIANTS
+
+        fields = dict(attention or {})
+        variant = fields.pop("variant", "standard")
+        if variant not in VARIANTS:
+            raise ValueError(f"attention.variant={variant!r} is not valid; valid values: {VARIANTS}")
+        unknown = sorted(set(fields) - set(RingAttentionConfig.field_names()))
+        if unknown:
+            raise ValueError(
+                f"attention.{unknown[0]} is not a RingAttentionConfig field; valid fields: "
+                f"['variant'] + {RingAttentionConfig.field_names()}"
+            )
+        return variant, RingAttentionConfig(**fields)
+
+    # ------------------------------------------------------------------ override points
+    def build_attention(self, layer_idx: int) -> nn.Module:
+        """The attention core of layer ``layer_idx`` (called once per layer in ``__init__``).
+
+        Returns:
+            A module called as ``core(q, k, v, is_causal=True, already_split=True)``;
+            by default ``create_ring_attention(variant, config)``.
+        """
+        from ring_lightning.attention import create_ring_attention
+
+        return create_ring_attention(self.attention_variant, config=self.attention_config)
+
+    def prepare_batch(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Add ``position_ids`` (B, T) = arange when absent (RingStrategy adds global ones).
+
+        Args:
+            batch: dict with at least ``input_ids`` and ``labels`` (B, T).
+
+        Returns:
+            A dict with ``position_ids`` as well.
+        """
+        if "position_ids" not in batch:
+            B, T = batch["input_ids"].shape
+            positions = torch.arange(T, device=batch["input_ids"].device)
+            batch = {**batch, "position_ids": positions.unsqueeze(0).expand(B, T)}  # (T,) -> (B, T)
+        return batch
+
+    def compute_loss(self, logits: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy over this rank's valid tokens.
+
+        Args:
+            logits: (B, T, V).
+            batch: ``labels`` (B, T) with -100 where ignored; optional ``loss_mask`` (B, T)
+                weighting each token.
+
+        Returns:
+            ``(loss_sum, num_tokens)``: scalars; num_tokens may be 0 on a rank.
+        """
+        labels = batch["labels"]
+        # float32 logits: a bf16 log-softmax over a large vocabulary loses the small terms.
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="none")
+        weight = (labels.flatten() != IGNORE_INDEX).float()
+        if "loss_mask" in batch:
+            weight = weight * batch["loss_mask"].flatten().float()
+        return (ce * weight).sum(), weight.sum()
+
+    def configure_optimizers(self):
+        """AdamW (matrices decayed, vectors not) and a per-step warm-up + cosine LambdaLR."""
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused)
+        total = self.max_steps if self.max_steps is not None else float(self.trainer.estimated_stepping_batches)
+        schedule = WarmupCosine(self.warmup_steps, total, self.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # -------------------------------------------------------------------------- steps
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, T) ids and GLOBAL positions -> (B, T, V) logits."""
+        return self.model(input_ids, position_ids)
+
+    def reduce_loss(self, loss_sum: torch.Tensor, num_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(loss_to_backprop, mean_loss_for_logging)`` through the strategy when it knows how."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if hasattr(strategy, "reduce_token_loss"):
+            return strategy.reduce_token_loss(loss_sum, num_tokens)
+        loss = loss_sum / torch.as_tensor(num_tokens, device=loss_sum.device).clamp(min=1)
+        return loss, loss.detach()
+
+    def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        batch = self.prepare_batch(batch)
+        logits = self(batch["input_ids"], batch["position_ids"])
+        loss, mean_loss = self.reduce_loss(*self.compute_loss(logits, batch))
+        B = batch["input_ids"].shape[0]
+        self.log("train/loss", mean_loss, prog_bar=True, batch_size=B)
+        self.log("train/ppl", torch.exp(mean_loss.float().clamp(max=30)), batch_size=B)
+        return loss
+
+    def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
+        batch = self.prepare_batch(batch)
+        logits = self(batch["input_ids"], batch["position_ids"])
+        loss_sum, num_tokens = self.compute_loss(logits, batch)
+        correct, total = retrieval_accuracy(logits, batch["labels"])
+        stats = torch.stack([loss_sum.detach().double(), torch.as_tensor(num_tokens).double().to(loss_sum.device),
+                             correct.double(), total.double()])
+        self._val_stats = stats if self._val_stats is None else self._val_stats + stats
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_stats = None
+
+    def on_validation_epoch_end(self) -> None:
+        stats = self._val_stats
+        if stats is None:  # no validation batch on this rank
+            stats = torch.zeros(4, dtype=torch.float64, device=self.device)
+        # Sums over every rank: each token is counted once whatever the (dp, sp) split.
+        stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        loss = (stats[0] / stats[1].clamp(min=1)).float()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # identical on ranks: sync is a no-op mean
+        self.log("val/ppl", torch.exp(loss.clamp(max=30)), sync_dist=True)
+        metric = getattr(getattr(self.trainer, "datamodule", None), "task_metric", None)
+        if metric is not None:
+            self.log(f"val/{metric}", (stats[2] / stats[3].clamp(min=1)).float(), prog_bar=True, sync_dist=True)
+
+    # ------------------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        from ring_lightning.attention import RingAttentionBase
+
+        self._ring_modules = [m for m in self.model.modules() if isinstance(m, RingAttentionBase)]
+        strategy = self.trainer.strategy
+        if not _is_ring_strategy(strategy):
+            # Plain DDP (or one device): the attention must not resolve the default group
+            # lazily and treat the data-parallel world as a sequence group.
+            for m in self._ring_modules:
+                m.set_process_group(None)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        vocab = getattr(datamodule, "vocab_size", None)
+        if isinstance(vocab, int) and vocab > self.model.config.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={self.model.config.vocab_size} is smaller than the data's vocabulary "
+                f"({vocab} ids); set model.vocab_size >= {vocab}"
+            )
+
+    # ----------------------------------------------------------------------- metrics
+    def _attention_fraction(self, seq_len: int) -> float:
+        """Fraction of the dense score matrix the attention pattern computes (for FLOPs)."""
+        cfg = self.attention_config
+        if self.attention_variant == "block_sparse":
+            return float(cfg.sparsity_ratio)
+        if cfg.segment_lengths is None:
+            return 1.0
+        # Pattern (w, r): N/w segments of (w/r)^2 scores per head, i.e. w / (r^2 N) of dense.
+        return sum(min(w, seq_len) / (r * r * seq_len) for w, r in zip(cfg.segment_lengths, cfg.dilation_rates))
+
+    def on_train_batch_end(self, outputs: Any, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
+        trainer, now = self.trainer, time.perf_counter()
+        world = trainer.world_size
+        input_ids = batch["input_ids"]
+        # Every rank holds different tokens (other samples, or other shards of one), so the
+        # global count is the local one times the world size: a sequence group counts once.
+        self._tokens_seen += input_ids.numel() * world
+        self._tput.append((now, self._tokens_seen))
+        self.log("lr", trainer.optimizers[0].param_groups[0]["lr"])
+        if len(self._tput) >= 2:
+            (t0, n0), (t1, n1) = self._tput[0], self._tput[-1]
+            tokens_per_s = (n1 - n0) / max(t1 - t0, 1e-9)
+            self.log("perf/tokens_per_s", tokens_per_s, prog_bar=True)
+            if self.device.type == "cuda":
+                seq_len = input_ids.shape[1] * getattr(trainer.strategy, "sp_size", 1)
+                flops = self.model.flops_per_token(seq_len, causal=self.is_causal,
+                                                   attention_fraction=self._attention_fraction(seq_len))
+                per_gpu = flops * tokens_per_s / world
+                self.log("perf/tflops_per_gpu", per_gpu / 1e12)
+                name = torch.cuda.get_device_name(self.device)
+                peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+                if peak is not None:
+                    self.log("perf/mfu", per_gpu / peak)
+        if self._ring_modules:
+            stats = self._ring_modules[0].get_profiling_stats()
+            for key, name in (("total_time_ms", "total_ms"), ("compute_time_ms", "compute_ms"),
+                              ("comm_time_ms", "comm_ms"), ("comm_volume_mb", "comm_volume_mb")):
+                if isinstance(stats.get(key), (int, float)):
+                    self.log(f"ring/{name}", float(stats[key]))
+        ratio = getattr(trainer.strategy, "compression_ratio", None)
+        if isinstance(ratio, (int, float)):
+            self.log("ring/compression_ratio", float(ratio))
+        if batch_idx % max(1, trainer.log_every_n_steps) == 0:
+            self._log_peak_memory()
+
+    def _log_peak_memory(self) -> None:
+        """Peak memory of every rank (a collective: all ranks call it on the same batch)."""
+        if self.device.type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
+        per_rank = self.all_gather(torch.tensor(float(peak_mb), device=self.device)).reshape(-1)
+        self.log("perf/peak_memory_mb", per_rank.max())
+        if per_rank.numel() > 1:
+            for rank, value in enumerate(per_rank.tolist()):
+                self.log(f"perf/peak_memory_mb_rank{rank}", value)
+
+
+def _is_ring_strategy(strategy: Any) -> bool:
+    try:
+        from ring_lightning.strategy import RingStrategy
+    except ImportError:  # strategy not importable: fall back to what it would offer
+        return hasattr(strategy, "reduce_token_loss") and hasattr(strategy, "shard_batch")
+    return isinstance(strategy, RingStrategy)

@@ -1,0 +1,409 @@
+"""RingStrategy: sequence parallelism for Lightning on a (dp, sp) device mesh.
+
+The world is a 2-D mesh of ``dp x sp`` ranks; consecutive ranks form one *sequence
+group* (``sp`` axis) that holds one sample split along the sequence, and the groups
+are data-parallel replicas (``dp`` axis). The strategy
+
+* builds the mesh right after the default process group exists,
+* runs the distributed sampler over ``dp`` only, so every rank of a sequence group
+  reads the same sample,
+* shards each dict batch along the sequence (dim 1) after it reaches the device, with
+  the layout the attention modules prefer, and adds global ``position_ids``,
+* hands the ``sp`` group and that layout to every ring attention module in the model,
+* offers :meth:`RingStrategy.reduce_token_loss`, the token-count-weighted loss that
+  makes DDP's average over the whole world equal the ``sp=1`` gradient,
+* registers a gradient-compression DDP hook (``ring_lightning.compression``).
+
+Usage::
+
+    trainer = Trainer(strategy=RingStrategy(sequence_parallel_size=2), devices=4)
+    trainer = Trainer(strategy="ring", devices=2)  # sequence_parallel_size=1: plain DDP
+
+The name ``"ring"`` is registered when this module is imported (``from ring_lightning
+import RingStrategy`` does it).
+
+Letters: B batch, N global sequence length, T local sequence length (N / sp).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from ring_lightning import sharding
+from ring_lightning.attention import RingAttentionBase
+from ring_lightning.compression import COMPRESSION_METHODS, register_compression_hook
+
+log = logging.getLogger(__name__)
+
+#: Mesh axes, outer to inner. Ranks ``[d*sp, (d+1)*sp)`` form sequence group ``d``.
+MESH_AXES: Tuple[str, str] = ("dp", "sp")
+DP_AXIS, SP_AXIS = MESH_AXES
+#: Batch entries sharded along dim 1 unless the LightningModule sets ``sequence_keys``.
+DEFAULT_SEQUENCE_KEYS: Tuple[str, ...] = ("input_ids", "labels", "position_ids", "loss_mask")
+LAYOUT_CHOICES = ("auto",) + sharding.LAYOUTS
+
+
+def _ring_attention_modules(model: nn.Module) -> List[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, RingAttentionBase)]
+
+
+class RingStrategy(DDPStrategy):
+    """DDP over a ``(dp, sp)`` mesh with sequence sharding and ring attention wiring.
+
+    A model without any ring attention module while ``sequence_parallel_size > 1`` is
+    an error, not a warning: every rank would attend only to its own shard and training
+    would run on silently wrong numbers.
+
+    Args:
+        sequence_parallel_size: ranks per sequence group (``sp``); must divide the world size.
+        compression: gradient compression, one of ``none | topk | randomk | powersgd | bf16``.
+            ``"none"`` also lets a ``distributed`` ring attention module's
+            ``config.compression_method`` choose.
+        compression_ratio: fraction of gradient entries ``topk``/``randomk`` send, in ``(0, 1]``.
+        powersgd_rank: matrix approximation rank of ``powersgd``.
+        error_feedback: carry the compression error over to the next step.
+        powersgd_start_iter: plain all-reduce steps before PowerSGD starts (>= 2).
+        layout: ``"auto"`` (ask the attention modules, per sequence length) or a fixed
+            ``"contiguous"`` / ``"zigzag"``.
+        **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy`
+            (``accelerator``, ``cluster_environment``, ``process_group_backend``,
+            ``timeout``, ``start_method``, DDP kwargs such as ``find_unused_parameters``...).
+
+    Raises:
+        ValueError: an argument outside its valid values (message names it); at setup,
+            a world size not divisible by ``sequence_parallel_size`` or a model without
+            ring attention while ``sequence_parallel_size > 1``; at the first batch of a
+            sequence length the layout cannot split.
+    """
+
+    strategy_name = "ring"
+
+    def __init__(
+        self,
+        sequence_parallel_size: int = 1,
+        compression: str = "none",
+        compression_ratio: float = 0.1,
+        powersgd_rank: int = 1,
+        error_feedback: bool = True,
+        powersgd_start_iter: int = 2,
+        layout: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(sequence_parallel_size, int) or sequence_parallel_size < 1:
+            raise ValueError(f"sequence_parallel_size must be an int >= 1, got {sequence_parallel_size!r}")
+        if compression not in COMPRESSION_METHODS:
+            raise ValueError(f"compression={compression!r} is not valid; valid values: {COMPRESSION_METHODS}")
+        if not 0.0 < compression_ratio <= 1.0:
+            raise ValueError(f"compression_ratio must be in (0, 1], got {compression_ratio}")
+        if powersgd_rank < 1:
+            raise ValueError(f"powersgd_rank must be >= 1, got {powersgd_rank}")
+        if layout not in LAYOUT_CHOICES:
+            raise ValueError(f"layout={layout!r} is not valid; valid values: {LAYOUT_CHOICES}")
+        if compression != "none" and kwargs.get("ddp_comm_hook") is not None:
+            raise ValueError("pass either compression=... or ddp_comm_hook=..., not both: DDP takes one hook")
+        super().__init__(**kwargs)
+        self.sequence_parallel_size = sequence_parallel_size
+        self.compression = compression
+        self.target_compression_ratio = compression_ratio
+        self.powersgd_rank = powersgd_rank
+        self.error_feedback = error_feedback
+        self.powersgd_start_iter = powersgd_start_iter
+        self.layout = layout
+        self._device_mesh: Optional[DeviceMesh] = None
+        self._ring_modules: List[nn.Module] = []
+        self._module_layout: Optional[str] = None  # layout the modules currently hold
+        self._layout_by_len: Dict[int, str] = {}
+        self._compression_state: Any = None
+        self._warned_unsharded = False
+
+    # ------------------------------------------------------------------ mesh
+
+    @property
+    def sp_size(self) -> int:
+        """Ranks per sequence group."""
+        return self.sequence_parallel_size
+
+    @property
+    def dp_size(self) -> int:
+        """Number of sequence groups (data-parallel replicas)."""
+        return self.world_size // self.sequence_parallel_size
+
+    @property
+    def sp_rank(self) -> int:
+        """This rank's index inside its sequence group (consecutive ranks: global % sp)."""
+        return self.global_rank % self.sequence_parallel_size
+
+    @property
+    def dp_rank(self) -> int:
+        """Index of this rank's sequence group."""
+        return self.global_rank // self.sequence_parallel_size
+
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        """The ``(dp, sp)`` mesh; exists once the process group is set up."""
+        if self._device_mesh is None:
+            raise RuntimeError("RingStrategy.device_mesh is built in setup_environment(); it does not exist yet")
+        return self._device_mesh
+
+    @property
+    def sp_group(self) -> dist.ProcessGroup:
+        """The process group of this rank's sequence group (ring attention runs in it)."""
+        return self.device_mesh.get_group(SP_AXIS)
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        """The ranks holding the same sequence positions of different samples.
+
+        Reduce over it (not the world) to sum a value that is already identical across a
+        sequence group, e.g. the logging loss of :meth:`reduce_token_loss`.
+        """
+        return self.device_mesh.get_group(DP_AXIS)
+
+    def _check_world_size(self, world_size: int) -> None:
+        if world_size % self.sequence_parallel_size != 0:
+            valid = [k for k in range(1, world_size + 1) if world_size % k == 0]
+            raise ValueError(
+                f"sequence_parallel_size={self.sequence_parallel_size} does not divide the world size "
+                f"{world_size} (num_nodes x devices); valid values for this world: {valid}"
+            )
+
+    def setup_distributed(self) -> None:
+        # Check before init_process_group: every rank fails the same way, nobody waits.
+        self._check_world_size(self.num_nodes * self.num_processes)
+        super().setup_distributed()
+        world = dist.get_world_size()
+        self._check_world_size(world)
+        sp = self.sequence_parallel_size
+        # init_device_mesh lays ranks out row-major: row d of the (dp, sp) grid is ranks
+        # [d*sp, (d+1)*sp), so a sequence group is consecutive ranks (one node, fast links).
+        self._device_mesh = init_device_mesh(self.root_device.type, (world // sp, sp), mesh_dim_names=MESH_AXES)
+        assert self._device_mesh[SP_AXIS].get_local_rank() == self.sp_rank
+        assert self._device_mesh[DP_AXIS].get_local_rank() == self.dp_rank
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        module = self.lightning_module
+        if module is not None and hasattr(module, "_device_mesh"):
+            # LightningModule.device_mesh is a read-only property over _device_mesh.
+            module._device_mesh = self._device_mesh
+
+    @property
+    def distributed_sampler_kwargs(self) -> Dict[str, Any]:
+        # The sampler runs over dp only: all ranks of a sequence group read the same sample.
+        return {"num_replicas": self.dp_size, "rank": self.dp_rank}
+
+    # ------------------------------------------------------------------ model
+
+    def setup(self, trainer: Any) -> None:
+        self._attach_ring_modules()
+        super().setup(trainer)
+
+    def _attach_ring_modules(self) -> None:
+        """Find the ring attention modules and hand them the sequence group."""
+        assert self.lightning_module is not None
+        self._ring_modules = _ring_attention_modules(self.lightning_module)
+        if self.sequence_parallel_size == 1:
+            for m in self._ring_modules:
+                m.set_process_group(None)
+            return
+        if not self._ring_modules:
+            raise ValueError(
+                f"sequence_parallel_size={self.sequence_parallel_size} but "
+                f"{type(self.lightning_module).__name__} contains no ring attention module "
+                "(ring_lightning.attention.RingAttentionBase): each rank would attend only to its "
+                "own shard of the sequence. Use MultiheadRingAttention / create_ring_attention, "
+                "or sequence_parallel_size=1."
+            )
+        # Hand the group over now, so no forward can ever run on the lazily resolved world
+        # group; the layout is final at the first batch, when the sequence length is known.
+        self._set_module_layout(self.layout if self.layout != "auto" else "contiguous")
+
+    def _set_module_layout(self, layout: str) -> None:
+        if layout == self._module_layout:
+            return
+        for m in self._ring_modules:
+            m.set_process_group(self.sp_group, layout=layout)
+        self._module_layout = layout
+
+    @property
+    def sequence_layout(self) -> str:
+        """The layout of the last sharded batch (``contiguous`` before any, or with sp=1)."""
+        return self._module_layout or "contiguous"
+
+    def _layout_for(self, seq_len: int) -> str:
+        """The layout for global length ``seq_len``: fixed, or what every module prefers."""
+        if self.layout != "auto":
+            return self.layout
+        if seq_len not in self._layout_by_len:
+            is_causal = getattr(self.lightning_module, "is_causal", True)
+            prefs = {
+                m.preferred_layout(seq_len, self.sequence_parallel_size, is_causal=is_causal)
+                for m in self._ring_modules
+            }
+            if len(prefs) > 1:
+                raise ValueError(
+                    f"the ring attention modules prefer different layouts {sorted(prefs)} for sequence "
+                    f"length {seq_len}; one batch has one layout. Pass RingStrategy(layout=...) with one "
+                    f"of {sharding.LAYOUTS}."
+                )
+            self._layout_by_len[seq_len] = prefs.pop() if prefs else "contiguous"
+        return self._layout_by_len[seq_len]
+
+    # ------------------------------------------------------------------ data
+
+    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
+        batch = super().batch_to_device(batch, device, dataloader_idx)
+        return self.shard_batch(batch)
+
+    def shard_batch(self, batch: Any) -> Any:
+        """This rank's shard of a dict batch; other batch types pass through unchanged.
+
+        Entries named in ``lightning_module.sequence_keys`` (default
+        ``DEFAULT_SEQUENCE_KEYS``) are sharded along dim 1; ``position_ids`` (global
+        positions, ``(B, T)``) is added when absent, also with ``sp=1`` so the model sees
+        the same keys either way. Per-token outputs (e.g. ``predict``) are therefore
+        shards too: ``sharding.gather_sequence(x, strategy.sp_group, strategy.sequence_layout)``
+        reassembles them.
+
+        Raises:
+            ValueError: sequence entries of different lengths, an entry with fewer than 2
+                dims, or a length the layout cannot split (the message says how much to pad).
+        """
+        if not isinstance(batch, Mapping):
+            if self.sequence_parallel_size > 1 and not self._warned_unsharded:
+                log.warning(
+                    "RingStrategy shards dict batches only; a %s batch reaches every rank of the "
+                    "sequence group whole (fine for attention called with already_split=False)",
+                    type(batch).__name__,
+                )
+                self._warned_unsharded = True
+            return batch
+        keys = tuple(getattr(self.lightning_module, "sequence_keys", DEFAULT_SEQUENCE_KEYS))
+        present = [k for k in keys if isinstance(batch.get(k), Tensor)]
+        if not present:
+            return batch
+        for k in present:
+            if batch[k].dim() < 2:
+                raise ValueError(
+                    f"batch[{k!r}] has shape {tuple(batch[k].shape)}; sequence entries are (batch, seq, ...)"
+                )
+        lengths = {k: batch[k].shape[1] for k in present}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"sequence entries disagree on the length (dim 1): {lengths}")
+        seq_len = lengths[present[0]]
+        sp, rank = self.sequence_parallel_size, self.sp_rank
+        layout = self._layout_for(seq_len) if sp > 1 else "contiguous"
+        sharding.check_divisible(seq_len, sp, layout)
+        if sp > 1:
+            self._set_module_layout(layout)
+        out = dict(batch)
+        for k in present:
+            out[k] = sharding.shard_sequence(batch[k], sp, rank, layout, dim=1)
+        if not isinstance(batch.get("position_ids"), Tensor):
+            ref = batch[present[0]]
+            pos_T = sharding.sequence_positions(seq_len, sp, rank, layout, device=ref.device)
+            out["position_ids"] = pos_T.unsqueeze(0).expand(ref.shape[0], -1).contiguous()  # (B, T)
+        return type(batch)(out) if type(batch) is not dict else out
+
+    # ------------------------------------------------------------------ loss
+
+    def reduce_token_loss(self, loss_sum: Tensor, num_tokens: Union[Tensor, int]) -> Tuple[Tensor, Tensor]:
+        """Token-weighted loss over a sequence group, scaled for DDP's world average.
+
+        Each rank of a sequence group holds ``num_tokens`` of the sample's valid tokens.
+        Backpropagating ``loss_sum * sp / total_tokens`` on every rank makes DDP's average
+        over all ``dp * sp`` ranks equal the mean over sequence groups of each group's
+        token-mean loss gradient: exactly the ``sp=1`` gradient, ignored labels included.
+
+        Args:
+            loss_sum: sum of the token losses of this rank's shard (with grad).
+            num_tokens: number of valid tokens in this rank's shard.
+
+        Returns:
+            ``(loss_to_backprop, mean_loss)``: the first carries the gradient; the second
+            (detached) is the group's token-mean loss, identical on every rank of the
+            group, so a world-wide mean of it (``self.log(..., sync_dist=True)``) counts
+            each group once. To *sum* it across groups, reduce over :attr:`dp_group`.
+        """
+        sp = self.sequence_parallel_size
+        # float64: token counts stay exact far beyond float32's 2**24, sums stay accurate.
+        stats = torch.stack(
+            [loss_sum.detach().to(torch.float64), torch.as_tensor(num_tokens, device=loss_sum.device).to(torch.float64)]
+        )
+        if sp > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats, group=self.sp_group)
+        total_tokens = stats[1].clamp(min=1.0)  # a shard (or group) with no valid token contributes 0
+        scale = (sp / total_tokens).to(loss_sum.dtype)
+        mean_loss = (stats[0] / total_tokens).to(loss_sum.dtype)
+        return loss_sum * scale, mean_loss
+
+    # ------------------------------------------------------------------ compression
+
+    def _module_compression(self, m: nn.Module) -> Optional[Tuple[str, float, bool]]:
+        """What a ``distributed`` attention module's config asks the DDP hook for, if anything.
+
+        The config acts only in the ``distributed`` variant. It asks when
+        ``gradient_compression_ratio`` is set (the usage guide's form) or when
+        ``compression_method`` differs from its default; ``None`` ratio -> the strategy's.
+        """
+        cfg = getattr(m, "config", None)
+        if getattr(m, "variant", None) != "distributed" or cfg is None:
+            return None
+        ratio = getattr(cfg, "gradient_compression_ratio", None)
+        method = getattr(cfg, "compression_method", "none")
+        field_info = getattr(type(cfg), "__dataclass_fields__", {}).get("compression_method")
+        default_method = field_info.default if field_info is not None else "none"
+        if method == "none" or (ratio is None and method == default_method):
+            return None
+        ratio = self.target_compression_ratio if ratio is None else float(ratio)
+        return method, ratio, bool(getattr(cfg, "use_error_feedback", self.error_feedback))
+
+    def _resolve_compression(self) -> Tuple[str, float, bool]:
+        """The strategy's compression, or the one a ``distributed`` attention config asks for."""
+        asked = {a for a in map(self._module_compression, self._ring_modules) if a is not None}
+        if self.compression != "none":
+            if any(a[0] != self.compression for a in asked):
+                raise ValueError(
+                    f"RingStrategy(compression={self.compression!r}) conflicts with the attention config's "
+                    f"compression_method {sorted(a[0] for a in asked)}; set one of them"
+                )
+            return self.compression, self.target_compression_ratio, self.error_feedback
+        if len(asked) > 1:
+            raise ValueError(f"ring attention modules ask for different gradient compressions: {sorted(asked)}")
+        if asked:
+            return asked.pop()
+        return "none", self.target_compression_ratio, self.error_feedback
+
+    def _register_ddp_hooks(self) -> None:
+        method, ratio, error_feedback = self._resolve_compression()
+        if method == "none":
+            super()._register_ddp_hooks()  # a user's own ddp_comm_hook (Lightning: CUDA only)
+            return
+        self._compression_state = register_compression_hook(
+            self.model,
+            method,
+            process_group=None,  # DDP reduces over the whole (dp, sp) world
+            ratio=ratio,
+            rank=self.powersgd_rank,
+            error_feedback=error_feedback,
+            powersgd_start_iter=self.powersgd_start_iter,
+        )
+
+    @property
+    def compression_ratio(self) -> float:
+        """Bytes sent / bytes of the dense gradient in the last step (1.0 without compression)."""
+        state = self._compression_state
+        return 1.0 if state is None else state.stats.ratio
+
+
+if "ring" not in StrategyRegistry:
+    StrategyRegistry.register(
+        "ring", RingStrategy, description="Sequence-parallel ring attention over a (dp, sp) mesh"
+    )

@@ -1,0 +1,136 @@
+"""LongDocumentLM: trains on CPU, logs what it promises, validates its arguments, subclasses."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer
+
+from ring_lightning.attention import RingAttentionBase
+from ring_lightning.data import LongDocumentDataModule
+from ring_lightning.module import LongDocumentLM, WarmupCosine
+
+TINY = {"preset": "tiny"}
+
+
+def trainer(**kwargs):
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+    return Trainer(**{**defaults, **kwargs})
+
+
+def retrieval_data(**kwargs):
+    return LongDocumentDataModule(source="retrieval", seq_len=64, batch_size=4, retrieval_num_samples=16,
+                                  val_fraction=0.25, **kwargs)
+
+
+class LabelSmoothingLM(LongDocumentLM):
+    """The subclassing example of the module docstring: only the loss changes."""
+
+    def __init__(self, smoothing: float = 0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.smoothing = smoothing
+
+    def compute_loss(self, logits, batch):
+        labels = batch["labels"]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                               label_smoothing=self.smoothing, reduction="sum")
+        return loss, (labels != -100).sum()
+
+
+def test_fast_dev_run_trains_with_finite_loss_and_logs():
+    module = LongDocumentLM(model=TINY, attention={"variant": "standard"}, warmup_steps=2)
+    before = [p.detach().clone() for p in module.parameters()]
+    t = trainer(fast_dev_run=2)
+    t.fit(module, datamodule=retrieval_data())
+    logged = t.callback_metrics
+    assert math.isfinite(logged["train/loss"].item()) and math.isfinite(logged["val/loss"].item())
+    assert {"train/ppl", "val/ppl", "lr", "perf/tokens_per_s", "perf/peak_memory_mb", "ring/total_ms"} <= set(logged)
+    assert "val/retrieval_acc" in logged and 0.0 <= logged["val/retrieval_acc"].item() <= 1.0
+    assert "perf/mfu" not in logged  # no MFU on CPU
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_subclass_overriding_compute_loss_trains(tmp_path):
+    module = LabelSmoothingLM(smoothing=0.1, model=dict(TINY, checkpointing="full"), lr=1e-3, warmup_steps=1)
+    t = trainer(max_steps=2, limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=2)
+    t.fit(module, datamodule=LongDocumentDataModule(seq_len=64, batch_size=2, max_tokens=5_000,
+                                                   cache_dir=str(tmp_path)))
+    assert t.global_step == 2 and math.isfinite(t.callback_metrics["train/loss"].item())
+    assert module.hparams.smoothing == 0.1 and module.hparams.model["checkpointing"] == "full"
+
+
+def test_setup_detaches_ring_attention_from_process_groups():
+    module = LongDocumentLM(model=TINY, attention={"variant": "standard", "segment_lengths": [16, 32],
+                                                   "dilation_rates": [1, 2]})
+    rings = [m for m in module.modules() if isinstance(m, RingAttentionBase)]
+    assert len(rings) == module.model.config.n_layers
+    assert rings[0].config.segment_lengths == [16, 32]
+    t = trainer(fast_dev_run=1)
+    t.fit(module, datamodule=retrieval_data())
+    assert all(m._group is None for m in rings)  # never the lazily resolved default group
+
+
+def test_prepare_batch_adds_positions_and_loss_masks_tokens():
+    module = LongDocumentLM(model=TINY)
+    zeros = torch.zeros(2, 8, dtype=torch.long)
+    batch = module.prepare_batch({"input_ids": zeros, "labels": zeros})
+    assert torch.equal(batch["position_ids"], torch.arange(8).expand(2, 8))
+    given = {**batch, "position_ids": torch.arange(8, 16).expand(2, 8)}
+    assert module.prepare_batch(given)["position_ids"][0, 0] == 8  # kept: global positions
+    logits = torch.randn(2, 8, 259)
+    labels = torch.randint(259, (2, 8))
+    labels[0, :3] = -100
+    mask = torch.ones(2, 8)
+    mask[1] = 0
+    loss_sum, n = module.compute_loss(logits, {"labels": labels, "loss_mask": mask})
+    assert n.item() == 5
+    expected = F.cross_entropy(logits[0, 3:], labels[0, 3:], reduction="sum")
+    torch.testing.assert_close(loss_sum, expected)
+    loss, logged = module.reduce_loss(loss_sum, torch.tensor(0.0))  # no trainer, no tokens: no NaN
+    assert torch.isfinite(loss)
+
+
+def test_optimizer_groups_and_warmup_cosine_schedule():
+    module = LongDocumentLM(model=TINY, lr=1e-3, weight_decay=0.1, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    config = module.configure_optimizers()
+    decay, no_decay = config["optimizer"].param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert config["lr_scheduler"]["interval"] == "step"
+    f = WarmupCosine(10, 110, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+def test_flops_attention_fraction_follows_the_pattern():
+    dense = LongDocumentLM(model=TINY)
+    dilated = LongDocumentLM(model=TINY, attention={"segment_lengths": [256, 1024], "dilation_rates": [1, 2]})
+    assert dense._attention_fraction(1024) == 1.0
+    assert dilated._attention_fraction(1024) == pytest.approx(256 / 1024 + 1024 / (4 * 1024))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(attention={"variant": "fast"}), "variant"),
+        (dict(attention={"segment_length": [8]}), "segment_length"),
+        (dict(attention={"dropout": 2.0}), "dropout"),
+        (dict(lr=0.0), "lr"),
+        (dict(betas=(0.9,)), "betas"),
+        (dict(min_lr_ratio=2.0), "min_lr_ratio"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(max_steps=0), "max_steps"),
+        (dict(model={"preset": "tiny", "n_kv_heads": 3}), "n_kv_heads"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        LongDocumentLM(**{"model": TINY, **kwargs})
+
+
+def test_vocab_smaller_than_data_is_an_error():
+    module = LongDocumentLM(model=dict(TINY, vocab_size=100))
+    with pytest.raises(ValueError, match="vocab_size"):
+        trainer(fast_dev_run=1).fit(module, datamodule=retrieval_data())
