@@ -176,8 +176,10 @@ def _cast(ctx: RingContext, x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------- transfers
 @dataclass
-class _StepKV:
-    src: int
+class _Transfer:
+    """One step's posted K/V (or dK/dV) exchange and the receive buffers it fills."""
+
+    peer: int  #: the rank the buffers are received from
     items: List[Item]
     k_buf: Optional[torch.Tensor]
     v_buf: Optional[torch.Tensor]
@@ -196,7 +198,7 @@ class _StepKV:
         return out
 
 
-def _post_kv(ctx: RingContext, k: torch.Tensor, v: torch.Tensor, step: int) -> _StepKV:
+def _post_kv(ctx: RingContext, k: torch.Tensor, v: torch.Tensor, step: int) -> _Transfer:
     """Post step ``step``'s K/V transfer: send own slices to one partner, receive another's."""
     src, dst = ctx.comm.partners(step)
     me = ctx.rank
@@ -221,7 +223,7 @@ def _post_kv(ctx: RingContext, k: torch.Tensor, v: torch.Tensor, step: int) -> _
         ctx.profiler.log_step(step=step, send_to=dst, recv_from=src,
                               bytes_sent=sum(t.numel() * t.element_size() for t in keep))
     pending = ctx.comm.exchange(sends, recvs, step, tag=4 * step)
-    return _StepKV(src, recv_items, kr, vr, pending, keep)
+    return _Transfer(src, recv_items, kr, vr, pending, keep)
 
 
 def _wait(ctx: RingContext, transfer) -> None:
@@ -296,7 +298,7 @@ def ring_forward(ctx: RingContext, q, k, v):
         ctx.profiler.ring_steps += 1
         got = cur.slices(ctx, B, D)
         kv_of = lambda task, got=got: got[Item(task.pattern, task.offset, task.k_piece)]
-        _forward_tasks(ctx, ctx.plan.tasks(me, cur.src), cur.src, q, kv_of, out, lse, saved[step])
+        _forward_tasks(ctx, ctx.plan.tasks(me, cur.peer), cur.peer, q, kv_of, out, lse, saved[step])
         for buf in (cur.k_buf, cur.v_buf):
             if buf is not None:
                 ctx.pool.put(buf)
@@ -408,7 +410,7 @@ def ring_backward(ctx: RingContext, q, k, v, out, lse, dout, saved):
         ks_shape = {it: kv[0].shape for it, kv in got.items()}
         scratch = _Scratch()
         kv_of = lambda task, got=got: got[Item(task.pattern, task.offset, task.k_piece)]
-        _backward_tasks(ctx, ctx.plan.tasks(me, cur.src), cur.src, saved[step], q, out, lse, dout,
+        _backward_tasks(ctx, ctx.plan.tasks(me, cur.peer), cur.peer, saved[step], q, out, lse, dout,
                         kv_of, dq, scratch)
         for buf in (cur.k_buf, cur.v_buf):
             if buf is not None:
@@ -421,17 +423,7 @@ def ring_backward(ctx: RingContext, q, k, v, out, lse, dout, saved):
     return dq, dk, dv
 
 
-@dataclass
-class _StepGrad:
-    dst: int
-    items: List[Item]
-    k_buf: Optional[torch.Tensor]
-    v_buf: Optional[torch.Tensor]
-    pending: object
-    keep: list
-
-
-def _post_grads(ctx, step, cur: _StepKV, grads, B, D, acc, device) -> _StepGrad:
+def _post_grads(ctx, step, cur: _Transfer, grads, B, D, acc, device) -> _Transfer:
     """Send the dK/dV of the keys received at ``step`` back to their owner (float32)."""
     src, dst = ctx.comm.partners(step)
     sends, keep = [], []
@@ -451,18 +443,15 @@ def _post_grads(ctx, step, cur: _StepKV, grads, B, D, acc, device) -> _StepGrad:
         vr = torch.empty(n, dtype=acc, device=device)
         recvs = [(dst, kr), (dst, vr)]
     pending = ctx.comm.exchange(sends, recvs, step, tag=4 * step + 2)
-    return _StepGrad(dst, mine, kr, vr, pending, keep)
+    return _Transfer(dst, mine, kr, vr, pending, keep)
 
 
-def _settle_grads(ctx, tr: _StepGrad, add_local, dk, dv, B, D) -> None:
+def _settle_grads(ctx, tr: _Transfer, add_local, dk, dv, B, D) -> None:
+    """Wait for the dK/dV of this rank's keys and add them where the keys live."""
     _wait(ctx, tr)
-    pos = 0
-    for item in tr.items:
-        shape = ctx.plan.item_shape(item, B, D)
-        n = math.prod(shape)
-        add_local(dk, item, tr.k_buf[pos:pos + n].view(shape).unsqueeze(1))
-        add_local(dv, item, tr.v_buf[pos:pos + n].view(shape).unsqueeze(1))
-        pos += n
+    for item, (gk, gv) in tr.slices(ctx, B, D).items():
+        add_local(dk, item, gk)
+        add_local(dv, item, gv)
 
 
 class RingAttentionFunction(torch.autograd.Function):
