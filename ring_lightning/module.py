@@ -33,6 +33,7 @@ perf/tflops_per_gpu and perf/mfu, ring/{total,compute,comm}_ms and ring/comm_vol
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import resource
 import time
@@ -142,11 +143,24 @@ class LongDocumentLM(pl.LightningModule):
         self.warmup_steps, self.max_steps, self.min_lr_ratio = int(warmup_steps), max_steps, float(min_lr_ratio)
         self.sequence_keys = tuple(_plain(sequence_keys))
         self.attention_variant, self.attention_config = self._attention_config(_plain(attention))
-        self.model = LongDocTransformer(ModelConfig.from_any(_plain(model)), self.build_attention)
+        self.model = LongDocTransformer(self._checkpointing_from_attention(ModelConfig.from_any(_plain(model))),
+                                        self.build_attention)
         self._ring_modules: List[nn.Module] = []
         self._tput = collections.deque(maxlen=throughput_window + 1)  # (time, cumulative global tokens)
         self._tokens_seen = 0
         self._val_stats: Optional[torch.Tensor] = None
+
+    def _checkpointing_from_attention(self, config: ModelConfig) -> ModelConfig:
+        """The distributed variant's ``use_checkpoint_accumulation`` / ``checkpoint_every_n_layers``
+        turn on the model's selective activation checkpointing (the attention cannot
+        checkpoint the layers around it; the model can). An explicit model setting wins."""
+        cfg = self.attention_config
+        if self.attention_variant != "distributed" or not cfg.use_checkpoint_accumulation:
+            return config
+        if config.checkpointing != "none":
+            return config
+        return dataclasses.replace(config, checkpointing="selective",
+                                   checkpoint_every_n_layers=cfg.checkpoint_every_n_layers)
 
     @staticmethod
     def _attention_config(attention: Optional[Dict[str, Any]]):

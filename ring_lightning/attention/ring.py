@@ -229,6 +229,10 @@ def _post_kv(ctx: RingContext, k: torch.Tensor, v: torch.Tensor, step: int) -> _
 def _wait(ctx: RingContext, transfer) -> None:
     with ctx.profiler.comm.span():
         transfer.pending.wait()
+        if ctx.sync_profiling and ctx.device.type == "cuda":
+            # enable_profiling: charge the whole transfer here rather than only the part the
+            # overlap left exposed (exact attribution, at the cost of the overlap)
+            torch.cuda.synchronize(ctx.device)
 
 
 # ---------------------------------------------------------------------------- forward

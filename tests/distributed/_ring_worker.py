@@ -178,3 +178,17 @@ def mixed_precision_errors(rank: int, world: int) -> dict:
         errors[causal] = max(rel(out, shard(ref_out)), rel(dq, shard(ref_dq)), rel(dk, shard(ref_dk)),
                              rel(dv, shard(ref_dv)))
     return errors
+
+
+def custom_order_matches_default(rank: int, world: int) -> float:
+    """custom_ring_order visits partners in another order; results must not change."""
+    case = dict(B=1, N=64, H=4, K=2, D=8, seed=9)
+    q, k, v, grad = make_inputs(case)
+    shard = lambda x: shard_sequence(x, world, rank, "zigzag").contiguous()
+    outs = []
+    for order in (None, [0, 2, 1, 3]):
+        attn = create_ring_attention("standard", layout="zigzag", custom_ring_order=order)
+        ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
+        out = attn(ql, kl, vl, is_causal=True, already_split=True)
+        outs.append([out, *torch.autograd.grad(out, (ql, kl, vl), shard(grad))])
+    return max(rel(a, b) for a, b in zip(*outs))

@@ -139,3 +139,8 @@ def test_mixed_precision_error_is_bf16_sized_and_does_not_grow_with_ranks():
         errs[1] = single[causal]
         assert all(1e-4 < e < BF16_REL_TOL for e in errs.values()), errs
         assert errs[4] <= 1.25 * errs[1] + 1e-3, errs  # no growth with the ring size
+
+
+def test_custom_ring_order_gives_the_same_results():
+    errs = conftest.run_distributed(worker.custom_order_matches_default, 4, timeout=120)
+    assert max(errs) < 1e-6

@@ -134,3 +134,13 @@ def test_vocab_smaller_than_data_is_an_error():
     module = LongDocumentLM(model=dict(TINY, vocab_size=100))
     with pytest.raises(ValueError, match="vocab_size"):
         trainer(fast_dev_run=1).fit(module, datamodule=retrieval_data())
+
+
+def test_distributed_checkpoint_settings_turn_on_selective_checkpointing():
+    from ring_lightning.module import LongDocumentLM
+
+    lm = LongDocumentLM(model={"preset": "tiny"}, attention={
+        "variant": "distributed", "use_checkpoint_accumulation": True, "checkpoint_every_n_layers": 1})
+    assert lm.model.config.checkpointing == "selective"
+    assert lm.model.config.checkpoint_every_n_layers == 1
+    assert LongDocumentLM(model={"preset": "tiny"}).model.config.checkpointing == "none"
