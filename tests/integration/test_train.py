@@ -1,0 +1,120 @@
+"""train.py end to end: 2 CPU processes (gloo), sequence_parallel_size 2, a few steps.
+
+Each run is a subprocess with a hard timeout: every variant (no compression), every
+compression option (standard variant, activation checkpointing on), resume from a
+checkpoint, a 2-job `-m` sweep, and the default (offline wandb) logger. ~3 min on 2 cores.
+"""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT_S = 240  # one 2-process run of a few steps takes ~10-30 s on 2 busy cores
+SWEEP_TIMEOUT_S = 420
+# pytest-timeout's limit per test, above the subprocess limits (a test runs up to 2 of them).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2 * RUN_TIMEOUT_S + 60)]
+# Small everything: 256 tokens (128 per rank), 4 steps, a checkpoint and a validation at the end.
+TINY = ["data.seq_len=256", "data.batch_size=2", "data.max_tokens=40000", "trainer.max_steps=4",
+        "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
+        "callbacks.model_checkpoint.every_n_train_steps=2", "module.warmup_steps=1", "logger=csv"]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+    """One window cache for the session: the first run packs the corpus, the rest reuse it."""
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def run_train(args, data_cache, timeout=RUN_TIMEOUT_S) -> str:
+    """Run `python train.py *args` from the repo root; return its output, fail with it."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1",
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "train.py", *args, f"data.cache_dir={data_cache}"]
+    # Own process group: on a timeout the ranks Lightning started die with rank 0.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} timed out after {timeout}s:\n{out[-4000:]}")
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
+    return out
+
+
+def final_metrics(out: str) -> dict:
+    """The `name value` pairs of the summary's `final` line (step, train/loss, val/loss, ...)."""
+    line = next(ln for ln in reversed(out.splitlines()) if ln.startswith("final "))
+    words = line.split()[1:]
+    return {k: float(v) for k, v in zip(words[::2], words[1::2])}
+
+
+VARIANTS = ["standard", "hilbert", "distributed", "block_sparse"]
+COMPRESSIONS = ["topk", "randomk", "powersgd", "bf16"]  # "none" runs in every variant test
+
+
+def check_run(out: str, run_dir: Path) -> None:
+    metrics = final_metrics(out)
+    assert 0 < metrics["train/loss"] < 10 and 0 < metrics["val/loss"] < 10, metrics
+    assert metrics["step"] == 4
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "csv" / "version_0" / "metrics.csv").is_file()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_train_runs_each_variant(tmp_path, data_cache, variant):
+    out = run_train([f"variant={variant}", f"hydra.run.dir={tmp_path}", *TINY], data_cache)
+    check_run(out, tmp_path)
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_train_runs_each_compression(tmp_path, data_cache, compression):
+    # Activation checkpointing rides along: recomputation must not disturb the comm hooks.
+    checkpointing = "full" if compression in ("topk", "powersgd") else "selective"
+    out = run_train([f"compression={compression}", f"checkpointing={checkpointing}",
+                     f"hydra.run.dir={tmp_path}", *TINY], data_cache)
+    check_run(out, tmp_path)
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        ratios = [float(r["ring/compression_ratio"]) for r in csv.DictReader(f) if r.get("ring/compression_ratio")]
+    assert ratios and ratios[-1] < 1.0, ratios  # the hook really sent fewer bytes than dense
+
+
+def test_resume_continues_from_last_checkpoint(tmp_path, data_cache):
+    first = run_train([f"hydra.run.dir={tmp_path}", *TINY, "trainer.max_steps=2"], data_cache)
+    assert final_metrics(first)["step"] == 2
+    # Same run dir + resume=true: picks up checkpoints/last.ckpt and trains steps 3-4 only.
+    second = run_train([f"hydra.run.dir={tmp_path}", *TINY, "resume=true"], data_cache)
+    assert f"resumed from {tmp_path / 'checkpoints' / 'last.ckpt'}" in second
+    assert "Restored all states from the checkpoint" in second
+    assert final_metrics(second)["step"] == 4
+
+
+def test_explicit_ckpt_path_resumes_in_a_new_run_dir(tmp_path, data_cache):
+    run_train([f"hydra.run.dir={tmp_path / 'a'}", *TINY, "trainer.max_steps=2"], data_cache)
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    out = run_train([f"hydra.run.dir={tmp_path / 'b'}", *TINY, f"ckpt_path={ckpt}"], data_cache)
+    assert f"resumed from {ckpt}" in out and final_metrics(out)["step"] == 4
+
+
+def test_multirun_sweep_runs_each_job_with_spawned_ranks(tmp_path, data_cache):
+    # Under -m, train.py spawns the ranks: Lightning's default launcher would re-run the sweep.
+    out = run_train(["-m", "variant=standard,hilbert", f"hydra.sweep.dir={tmp_path}", *TINY], data_cache,
+                    timeout=SWEEP_TIMEOUT_S)
+    assert out.count("== ring_lightning run finished ==") == 2
+    for job in ("0", "1"):
+        assert (tmp_path / job / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "2").exists()  # no job re-launched the sweep
+
+
+def test_default_logger_writes_an_offline_wandb_run(tmp_path, data_cache):
+    out = run_train([f"hydra.run.dir={tmp_path}", *TINY, "logger=wandb"], data_cache)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, out[-3000:]
+    assert f"wandb sync {runs[0]}" in out

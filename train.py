@@ -1,0 +1,103 @@
+"""Train a long-document LM with ring attention: the Hydra entry point (configs in conf/).
+
+    python train.py                                   # default: 2 CPU processes (or every GPU),
+                                                      # sequence_parallel_size 2, tiny model, stdlib text
+    python train.py variant=hilbert compression=topk  # any group option, any field
+    python train.py checkpointing=full model=small trainer.max_steps=300
+    python train.py -m variant=standard,hilbert       # a sweep (ranks spawned: launch_start_method)
+    python train.py -cd recipes -cn retrieval         # a recipe (recipes/README.md)
+    python train.py hydra.run.dir=outputs/run1        # a fixed run dir; add resume=true to
+                                                      # continue from its checkpoints/last.ckpt
+    python train.py ckpt_path=path/to/last.ckpt       # continue from any checkpoint
+    torchrun --nproc_per_node=8 train.py hydra.run.dir=outputs/run1   # ranks started by torchrun
+    python train.py -cd recipes -cn slurm_multinode -m hydra/launcher=slurm   # SLURM (submitit)
+
+Outputs go to hydra's run dir (outputs/<date>/<time>, or multirun/... under -m):
+checkpoints/, the offline wandb run (upload later with `wandb sync`), the composed config.
+Under torchrun every rank composes its own config: fix hydra.run.dir so they agree.
+"""
+
+import os
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+CUDA_AVAILABLE = CUDAAccelerator.is_available()  # fork-safe: does not initialise CUDA
+# ${if_cuda:a,b} is a when CUDA is available, else b: conf/trainer/default.yaml uses it so the
+# defaults take every GPU when there are GPUs and 2 CPU processes otherwise.
+OmegaConf.register_new_resolver("if_cuda", lambda a, b: a if CUDA_AVAILABLE else b, replace=True)
+
+
+def launch_start_method(cfg: DictConfig) -> str:
+    """How Lightning starts the ranks. Its default ("popen") re-runs this script with the
+    same command line; under `-m` that command line is the whole sweep, so every job would
+    re-launch it. There the ranks are spawned instead, unless SLURM or torchrun already
+    started one process per rank (then Lightning launches nothing)."""
+    external = SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
+    if HydraConfig.get().mode == RunMode.MULTIRUN and not external:
+        return "spawn"
+    return cfg.strategy.get("start_method", "popen")
+
+
+def resume_path(cfg: DictConfig) -> "str | None":
+    """`ckpt_path` if given; with `resume=true`, last.ckpt of this run dir when it exists."""
+    if cfg.ckpt_path:
+        return cfg.ckpt_path
+    last = os.path.join(cfg.callbacks.model_checkpoint.dirpath, "last.ckpt")
+    return last if cfg.resume and os.path.exists(last) else None
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.module, _convert_="all")
+    strategy = instantiate(cfg.strategy, start_method=launch_start_method(cfg))
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    trainer = instantiate(cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=callbacks)
+
+    ckpt_path = resume_path(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    summary = summarize(cfg, trainer, loggers, metrics, ckpt_path) if trainer.is_global_zero else None
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        import wandb
+
+        wandb.finish()  # the next job of a sweep must start its own run, not reuse this one
+    if summary:
+        print(summary, flush=True)
+    return metrics
+
+
+def summarize(cfg, trainer, loggers, metrics, ckpt_path) -> str:
+    """Where the outputs, checkpoints and logs went, and the final losses."""
+    ckpt_dir = cfg.callbacks.model_checkpoint.dirpath
+    lines = [f"outputs      {cfg.paths.output_dir}",
+             f"checkpoints  {ckpt_dir}  (continue: the same command + ckpt_path={ckpt_dir}/last.ckpt)"]
+    if ckpt_path:
+        lines.append(f"resumed from {ckpt_path}")
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            run_dir = os.path.dirname(lg.experiment.dir)  # .../wandb/offline-run-<time>-<id>
+            mode = f"offline: upload with `wandb sync {run_dir}`" if lg.experiment.offline else "online"
+            lines.append(f"wandb        {run_dir}  ({mode})")
+        elif getattr(lg, "log_dir", None):
+            lines.append(f"{type(lg).__name__:<12} {lg.log_dir}")
+    shown = [k for k in ("train/loss", "val/loss", "val/ppl", "val/retrieval_acc") if k in metrics]
+    # Under spawn (sweeps) the main process's trainer does not see the step count; the metrics it does.
+    step = f"step {trainer.global_step}  " if trainer.global_step else ""
+    lines.append("final        " + step + "  ".join(f"{k} {metrics[k]:.4f}" for k in shown))
+    return "\n== ring_lightning run finished ==\n" + "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
