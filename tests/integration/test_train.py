@@ -118,3 +118,19 @@ def test_default_logger_writes_an_offline_wandb_run(tmp_path, data_cache):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, out[-3000:]
     assert f"wandb sync {runs[0]}" in out
+
+
+@pytest.mark.integration
+def test_readme_quickstart_runs_as_written(tmp_path):
+    """The README's plugin example (examples/quickstart.py) trains on 2 CPU processes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    example = (root / "examples" / "quickstart.py").read_text()
+    assert example in (root / "README.md").read_text()  # the README shows exactly this file
+    env = dict(os.environ, MAX_STEPS="2", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    proc = subprocess.run([sys.executable, str(root / "examples" / "quickstart.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
