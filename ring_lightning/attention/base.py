@@ -253,11 +253,13 @@ class RingAttentionBase(nn.Module):
         cfg = self.config
         sig = (tuple(q.shape), tuple(k.shape), str(q.dtype), layout, bool(is_causal), bool(already_split),
                self.variant, tuple(cfg.patterns(seq_len)), cfg.block_size, cfg.sparsity_ratio,
-               cfg.sparse_pattern, cfg.sparse_seed)
+               cfg.sparse_pattern, cfg.sparse_seed, tuple(cfg.custom_ring_order or ()),
+               cfg.async_ring_communication)
         if sig in self._verified:
             return
         names = ["shape q", "shape k", "dtype", "layout", "is_causal", "already_split", "variant",
-                 "patterns", "block_size", "sparsity_ratio", "sparse_pattern", "sparse_seed"]
+                 "patterns", "block_size", "sparsity_ratio", "sparse_pattern", "sparse_seed",
+                 "custom_ring_order", "async_ring_communication"]
         codes = torch.tensor([_stable_hash(x) for x in sig], dtype=torch.int64,
                              device=q.device if comm.backend == "nccl" else "cpu")
         gathered = [torch.empty_like(codes) for _ in range(comm.world)]

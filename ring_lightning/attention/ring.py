@@ -406,7 +406,7 @@ def ring_backward(ctx: RingContext, q, k, v, out, lse, dout, saved):
     grad_transfers = []
     for step in range(1, W):
         cur = nxt
-        if step + 1 < W:
+        if ctx.async_comm and step + 1 < W:
             nxt = _post_kv(ctx, k, v, step + 1)
         _wait(ctx, cur)
         ctx.profiler.ring_steps += 1
@@ -420,8 +420,10 @@ def ring_backward(ctx: RingContext, q, k, v, out, lse, dout, saved):
             if buf is not None:
                 ctx.pool.put(buf)
         grad_transfers.append(_post_grads(ctx, step, cur, scratch.grads, B, D, acc, q.device))
-        if len(grad_transfers) > 1:  # keep one in flight; settle the older one now
+        if len(grad_transfers) > 1 or not ctx.async_comm:  # keep at most one in flight
             _settle_grads(ctx, grad_transfers.pop(0), add_local, dk, dv, B, D)
+        if not ctx.async_comm and step + 1 < W:
+            nxt = _post_kv(ctx, k, v, step + 1)
     for tr in grad_transfers:
         _settle_grads(ctx, tr, add_local, dk, dv, B, D)
     return dq, dk, dv

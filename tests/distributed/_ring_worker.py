@@ -192,3 +192,18 @@ def custom_order_matches_default(rank: int, world: int) -> float:
         out = attn(ql, kl, vl, is_causal=True, already_split=True)
         outs.append([out, *torch.autograd.grad(out, (ql, kl, vl), shard(grad))])
     return max(rel(a, b) for a, b in zip(*outs))
+
+
+def sync_comm_matches_async(rank: int, world: int) -> float:
+    """async_ring_communication=False posts each transfer only when needed: same numbers."""
+    case = dict(B=1, N=48, H=2, K=1, D=4, seed=11)
+    q, k, v, grad = make_inputs(case)
+    shard = lambda x: shard_sequence(x, world, rank, "contiguous").contiguous()
+    outs = []
+    for flag in (True, False):
+        attn = create_ring_attention("standard", async_ring_communication=flag, segment_lengths=[16, 48],
+                                     dilation_rates=[1, 2])
+        ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
+        out = attn(ql, kl, vl, is_causal=False, already_split=True)
+        outs.append([out, *torch.autograd.grad(out, (ql, kl, vl), shard(grad))])
+    return max(rel(a, b) for a, b in zip(*outs))

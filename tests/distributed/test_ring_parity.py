@@ -144,3 +144,8 @@ def test_mixed_precision_error_is_bf16_sized_and_does_not_grow_with_ranks():
 def test_custom_ring_order_gives_the_same_results():
     errs = conftest.run_distributed(worker.custom_order_matches_default, 4, timeout=120)
     assert max(errs) < 1e-6
+
+
+def test_synchronous_ring_gives_the_same_results():
+    errs = conftest.run_distributed(worker.sync_comm_matches_async, 3, timeout=120)
+    assert max(errs) < 1e-6
