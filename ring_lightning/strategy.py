@@ -22,6 +22,12 @@ Usage::
 The name ``"ring"`` is registered when this module is imported (``from ring_lightning
 import RingStrategy`` does it).
 
+Labels must be aligned per position BEFORE sharding (``labels[t]`` is the target of
+``input_ids[t]``, as LongDocumentDataModule produces them): with the zigzag layout the
+end of one chunk is followed by the start of another on the same rank, so a shift
+inside the model (``logits[:, :-1]`` against ``labels[:, 1:]``) would pair the wrong
+tokens.
+
 Letters: B batch, N global sequence length, T local sequence length (N / sp).
 """
 
@@ -121,7 +127,6 @@ class RingStrategy(DDPStrategy):
         self._module_layout: Optional[str] = None  # layout the modules currently hold
         self._layout_by_len: Dict[int, str] = {}
         self._compression_state: Any = None
-        self._warned_unsharded = False
 
     # ------------------------------------------------------------------ mesh
 
@@ -277,13 +282,15 @@ class RingStrategy(DDPStrategy):
                 dims, or a length the layout cannot split (the message says how much to pad).
         """
         if not isinstance(batch, Mapping):
-            if self.sequence_parallel_size > 1 and not self._warned_unsharded:
-                log.warning(
-                    "RingStrategy shards dict batches only; a %s batch reaches every rank of the "
-                    "sequence group whole (fine for attention called with already_split=False)",
-                    type(batch).__name__,
+            if self.sequence_parallel_size > 1:
+                # Not sharding would leave every rank of a sequence group with the whole
+                # sequence while DDP averages gradients over the group: silently 1/sp too small.
+                raise ValueError(
+                    f"RingStrategy(sequence_parallel_size={self.sequence_parallel_size}) shards dict "
+                    f"batches along the sequence; got a {type(batch).__name__}. Return a dict of "
+                    f"(batch, seq, ...) tensors (keys in the module's sequence_keys, default "
+                    f"{DEFAULT_SEQUENCE_KEYS}) from your dataloader."
                 )
-                self._warned_unsharded = True
             return batch
         keys = tuple(getattr(self.lightning_module, "sequence_keys", DEFAULT_SEQUENCE_KEYS))
         present = [k for k in keys if isinstance(batch.get(k), Tensor)]

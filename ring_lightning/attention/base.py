@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -115,6 +116,11 @@ class RingAttentionBase(nn.Module):
         if self._group is _UNSET:
             ready = dist.is_available() and dist.is_initialized()
             self._group = dist.group.WORLD if ready else None
+            if ready and dist.get_world_size() > 1:
+                warnings.warn(
+                    f"{type(self).__name__} uses the default process group ({dist.get_world_size()} ranks) "
+                    f"as its sequence-parallel group. If these ranks hold different samples (plain DDP), "
+                    f"call set_process_group(None) or train with RingStrategy.", UserWarning, stacklevel=3)
         return self._group
 
     def _group_size(self) -> int:
@@ -176,6 +182,11 @@ class RingAttentionBase(nn.Module):
         if world == 1:
             layout, rank = "contiguous", 0
             seq_len = q.shape[1]
+        elif not already_split and self._layout_hint is not None:
+            raise ValueError(
+                "this module's group was set by a strategy that shards batches along the sequence, "
+                "so each rank holds a shard: call it with already_split=True"
+            )
         elif already_split:
             layout = cfg.layout if cfg.layout != "auto" else (self._layout_hint or "contiguous")
             rank = dist.get_rank(group)
@@ -212,8 +223,9 @@ class RingAttentionBase(nn.Module):
         with self.profiler.total.span():
             out, lse = RingAttentionFunction.apply(q, k, v, ctx)
         if cfg.log_communication_stats and comm is not None:
-            log.info("ring %s rank %d: sent %.2f MB in %d steps", self.variant, comm.rank,
-                     self.profiler.bytes_sent / 2**20, self.profiler.ring_steps)
+            log.info("ring %s rank %d: sent %.2f MB in %d steps, waited %.2f ms (forward)", self.variant,
+                     comm.rank, self.profiler.bytes_sent / 2**20, self.profiler.ring_steps,
+                     self.profiler.comm.ms())
         if cfg.aggressive_memory_cleanup:
             self.clear_memory_pool()
         if not already_split and world > 1:
@@ -241,7 +253,7 @@ class RingAttentionBase(nn.Module):
             raise ValueError(
                 f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, seq or head_dim"
             )
-        if H % k.shape[2] != 0:
+        if k.shape[2] < 1 or H % k.shape[2] != 0:
             raise ValueError(
                 f"query heads ({H}) must be a multiple of kv heads ({k.shape[2]}) for grouped-query attention"
             )
@@ -254,12 +266,12 @@ class RingAttentionBase(nn.Module):
         sig = (tuple(q.shape), tuple(k.shape), str(q.dtype), layout, bool(is_causal), bool(already_split),
                self.variant, tuple(cfg.patterns(seq_len)), cfg.block_size, cfg.sparsity_ratio,
                cfg.sparse_pattern, cfg.sparse_seed, tuple(cfg.custom_ring_order or ()),
-               cfg.async_ring_communication)
+               cfg.async_ring_communication, cfg.scale, cfg.dropout)
         if sig in self._verified:
             return
         names = ["shape q", "shape k", "dtype", "layout", "is_causal", "already_split", "variant",
                  "patterns", "block_size", "sparsity_ratio", "sparse_pattern", "sparse_seed",
-                 "custom_ring_order", "async_ring_communication"]
+                 "custom_ring_order", "async_ring_communication", "scale", "dropout"]
         codes = torch.tensor([_stable_hash(x) for x in sig], dtype=torch.int64,
                              device=q.device if comm.backend == "nccl" else "cpu")
         gathered = [torch.empty_like(codes) for _ in range(comm.world)]

@@ -19,6 +19,8 @@ The diagonal is always kept so that every query has at least one key.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .base import RingAttentionBase
@@ -29,6 +31,12 @@ class BlockSparseRingAttention(RingAttentionBase):
     """Ring attention under a deterministic block mask; ``block_mask(seq_len)`` shows it."""
 
     variant = "block_sparse"
+
+    def __init__(self, config=None, **fields) -> None:
+        super().__init__(config, **fields)
+        if self.config.compute_block_size != 1024:
+            warnings.warn("RingAttentionConfig.compute_block_size has no effect in block_sparse: tiles are "
+                          "block_size so they align with the mask's blocks", UserWarning, stacklevel=2)
 
     def block_mask(self, seq_len: int) -> torch.Tensor:
         """The boolean (N/block_size, N/block_size) block mask used for ``seq_len`` (True = kept)."""

@@ -95,7 +95,8 @@ class RingAttentionConfig:
     kernel: str = "auto"
     """Block kernel: auto | math | flash | cudnn | efficient (CUDA kernels need CUDA)."""
     compute_block_size: int = 1024
-    """Tile edge of the portable (math) kernel: it never holds more scores than one tile."""
+    """Tile edge of the portable (math) kernel: it never holds more scores than one tile
+    (block_sparse uses block_size instead, so tiles align with mask blocks)."""
 
     # --- hilbert variant ------------------------------------------------------------------
     use_hilbert: bool = False
@@ -121,7 +122,8 @@ class RingAttentionConfig:
     use_error_feedback: bool = True
     """Carry the compression residual to the next step."""
     use_checkpoint_accumulation: bool = False
-    """Recompute activations of attention blocks in backward (activation checkpointing)."""
+    """Activation checkpointing of the layers holding this module; read by the model that owns
+    it (LongDocumentLM turns on selective checkpointing), the ring itself stores only q/k/v/out/lse."""
     checkpoint_every_n_layers: int = 1
     """With checkpointing on: checkpoint every n-th layer."""
     enable_mixed_precision: bool = False
@@ -139,11 +141,11 @@ class RingAttentionConfig:
     profile_communication: bool = False
     """Keep a per-step record of bytes and partners (get_profiling_stats()['steps'])."""
     log_communication_stats: bool = False
-    """Log bytes sent and time waited per call at INFO level."""
+    """Log bytes sent, ring steps and time waited per call at INFO level."""
 
     # --- memory -------------------------------------------------------------------------------
     max_buffer_size_mb: float = 1024.0
-    """Cap on the receive-buffer pool; a single step needing more raises a ValueError."""
+    """Cap on the bytes the receive-buffer pool keeps between steps; buffers beyond it are freed."""
     enable_memory_pool: bool = True
     """Reuse receive buffers across steps and calls."""
     aggressive_memory_cleanup: bool = False

@@ -12,9 +12,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
+from .base import _UNSET as _UNSET_GROUP
 from .base import RingAttentionBase
 
 
@@ -22,6 +25,12 @@ class DistributedRingAttention(RingAttentionBase):
     """Standard ring + mixed precision, gradient validation and timeouts on every wait."""
 
     variant = "distributed"
+
+    def __init__(self, config=None, **fields) -> None:
+        super().__init__(config, **fields)
+        if self.config.attention_dtype is not None and not self.config.enable_mixed_precision:
+            warnings.warn("RingAttentionConfig.attention_dtype has no effect without "
+                          "enable_mixed_precision=True", UserWarning, stacklevel=2)
 
     def _comm_blocking(self):
         return True
@@ -36,11 +45,17 @@ class DistributedRingAttention(RingAttentionBase):
         return opts
 
     def _check_gradient(self, name: str, grad: torch.Tensor) -> None:
-        if not bool(torch.isfinite(grad).all()):
+        finite = torch.isfinite(grad).all().to(torch.int32).reshape(1)
+        group = self._group if self._group is not None and self._group is not _UNSET_GROUP else None
+        if group is not None:
+            # every rank of the sequence group raises together: a lone raise would leave the
+            # others waiting in the next collective
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=group)
+        if not bool(finite.item()):
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
             bad = int((~torch.isfinite(grad)).sum())
             raise FloatingPointError(
                 f"rank {rank}: {type(self).__name__} produced a non-finite gradient for {name} "
-                f"({bad} entries). Lower the learning rate, enable gradient clipping, or check the "
+                f"({bad} entries on this rank; at least one rank of the group has some). Lower the learning rate, enable gradient clipping, or check the "
                 f"inputs of this module (validate_gradients=True raised this)."
             )

@@ -38,7 +38,8 @@ def make_inputs(case: dict, dtype=torch.float32):
 
 def module_for(case: dict):
     fields = dict(case.get("fields", {}))
-    fields.setdefault("compute_block_size", 16)
+    if case.get("variant", "standard") != "block_sparse":  # block_sparse tiles by block_size
+        fields.setdefault("compute_block_size", 16)
     return create_ring_attention(case.get("variant", "standard"), **fields)
 
 
@@ -103,7 +104,7 @@ class _SumGradsOverRanks(torch.autograd.Function):
         return g
 
 
-def gradcheck_two_ranks(rank: int, world: int) -> bool:
+def gradcheck_two_ranks(rank: int, world: int, dropout: float = 0.0) -> bool:
     """torch.autograd.gradcheck through the ring on 2 ranks (float64, causal, dilated, GQA).
 
     Every rank passes the SAME full inputs (already_split=False) and gradcheck perturbs the
@@ -111,7 +112,7 @@ def gradcheck_two_ranks(rank: int, world: int) -> bool:
     numerical Jacobian is the true one; the analytic one sums each rank's share.
     """
     attn = create_ring_attention("standard", segment_lengths=[4, 16], dilation_rates=[1, 2],
-                                 compute_block_size=4)
+                                 compute_block_size=4, dropout=dropout)
     g = torch.Generator().manual_seed(0)
     B, N, H, K, D = 1, 16, 2, 1, 3
     q = torch.randn(B, N, H, D, generator=g, dtype=torch.float64, requires_grad=True)
@@ -119,6 +120,7 @@ def gradcheck_two_ranks(rank: int, world: int) -> bool:
     v = torch.randn(B, N, K, D, generator=g, dtype=torch.float64, requires_grad=True)
 
     def fn(q, k, v):
+        torch.manual_seed(rank)  # dropout seeds: fixed per call (gradcheck calls many times)
         q, k, v = (_SumGradsOverRanks.apply(x) for x in (q, k, v))
         return attn(q, k, v, is_causal=True, already_split=False)
 
@@ -207,3 +209,30 @@ def sync_comm_matches_async(rank: int, world: int) -> float:
         out = attn(ql, kl, vl, is_causal=False, already_split=True)
         outs.append([out, *torch.autograd.grad(out, (ql, kl, vl), shard(grad))])
     return max(rel(a, b) for a, b in zip(*outs))
+
+
+def full_sequence_after_strategy_sharding(rank: int, world: int) -> str:
+    """A module whose group came with a layout (the strategy shards) refuses full sequences."""
+    attn = create_ring_attention("standard")
+    attn.set_process_group(dist.group.WORLD, layout="contiguous")
+    q = torch.randn(1, 8, 2, 4)
+    try:
+        attn(q, q, q, already_split=False)
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
+def nonfinite_gradient_on_one_rank(rank: int, world: int) -> str:
+    """validate_gradients: a NaN on rank 0 only makes EVERY rank of the group raise."""
+    attn = create_ring_attention("distributed", validate_gradients=True, comm_timeout_s=20)
+    q = torch.randn(1, 8, 2, 4, requires_grad=True)
+    out = attn(q, q, q, already_split=True)
+    grad = torch.ones_like(out)
+    if rank == 0:
+        grad[0, 0, 0, 0] = float("nan")
+    try:
+        out.backward(grad)
+    except FloatingPointError as exc:
+        return str(exc)
+    return ""

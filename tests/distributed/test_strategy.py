@@ -116,7 +116,8 @@ def test_shard_batch_rejects_unsplittable_and_inconsistent_lengths():
         s.shard_batch(_batch(14))
     with pytest.raises(ValueError, match="disagree on the length"):
         s.shard_batch(dict(_batch(), labels=torch.zeros(2, 8, dtype=torch.long)))
-    assert s.shard_batch([torch.zeros(2, 16)])[0].shape == (2, 16)  # non-dict: passes through
+    with pytest.raises(ValueError, match="shards dict batches"):  # unsharded would be silently wrong
+        s.shard_batch([torch.zeros(2, 16)])
 
 
 def test_reduce_token_loss_without_group_is_token_mean():
@@ -246,6 +247,8 @@ def test_lightning_launcher_runs_sequence_parallel_and_matches_sp1(tmp_path):
     assert results[1]["samples"] == results[0]["samples"]
     reference = W.reference_run(1, "multihead", samples)
     for res in results:
+        assert len(res["loss"]) == len(reference["loss"]) > 0
+        assert len(res["grads"]) == len(reference["grads"]) > 0
         for got, ref in zip(res["loss"], reference["loss"]):
             assert got == pytest.approx(ref[0], abs=PARITY_TOL)
         for got, ref in zip(res["grads"], reference["grads"]):

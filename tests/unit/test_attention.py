@@ -211,6 +211,10 @@ def test_unknown_variant_and_field_list_the_valid_ones():
 def test_field_without_effect_warns():
     with pytest.warns(UserWarning, match="use_hilbert"):
         create_ring_attention("standard", use_hilbert=True)
+    with pytest.warns(UserWarning, match="attention_dtype"):
+        create_ring_attention("distributed", attention_dtype="float16")
+    with pytest.warns(UserWarning, match="compute_block_size"):
+        create_ring_attention("block_sparse", compute_block_size=64)
 
 
 def test_bad_inputs_say_what_is_wrong():
@@ -230,6 +234,8 @@ def test_bad_inputs_say_what_is_wrong():
         attn(q, k[:, :16], v[:, :16])
     with pytest.raises(TypeError, match="dtype"):
         attn(q.int(), k.int(), v.int())
+    with pytest.raises(ValueError, match="kv heads"):
+        attn(q, k[:, :, :0], v[:, :, :0])
     with pytest.raises(ValueError, match="ring_size"):
         create_ring_attention("standard", ring_size=2)(q, k, v)
 
