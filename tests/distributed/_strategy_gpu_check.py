@@ -32,6 +32,7 @@ def launch(out: Path, tag: str, accelerator: str, devices: int, sp: int, precisi
            "--precision", precision, "--compression", compression, "--compression-ratio", str(ratio),
            "--steps", str(STEPS)]
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    print(f"launching {tag} ({devices} x {accelerator}, sp={sp}, {precision}, {compression})", flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"{tag} failed:\n{proc.stderr[-4000:]}")
