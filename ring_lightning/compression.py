@@ -245,6 +245,16 @@ def powersgd_hook(state: PowerSGDHookState, bucket: dist.GradBucket) -> Future:
     return fut
 
 
+def check_compression_args(method: str, ratio: float, rank: int) -> None:
+    """Raise a ValueError naming the field when a compression setting is out of range."""
+    if method not in COMPRESSION_METHODS:
+        raise ValueError(f"compression={method!r} is not a compression method; valid values: {COMPRESSION_METHODS}")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"compression_ratio must be in (0, 1], got {ratio}")
+    if rank < 1:
+        raise ValueError(f"powersgd_rank must be >= 1, got {rank}")
+
+
 def register_compression_hook(
     ddp_model: DistributedDataParallel,
     method: str,
@@ -278,12 +288,7 @@ def register_compression_hook(
     Raises:
         ValueError: unknown ``method`` or an out-of-range ``ratio``/``rank``/``powersgd_start_iter``.
     """
-    if method not in COMPRESSION_METHODS:
-        raise ValueError(f"compression={method!r} is not a compression method; valid values: {COMPRESSION_METHODS}")
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"compression_ratio must be in (0, 1], got {ratio}")
-    if rank < 1:
-        raise ValueError(f"powersgd_rank must be >= 1, got {rank}")
+    check_compression_args(method, ratio, rank)
     hook: Callable
     state: Any
     if method == "none":

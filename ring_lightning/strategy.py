@@ -44,7 +44,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ring_lightning import sharding
 from ring_lightning.attention import RingAttentionBase
-from ring_lightning.compression import COMPRESSION_METHODS, register_compression_hook
+from ring_lightning.compression import check_compression_args, register_compression_hook
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,7 @@ class RingStrategy(DDPStrategy):
     ) -> None:
         if not isinstance(sequence_parallel_size, int) or sequence_parallel_size < 1:
             raise ValueError(f"sequence_parallel_size must be an int >= 1, got {sequence_parallel_size!r}")
-        if compression not in COMPRESSION_METHODS:
-            raise ValueError(f"compression={compression!r} is not valid; valid values: {COMPRESSION_METHODS}")
-        if not 0.0 < compression_ratio <= 1.0:
-            raise ValueError(f"compression_ratio must be in (0, 1], got {compression_ratio}")
-        if powersgd_rank < 1:
-            raise ValueError(f"powersgd_rank must be >= 1, got {powersgd_rank}")
+        check_compression_args(compression, compression_ratio, powersgd_rank)
         if layout not in LAYOUT_CHOICES:
             raise ValueError(f"layout={layout!r} is not valid; valid values: {LAYOUT_CHOICES}")
         if compression != "none" and kwargs.get("ddp_comm_hook") is not None:
