@@ -114,16 +114,19 @@ def _keep_residual(state: SparseState, bucket: dist.GradBucket, corrected: torch
         state.residuals[bucket.index()] = corrected
 
 
+def _sparse_bucket(state: SparseState, bucket: dist.GradBucket):
+    """(group, world size, flat gradient, its length, entries to keep) of one bucket."""
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    buffer = bucket.buffer()
+    return group, dist.get_world_size(group), buffer, buffer.numel(), _num_kept(buffer.numel(), state.ratio)
+
+
 def topk_hook(state: SparseState, bucket: dist.GradBucket) -> Future:
     """Send the largest-magnitude ``ratio`` of entries (values + indices); average over the group."""
     dense = _dense_first_step(state, bucket)
     if dense is not None:
         return dense
-    group = state.process_group if state.process_group is not None else dist.group.WORLD
-    world = dist.get_world_size(group)
-    buffer = bucket.buffer()
-    numel = buffer.numel()
-    k = _num_kept(numel, state.ratio)
+    group, world, buffer, numel, k = _sparse_bucket(state, bucket)
 
     corrected = _with_residual(state, bucket)
     idx = corrected.abs().topk(k, sorted=False).indices
@@ -156,11 +159,7 @@ def randomk_hook(state: SparseState, bucket: dist.GradBucket) -> Future:
     dense = _dense_first_step(state, bucket)
     if dense is not None:
         return dense
-    group = state.process_group if state.process_group is not None else dist.group.WORLD
-    world = dist.get_world_size(group)
-    buffer = bucket.buffer()
-    numel = buffer.numel()
-    k = _num_kept(numel, state.ratio)
+    group, world, buffer, numel, k = _sparse_bucket(state, bucket)
 
     # Same seed on every rank (step and bucket index advance in lockstep under DDP), so
     # every rank picks the same indices without communicating them.

@@ -226,6 +226,25 @@ def _post_kv(ctx: RingContext, k: torch.Tensor, v: torch.Tensor, step: int) -> _
     return _Transfer(src, recv_items, kr, vr, pending, keep)
 
 
+def _receive(ctx: RingContext, k, v, step: int, cur: "_Transfer"):
+    """Post step+1's K/V transfer (overlap mode) and wait for step's: (next transfer, kv by item)."""
+    nxt = _post_kv(ctx, k, v, step + 1) if ctx.async_comm and step + 1 < ctx.world else None
+    _wait(ctx, cur)
+    ctx.profiler.ring_steps += 1
+    return nxt, cur.slices(ctx, k.shape[0], k.shape[3])
+
+
+def _lookup(got):
+    """Task -> the received (K, V) slices its keys come from."""
+    return lambda task: got[Item(task.pattern, task.offset, task.k_piece)]
+
+
+def _release(ctx: RingContext, cur: "_Transfer") -> None:
+    for buf in (cur.k_buf, cur.v_buf):
+        if buf is not None:
+            ctx.pool.put(buf)
+
+
 def _wait(ctx: RingContext, transfer) -> None:
     with ctx.profiler.comm.span():
         transfer.pending.wait()
@@ -296,16 +315,9 @@ def ring_forward(ctx: RingContext, q, k, v):
     _forward_tasks(ctx, ctx.plan.tasks(me, me), me, q, local_kv, out, lse, saved[0])
     for step in range(1, W):
         cur = nxt
-        if ctx.async_comm and step + 1 < W:
-            nxt = _post_kv(ctx, k, v, step + 1)
-        _wait(ctx, cur)
-        ctx.profiler.ring_steps += 1
-        got = cur.slices(ctx, B, D)
-        kv_of = lambda task, got=got: got[Item(task.pattern, task.offset, task.k_piece)]
-        _forward_tasks(ctx, ctx.plan.tasks(me, cur.peer), cur.peer, q, kv_of, out, lse, saved[step])
-        for buf in (cur.k_buf, cur.v_buf):
-            if buf is not None:
-                ctx.pool.put(buf)
+        nxt, got = _receive(ctx, k, v, step, cur)
+        _forward_tasks(ctx, ctx.plan.tasks(me, cur.peer), cur.peer, q, _lookup(got), out, lse, saved[step])
+        _release(ctx, cur)
         if not ctx.async_comm and step + 1 < W:
             nxt = _post_kv(ctx, k, v, step + 1)
     return out, lse, saved
@@ -406,19 +418,12 @@ def ring_backward(ctx: RingContext, q, k, v, out, lse, dout, saved):
     grad_transfers = []
     for step in range(1, W):
         cur = nxt
-        if ctx.async_comm and step + 1 < W:
-            nxt = _post_kv(ctx, k, v, step + 1)
-        _wait(ctx, cur)
-        ctx.profiler.ring_steps += 1
-        got = cur.slices(ctx, B, D)
+        nxt, got = _receive(ctx, k, v, step, cur)
         ks_shape = {it: kv[0].shape for it, kv in got.items()}
         scratch = _Scratch()
-        kv_of = lambda task, got=got: got[Item(task.pattern, task.offset, task.k_piece)]
         _backward_tasks(ctx, ctx.plan.tasks(me, cur.peer), cur.peer, saved[step], q, out, lse, dout,
-                        kv_of, dq, scratch)
-        for buf in (cur.k_buf, cur.v_buf):
-            if buf is not None:
-                ctx.pool.put(buf)
+                        _lookup(got), dq, scratch)
+        _release(ctx, cur)
         grad_transfers.append(_post_grads(ctx, step, cur, scratch.grads, B, D, acc, q.device))
         if len(grad_transfers) > 1 or not ctx.async_comm:  # keep at most one in flight
             _settle_grads(ctx, grad_transfers.pop(0), add_local, dk, dv, B, D)
