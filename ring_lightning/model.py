@@ -59,8 +59,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     """Rotary base; larger values (e.g. 500000) suit longer contexts."""
     checkpointing: str = "none"
-    """Activation checkpointing: none | selective (every n-th block) | full (every block)."""
-    checkpoint_every_n_layers: int = 2
+    """Activation checkpointing: none | selective (blocks 0, n, 2n, ... recompute everything
+    but the attention core, whose inputs and outputs are kept) | full (every block recomputed whole)."""
+    checkpoint_every_n_layers: int = 1
     """With checkpointing="selective": checkpoint blocks 0, n, 2n, ..."""
     init_std: float = 0.02
     """Standard deviation of the normal weight init (output projections scaled by 1/sqrt(2*n_layers))."""
@@ -208,14 +209,21 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.core = core  # a submodule, so the strategy finds ring modules in model.modules()
 
-    def forward(self, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def qkv(self, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Projected, rotated q (B, T, H, D) and k, v (B, T, K, D)."""
         B, T, _ = x_BTC.shape
         q = self.wq(x_BTC).view(B, T, self.n_heads, self.head_dim)  # (B, T, H*D) -> (B, T, H, D)
         k = self.wk(x_BTC).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K*D) -> (B, T, K, D)
         v = self.wv(x_BTC).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K*D) -> (B, T, K, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.core(q, k, v, is_causal=True, already_split=True)  # (B, T, H, D)
-        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))  # (B, T, H*D) -> (B, T, C)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def project_out(self, out_BTHD: torch.Tensor) -> torch.Tensor:
+        B, T = out_BTHD.shape[:2]
+        return self.wo(out_BTHD.reshape(B, T, self.n_heads * self.head_dim))  # (B, T, H*D) -> (B, T, C)
+
+    def forward(self, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x_BTC, cos, sin)
+        return self.project_out(self.core(q, k, v, is_causal=True, already_split=True))  # core: (B, T, H, D)
 
 
 class FeedForward(nn.Module):
@@ -241,9 +249,37 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.hidden_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+        # Compiled versions of the parts around the attention core (compile_pieces()); the
+        # core itself stays eager: it communicates and picks kernels at run time.
+        self._compiled: Optional[tuple] = None
+
+    def _pre_attention(self, x, cos, sin):
+        return self.attention.qkv(self.attention_norm(x), cos, sin)
+
+    def _post_attention(self, x, out_BTHD):
+        x = x + self.attention.project_out(out_BTHD)
         return x + self.feed_forward(self.ffn_norm(x))
+
+    def compile_pieces(self, **compile_kwargs) -> None:
+        """torch.compile the norms, projections, rotary and SwiGLU (fused element-wise work)."""
+        self._compiled = (torch.compile(self._pre_attention, **compile_kwargs),
+                          torch.compile(self._post_attention, **compile_kwargs))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                keep_attention: bool = False) -> torch.Tensor:
+        """One block; ``keep_attention``: recompute everything in backward except the core.
+
+        At long context the attention core is most of the FLOPs, and it already keeps only
+        q/k/v/out/lse for its backward, so recomputing the cheap parts around it and never the
+        core saves most of the activation memory at a few percent of extra compute.
+        """
+        pre, post = self._compiled or (self._pre_attention, self._post_attention)
+        if keep_attention:
+            q, k, v = checkpoint(pre, x, cos, sin, use_reentrant=False)
+            out = self.attention.core(q, k, v, is_causal=True, already_split=True)  # (B, T, H, D)
+            return checkpoint(post, x, out, use_reentrant=False)
+        q, k, v = pre(x, cos, sin)
+        return post(x, self.attention.core(q, k, v, is_causal=True, already_split=True))
 
 
 def _default_attention_factory(layer_idx: int) -> nn.Module:
@@ -315,12 +351,19 @@ class LongDocTransformer(nn.Module):
         cos, sin = self.rope(position_ids)  # (B, T, 1, D/2) each, shared by every layer
         h = self.tok_embeddings(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
-            if self._checkpointed(i) and torch.is_grad_enabled():
+            if not (self._checkpointed(i) and torch.is_grad_enabled()):
+                h = layer(h, cos, sin)
+            elif self.config.checkpointing == "selective":
+                h = layer(h, cos, sin, keep_attention=True)
+            else:
                 # Non-reentrant: works with ring autograd Functions and keeps the RNG state.
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin)
         return self.output(self.norm(h))  # (B, T, V)
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """Compile each block's work around its attention core (see ``Block.compile_pieces``)."""
+        for layer in self.layers:
+            layer.compile_pieces(**compile_kwargs)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Number of parameters; ``exclude_embedding`` drops the token table (a lookup, no FLOPs)."""

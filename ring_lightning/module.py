@@ -101,6 +101,8 @@ class LongDocumentLM(pl.LightningModule):
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         sequence_keys: batch entries the strategy shards along the sequence (dim 1).
         throughput_window: steps averaged into perf/tokens_per_s.
+        compile: ``torch.compile`` each block's work around its attention core (norms,
+            projections, rotary, SwiGLU) on CUDA; the attention core stays eager.
 
     Raises:
         ValueError: an argument outside its valid values (the message names it).
@@ -121,6 +123,7 @@ class LongDocumentLM(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         sequence_keys: Sequence[str] = DEFAULT_SEQUENCE_KEYS,
         throughput_window: int = 20,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -145,6 +148,7 @@ class LongDocumentLM(pl.LightningModule):
         self.attention_variant, self.attention_config = self._attention_config(_plain(attention))
         self.model = LongDocTransformer(self._checkpointing_from_attention(ModelConfig.from_any(_plain(model))),
                                         self.build_attention)
+        self.compile_blocks, self._compiled = bool(compile), False
         self._ring_modules: List[nn.Module] = []
         self._tput = collections.deque(maxlen=throughput_window + 1)  # (time, cumulative global tokens)
         self._tokens_seen = 0
@@ -231,8 +235,10 @@ class LongDocumentLM(pl.LightningModule):
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused)
+        # foreach, not fused: Lightning refuses gradient clipping with a fused optimizer under
+        # mixed precision (it would unscale fp16 gradients itself), and the fused step's
+        # saving is a few ms per step (benchmarks/bench_model.py measures both).
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, foreach=True)
         total = self.max_steps if self.max_steps is not None else float(self.trainer.estimated_stepping_batches)
         schedule = WarmupCosine(self.warmup_steps, total, self.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -296,6 +302,11 @@ class LongDocumentLM(pl.LightningModule):
             # lazily and treat the data-parallel world as a sequence group.
             for m in self._ring_modules:
                 m.set_process_group(None)
+        # setup() runs before the strategy moves the model: ask the strategy for the device.
+        on_cuda = strategy.root_device.type == "cuda"
+        if self.compile_blocks and on_cuda and stage == "fit" and not self._compiled:
+            self.model.compile_blocks()
+            self._compiled = True
         datamodule = getattr(self.trainer, "datamodule", None)
         vocab = getattr(datamodule, "vocab_size", None)
         if isinstance(vocab, int) and vocab > self.model.config.vocab_size:
@@ -338,17 +349,23 @@ class LongDocumentLM(pl.LightningModule):
                 peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
                 if peak is not None:
                     self.log("perf/mfu", per_gpu / peak)
-        if self._ring_modules:
-            stats = self._ring_modules[0].get_profiling_stats()
-            for key, name in (("total_time_ms", "total_ms"), ("compute_time_ms", "compute_ms"),
-                              ("comm_time_ms", "comm_ms"), ("comm_volume_mb", "comm_volume_mb")):
-                if isinstance(stats.get(key), (int, float)):
-                    self.log(f"ring/{name}", float(stats[key]))
         ratio = getattr(trainer.strategy, "compression_ratio", None)
         if isinstance(ratio, (int, float)):
             self.log("ring/compression_ratio", float(ratio))
+        # Reading CUDA event timings and gathering memory waits for the device: only on
+        # logging steps, so the other steps queue work without a host synchronisation.
         if batch_idx % max(1, trainer.log_every_n_steps) == 0:
+            self._log_ring_stats()
             self._log_peak_memory()
+
+    def _log_ring_stats(self) -> None:
+        if not self._ring_modules:
+            return
+        stats = self._ring_modules[0].get_profiling_stats()
+        for key, name in (("total_time_ms", "total_ms"), ("compute_time_ms", "compute_ms"),
+                          ("comm_time_ms", "comm_ms"), ("comm_volume_mb", "comm_volume_mb")):
+            if isinstance(stats.get(key), (int, float)):
+                self.log(f"ring/{name}", float(stats[key]))
 
     def _log_peak_memory(self) -> None:
         """Peak memory of every rank (a collective: all ranks call it on the same batch)."""

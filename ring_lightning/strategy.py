@@ -10,14 +10,15 @@ are data-parallel replicas (``dp`` axis). The strategy
 * shards each dict batch along the sequence (dim 1) after it reaches the device, with
   the layout the attention modules prefer, and adds global ``position_ids``,
 * hands the ``sp`` group and that layout to every ring attention module in the model,
-* offers :meth:`RingStrategy.reduce_token_loss`, the token-count-weighted loss that
-  makes DDP's average over the whole world equal the ``sp=1`` gradient,
+* rescales the loss each rank returns so that DDP's average over the whole world is
+  the ``sp=1`` gradient for the per-token mean users write (``ring_lightning.loss_contract``;
+  :meth:`RingStrategy.reduce_token_loss` is the explicit alternative),
 * registers a gradient-compression DDP hook (``ring_lightning.compression``).
 
 Usage::
 
-    trainer = Trainer(strategy=RingStrategy(sequence_parallel_size=2), devices=4)
-    trainer = Trainer(strategy="ring", devices=2)  # sequence_parallel_size=1: plain DDP
+    trainer = Trainer(strategy=RingStrategy(sequence_parallel_size=2), devices=4)  # dp=2 x sp=2
+    trainer = Trainer(strategy="ring", devices=8)  # "auto": every device of a node in one group
 
 The name ``"ring"`` is registered when this module is imported (``from ring_lightning
 import RingStrategy`` does it).
@@ -26,7 +27,8 @@ Labels must be aligned per position BEFORE sharding (``labels[t]`` is the target
 ``input_ids[t]``, as LongDocumentDataModule produces them): with the zigzag layout the
 end of one chunk is followed by the start of another on the same rank, so a shift
 inside the model (``logits[:, :-1]`` against ``labels[:, 1:]``) would pair the wrong
-tokens.
+tokens. Labels equal to ``input_ids`` (the Hugging Face convention) are refused under
+sp > 1 unless ``shift_labels=True`` (shift before sharding) or ``False`` (trust them).
 
 Letters: B batch, N global sequence length, T local sequence length (N / sp).
 """
@@ -42,17 +44,16 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ring_lightning import sharding
+from ring_lightning import loss_contract, sharding
 from ring_lightning.attention import RingAttentionBase
 from ring_lightning.compression import check_compression_args, register_compression_hook
+from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
 #: Mesh axes, outer to inner. Ranks ``[d*sp, (d+1)*sp)`` form sequence group ``d``.
 MESH_AXES: Tuple[str, str] = ("dp", "sp")
 DP_AXIS, SP_AXIS = MESH_AXES
-#: Batch entries sharded along dim 1 unless the LightningModule sets ``sequence_keys``.
-DEFAULT_SEQUENCE_KEYS: Tuple[str, ...] = ("input_ids", "labels", "position_ids", "loss_mask")
 LAYOUT_CHOICES = ("auto",) + sharding.LAYOUTS
 
 
@@ -68,7 +69,9 @@ class RingStrategy(DDPStrategy):
     would run on silently wrong numbers.
 
     Args:
-        sequence_parallel_size: ranks per sequence group (``sp``); must divide the world size.
+        sequence_parallel_size: ranks per sequence group (``sp``), or ``"auto"`` (the default):
+            every device of a node (1 on one device, so a single GPU or CPU runs plain
+            single-device attention). An explicit size must divide the world size.
         compression: gradient compression, one of ``none | topk | randomk | powersgd | bf16``.
             ``"none"`` also lets a ``distributed`` ring attention module's
             ``config.compression_method`` choose.
@@ -78,6 +81,15 @@ class RingStrategy(DDPStrategy):
         powersgd_start_iter: plain all-reduce steps before PowerSGD starts (>= 2).
         layout: ``"auto"`` (ask the attention modules, per sequence length) or a fixed
             ``"contiguous"`` / ``"zigzag"``.
+        loss_reduction: what the module's ``training_step`` returns, so the strategy can
+            make the gradient equal ``sp=1`` (``ring_lightning.loss_contract``): ``"mean"``
+            (per-token mean over labels != ``ignore_index``, the default), ``"sum"`` (sum of
+            token losses), ``"none"`` (already reduced over the sequence group; leave it).
+        shift_labels: ``None`` (default): refuse labels equal to ``input_ids`` when sp > 1;
+            ``True``: shift them before sharding (``labels[t] = labels[t+1]``, last ignored);
+            ``False``: trust the labels as aligned per position.
+        label_key: the batch entry holding the labels.
+        ignore_index: label value of positions without loss.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy`
             (``accelerator``, ``cluster_environment``, ``process_group_backend``,
             ``timeout``, ``start_method``, DDP kwargs such as ``find_unused_parameters``...).
@@ -93,24 +105,43 @@ class RingStrategy(DDPStrategy):
 
     def __init__(
         self,
-        sequence_parallel_size: int = 1,
+        sequence_parallel_size: Union[int, str] = "auto",
         compression: str = "none",
         compression_ratio: float = 0.1,
         powersgd_rank: int = 1,
         error_feedback: bool = True,
         powersgd_start_iter: int = 2,
         layout: str = "auto",
+        loss_reduction: str = "mean",
+        shift_labels: Optional[bool] = None,
+        label_key: str = "labels",
+        ignore_index: int = IGNORE_INDEX,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(sequence_parallel_size, int) or sequence_parallel_size < 1:
-            raise ValueError(f"sequence_parallel_size must be an int >= 1, got {sequence_parallel_size!r}")
+        if sequence_parallel_size != "auto" and (
+            isinstance(sequence_parallel_size, bool) or not isinstance(sequence_parallel_size, int)
+            or sequence_parallel_size < 1
+        ):
+            raise ValueError(
+                f"sequence_parallel_size must be 'auto' or an int >= 1, got {sequence_parallel_size!r}"
+            )
+        if loss_reduction not in loss_contract.LOSS_REDUCTIONS:
+            raise ValueError(
+                f"loss_reduction={loss_reduction!r} is not valid; valid values: {loss_contract.LOSS_REDUCTIONS}"
+            )
+        if shift_labels not in (None, True, False):
+            raise ValueError(f"shift_labels must be None, True or False, got {shift_labels!r}")
         check_compression_args(compression, compression_ratio, powersgd_rank)
         if layout not in LAYOUT_CHOICES:
             raise ValueError(f"layout={layout!r} is not valid; valid values: {LAYOUT_CHOICES}")
         if compression != "none" and kwargs.get("ddp_comm_hook") is not None:
             raise ValueError("pass either compression=... or ddp_comm_hook=..., not both: DDP takes one hook")
         super().__init__(**kwargs)
-        self.sequence_parallel_size = sequence_parallel_size
+        self._sp_request = sequence_parallel_size
+        self.loss_reduction, self.shift_labels = loss_reduction, shift_labels
+        self.label_key, self.ignore_index = label_key, ignore_index
+        self._loss_scale: Any = None  # of the last sharded batch; applied in backward()
+        self._loss_reduced_by_module = False  # reduce_token_loss() was called for this batch
         self.compression = compression
         self.target_compression_ratio = compression_ratio
         self.powersgd_rank = powersgd_rank
@@ -124,6 +155,13 @@ class RingStrategy(DDPStrategy):
         self._compression_state: Any = None
 
     # ------------------------------------------------------------------ mesh
+
+    @property
+    def sequence_parallel_size(self) -> int:
+        """Ranks per sequence group: the explicit size, or with ``"auto"`` the devices per node."""
+        if self._sp_request == "auto":
+            return max(1, self.num_processes)  # Lightning's devices on this node
+        return self._sp_request
 
     @property
     def sp_size(self) -> int:
@@ -171,7 +209,8 @@ class RingStrategy(DDPStrategy):
             valid = [k for k in range(1, world_size + 1) if world_size % k == 0]
             raise ValueError(
                 f"sequence_parallel_size={self.sequence_parallel_size} does not divide the world size "
-                f"{world_size} (num_nodes x devices); valid values for this world: {valid}"
+                f"{world_size} (num_nodes x devices); valid values for this world: {valid}, or 'auto' "
+                f"(train.py: strategy.sequence_parallel_size=auto, or trainer.devices=... to launch more)"
             )
 
     def setup_distributed(self) -> None:
@@ -259,6 +298,9 @@ class RingStrategy(DDPStrategy):
     # ------------------------------------------------------------------ data
 
     def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
+        # Labels are checked (or shifted) on the loader's host tensors: no device sync.
+        batch = loss_contract.align_labels(batch, self.sequence_parallel_size, self.shift_labels,
+                                           self.label_key, self.ignore_index)
         batch = super().batch_to_device(batch, device, dataloader_idx)
         return self.shard_batch(batch)
 
@@ -305,6 +347,11 @@ class RingStrategy(DDPStrategy):
         sharding.check_divisible(seq_len, sp, layout)
         if sp > 1:
             self._set_module_layout(layout)
+        # Training batches are sharded right before their step, so the scale of the last
+        # sharded batch is the one backward() needs (validation batches run no backward).
+        self._loss_scale = loss_contract.loss_scale(batch, sp, rank, layout, self.loss_reduction,
+                                                    self.label_key, self.ignore_index)
+        self._loss_reduced_by_module = False
         out = dict(batch)
         for k in present:
             out[k] = sharding.shard_sequence(batch[k], sp, rank, layout, dim=1)
@@ -315,6 +362,17 @@ class RingStrategy(DDPStrategy):
         return type(batch)(out) if type(batch) is not dict else out
 
     # ------------------------------------------------------------------ loss
+
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        """Backpropagate ``closure_loss`` times the batch's loss scale (``loss_contract``).
+
+        Both automatic optimization and ``manual_backward`` come through here; the loss the
+        module logs and returns is left as it is.
+        """
+        scale = None if self._loss_reduced_by_module else self._loss_scale
+        if scale is not None:
+            closure_loss = closure_loss * scale
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def reduce_token_loss(self, loss_sum: Tensor, num_tokens: Union[Tensor, int]) -> Tuple[Tensor, Tensor]:
         """Token-weighted loss over a sequence group, scaled for DDP's world average.
@@ -335,6 +393,7 @@ class RingStrategy(DDPStrategy):
             each group once. To *sum* it across groups, reduce over :attr:`dp_group`.
         """
         sp = self.sequence_parallel_size
+        self._loss_reduced_by_module = True  # this loss is final: backward() must not rescale it
         # float64: token counts stay exact far beyond float32's 2**24, sums stay accurate.
         stats = torch.stack(
             [loss_sum.detach().to(torch.float64), torch.as_tensor(num_tokens, device=loss_sum.device).to(torch.float64)]

@@ -7,15 +7,11 @@ checkpoint, a 2-job `-m` sweep, and the default (offline wandb) logger. ~3 min o
 
 import csv
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from train_runner import RUN_TIMEOUT_S, final_metrics, run_train
 
-ROOT = Path(__file__).resolve().parents[2]
-RUN_TIMEOUT_S = 240  # one 2-process run of a few steps takes ~10-30 s on 2 busy cores
 SWEEP_TIMEOUT_S = 420
 # pytest-timeout's limit per test, above the subprocess limits (a test runs up to 2 of them).
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2 * RUN_TIMEOUT_S + 60)]
@@ -23,37 +19,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(2 * RUN_TIMEOUT_S + 6
 TINY = ["data.seq_len=256", "data.batch_size=2", "data.max_tokens=40000", "trainer.max_steps=4",
         "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
         "callbacks.model_checkpoint.every_n_train_steps=2", "module.warmup_steps=1", "logger=csv"]
-
-
-@pytest.fixture(scope="session")
-def data_cache(tmp_path_factory) -> str:
-    """One window cache for the session: the first run packs the corpus, the rest reuse it."""
-    return str(tmp_path_factory.mktemp("data_cache"))
-
-
-def run_train(args, data_cache, timeout=RUN_TIMEOUT_S) -> str:
-    """Run `python train.py *args` from the repo root; return its output, fail with it."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1",
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "train.py", *args, f"data.cache_dir={data_cache}"]
-    # Own process group: on a timeout the ranks Lightning started die with rank 0.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} timed out after {timeout}s:\n{out[-4000:]}")
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
-    return out
-
-
-def final_metrics(out: str) -> dict:
-    """The `name value` pairs of the summary's `final` line (step, train/loss, val/loss, ...)."""
-    line = next(ln for ln in reversed(out.splitlines()) if ln.startswith("final "))
-    words = line.split()[1:]
-    return {k: float(v) for k, v in zip(words[::2], words[1::2])}
 
 
 VARIANTS = ["standard", "hilbert", "distributed", "block_sparse"]
@@ -72,6 +37,13 @@ def check_run(out: str, run_dir: Path) -> None:
 def test_train_runs_each_variant(tmp_path, data_cache, variant):
     out = run_train([f"variant={variant}", f"hydra.run.dir={tmp_path}", *TINY], data_cache)
     check_run(out, tmp_path)
+
+
+def test_train_runs_on_one_device_with_the_defaults(tmp_path, data_cache):
+    """One device (as on a machine with one GPU): sequence_parallel_size=auto resolves to 1."""
+    out = run_train(["trainer.devices=1", f"hydra.run.dir={tmp_path}", *TINY], data_cache)
+    check_run(out, tmp_path)
+    assert "does not divide" not in out
 
 
 @pytest.mark.parametrize("compression", COMPRESSIONS)

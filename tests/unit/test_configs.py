@@ -97,6 +97,8 @@ def test_every_recipe_composes_and_instantiates(tmp_path, recipe):
     objs = instantiate_all(cfg)
     # The sequence must split over the group and fit the attention pattern.
     sp, seq_len = cfg.strategy.sequence_parallel_size, cfg.data.seq_len
+    if sp == "auto":  # every device of the node
+        sp = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
     assert seq_len % (2 * sp) == 0
     objs["module"].attention_config.patterns(seq_len)  # ValueError if a segment does not divide
 
@@ -113,12 +115,20 @@ def test_default_config_trains_on_two_cpu_processes_with_sp2(tmp_path):
     cfg = compose_cfg(tmp_path)
     if not TRAIN.CUDA_AVAILABLE:
         assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.precision) == ("cpu", 2, "32-true")
-    assert cfg.strategy.sequence_parallel_size == 2
+    assert cfg.strategy.sequence_parallel_size == "auto"  # every device of the node: 2 here, 1 on one GPU
     assert cfg.data.source == "stdlib" and cfg.logger.wandb.offline is True
     ckpt = cfg.callbacks.model_checkpoint
     assert ckpt.save_last and ckpt.every_n_train_steps > 0 and cfg.trainer.max_steps % ckpt.every_n_train_steps == 0
     trainer = instantiate_all(cfg)["trainer"]  # a CPU trainer: this test machine has no CUDA
     assert trainer is not None and trainer.num_devices == 2
+    assert trainer.strategy.sequence_parallel_size == 2
+
+
+@pytest.mark.parametrize("devices, sp", [(1, 1), (2, 2)])
+def test_default_sequence_parallel_size_fits_the_machine(tmp_path, devices, sp):
+    """`python train.py trainer.devices=1` (one GPU or CPU) needs no strategy override."""
+    cfg = compose_cfg(tmp_path, [f"trainer.devices={devices}", "trainer.accelerator=cpu"])
+    assert instantiate_all(cfg)["trainer"].strategy.sequence_parallel_size == sp
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_PRESETS))

@@ -1,0 +1,112 @@
+"""The loss contract: a user's own loss gives the one-device gradient under sequence sharding.
+
+Under ``RingStrategy(sequence_parallel_size=sp)`` each rank of a sequence group holds a
+shard of every sample, and DDP averages gradients over all ``dp * sp`` ranks. A module
+that returns the usual per-token mean, ``F.cross_entropy(logits, labels,
+ignore_index=-100)``, computes ``L_r = S_r / n_r`` on rank ``r`` (``S_r`` the sum of its
+token losses, ``n_r`` its count of labelled tokens). The one-device loss of the group's
+batch is ``S / n`` with ``S = sum_r S_r`` and ``n = sum_r n_r``, so backpropagating
+
+    L_r * sp * n_r / n          ("mean", the default)
+
+on every rank makes DDP's world average exactly the ``sp=1`` gradient, however unevenly
+the ignored labels fall. The strategy knows every ``n_r`` when it shards a batch (all
+ranks of a group hold the same full batch), so no communication is needed, and the scale
+stays a device tensor (no host synchronisation). With equal counts the scale is 1.
+
+``"sum"`` (the module returns a sum of token losses) scales by ``sp``; ``"none"`` leaves
+the loss alone (the module already reduces over the group, as
+``RingStrategy.reduce_token_loss`` does; calling that method selects ``"none"`` for the
+step by itself).
+
+A shard with no labelled token at all: ``cross_entropy``'s mean is ``0/0 = nan`` there,
+but its gradient is exactly zero (ignored positions receive no gradient) and the scale
+is 0, so the step is exact; only that rank's own logged value is ``nan``. A hand-written
+masked mean must clamp its denominator (``mask.sum().clamp(min=1)``) for the same.
+
+Labels must be aligned per position before sharding (``labels[t]`` is the target of
+``input_ids[t]``). The Hugging Face convention, ``labels = input_ids`` with the shift
+inside the model, pairs tokens across shard boundaries under sharding: it is detected and
+refused, or shifted for the user with ``shift_labels=True`` (see :func:`align_labels`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import sharding
+
+LOSS_REDUCTIONS = ("mean", "sum", "none")
+
+
+def align_labels(batch: Any, sp: int, shift_labels: Optional[bool], label_key: str, ignore_index: int) -> Any:
+    """Labels aligned per position: shifted for the user, checked, or trusted.
+
+    Args:
+        batch: the full (unsharded) batch; non-dict batches pass through.
+        sp: the sequence-parallel size (the check applies only when sp > 1).
+        shift_labels: ``True``: ``labels[t] <- labels[t + 1]`` with the last position
+            ignored (the user's loss must then not shift again); ``None``: refuse labels
+            that equal ``input_ids``; ``False``: trust the labels as aligned.
+        label_key: the batch entry holding labels.
+        ignore_index: the label of positions without loss.
+
+    Raises:
+        ValueError: ``shift_labels=None``, sp > 1 and ``labels`` equal to ``input_ids``.
+    """
+    if not isinstance(batch, Mapping) or not isinstance(batch.get(label_key), Tensor):
+        return batch
+    labels = batch[label_key]
+    if shift_labels:
+        shifted = torch.full_like(labels, ignore_index)
+        shifted[:, :-1] = labels[:, 1:]  # (B, N): the target of token t is token t + 1
+        out = dict(batch)
+        out[label_key] = shifted
+        return type(batch)(out) if type(batch) is not dict else out
+    ids = batch.get("input_ids")
+    if shift_labels is None and sp > 1 and isinstance(ids, Tensor) and ids.shape == labels.shape:
+        # Host tensors from the loader: this comparison costs no device synchronisation.
+        if torch.equal(ids, labels):
+            raise ValueError(
+                f"batch[{label_key!r}] equals batch['input_ids'] (the Hugging Face convention: the model "
+                f"shifts labels inside). Under sequence parallelism (sequence_parallel_size={sp}) each rank "
+                f"holds a shard, so a shift inside the model pairs tokens of different shards. Either let "
+                f"the strategy shift before sharding, RingStrategy(shift_labels=True) "
+                f"(train.py: strategy.shift_labels=true), and drop the shift from your loss; or pass labels "
+                f"already aligned per position (labels[t] = input_ids[t + 1]); or, if labels equal to the "
+                f"inputs are what you mean, RingStrategy(shift_labels=False)."
+            )
+    return batch
+
+
+def loss_scale(batch: Mapping, sp: int, rank: int, layout: str, reduction: str, label_key: str,
+               ignore_index: int) -> Union[Tensor, float, None]:
+    """What this rank's returned loss is multiplied by before backward (None: nothing).
+
+    Args:
+        batch: the full (unsharded) batch on the device.
+        sp, rank, layout: the sequence group's size, this rank's index, the batch's layout.
+        reduction: ``mean``, ``sum`` or ``none`` (see the module docstring).
+        label_key, ignore_index: where the labels are and which value is ignored.
+
+    Returns:
+        A 0-dim float32 tensor for ``mean`` (``sp * n_rank / n``, 0 where the batch has
+        no labelled token), ``sp`` for ``sum``, None for ``none`` or when ``sp == 1``.
+    """
+    if sp == 1 or reduction == "none":
+        return None
+    if reduction == "sum":
+        return float(sp)
+    labels = batch.get(label_key)
+    if not isinstance(labels, Tensor):
+        return None  # no labels to count: a plain mean over positions, equal shards, scale 1
+    weight_BN = (labels != ignore_index).float()
+    mask = batch.get("loss_mask")
+    if isinstance(mask, Tensor) and mask.shape == labels.shape:
+        weight_BN = weight_BN * mask.float()  # a weighted mean sum(w * l) / sum(w)
+    total = weight_BN.sum()
+    mine = sharding.shard_sequence(weight_BN, sp, rank, layout, dim=1).sum()
+    return torch.where(total > 0, sp * mine / total.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
