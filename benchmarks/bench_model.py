@@ -157,7 +157,8 @@ def optimizer_bench(preset: str, device: torch.device, steps: int) -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="preset:seq_len:checkpointing, comma-separated")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS,
+                    help="preset:seq_len:checkpointing[:on|off|both compile], comma-separated")
     ap.add_argument("--compile", default="on", choices=["on", "off", "both"])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
@@ -185,8 +186,8 @@ def main() -> None:
         print(rows[-2:], flush=True)
         _free()
     for spec in filter(None, args.configs.split(",")):
-        preset, n, ckpt = spec.split(":")
-        for comp in compiles:
+        preset, n, ckpt, *comp_spec = spec.split(":")  # optional 4th field: on | off | both
+        for comp in (compiles if not comp_spec else {"on": [True], "off": [False], "both": [False, True]}[comp_spec[0]]):
             rows.append(train_step_bench(preset, int(n), ckpt, comp, args.steps, args.warmup, device))
             print({k: v for k, v in rows[-1].items() if k != "times"}, flush=True)
             _free()

@@ -34,6 +34,6 @@ def test_train_py_defaults_complete_on_one_gpu(tmp_path, data_cache):
 @pytest.mark.timeout(600)
 def test_train_py_350m_with_compiled_blocks_and_selective_checkpointing(tmp_path, data_cache):
     out = run_train(["experiment=base_gpu", "model=350m", "checkpointing=selective", "module.compile=true",
-                     "data.seq_len=16384", f"hydra.run.dir={tmp_path}", *SHORT], data_cache, timeout=540)
+                     "data.seq_len=16384", f"hydra.run.dir={tmp_path}", *SHORT, "data.max_tokens=2000000"], data_cache, timeout=540)
     metrics = final_metrics(out)
     assert metrics["step"] == 10 and math.isfinite(metrics["train/loss"])

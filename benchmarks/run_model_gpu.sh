@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One GPU, one command: train.py as the README writes it, the GPU test tier, then the
+# reference model's speed table (benchmarks/bench_model.py). Results under $OUT.
+#
+#   bash benchmarks/run_model_gpu.sh                 # from the repository root
+#   STAGES="bench" BENCH_ARGS="--longest 350m:full:524288" bash benchmarks/run_model_gpu.sh
+#
+# Environment: OUT (default ./bench_out), STAGES (any of: train tests bench; default all),
+# BENCH_ARGS (extra bench_model.py flags). Packages missing on the machine (hydra-core,
+# omegaconf, antlr4, datasets, dill, multiprocess) are installed from ./.whl when present.
+# wandb is not on the lent GPU image, so train.py runs with logger=csv there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT="${OUT:-$PWD/bench_out}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled NCCL_NVLS_ENABLE=0
+mkdir -p "$OUT"
+if [ -d .whl ] && ! python3 -c "import hydra, datasets" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+STAGES=${STAGES:-"train tests bench"}
+{ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
+  python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, 'cudnn', torch.backends.cudnn.version())"
+  git log -1 --format='commit %H' 2>/dev/null; } 2>&1 | tee "$OUT/env.txt"
+rc=0
+if [[ $STAGES == *train* ]]; then
+  echo "=== python train.py logger=csv (the README's main job) ==="
+  timeout -k 10 240 python3 train.py logger=csv hydra.run.dir="$OUT/run_default" 2>&1 | tail -25 | tee "$OUT/train_default.log"
+  rc=$((rc | PIPESTATUS[0]))
+  cp "$OUT/run_default/csv/version_0/metrics.csv" "$OUT/train_default_metrics.csv" 2>/dev/null
+  rm -rf "$OUT/run_default"
+fi
+if [[ $STAGES == *tests* ]]; then
+  echo "=== pytest tests/gpu ==="
+  timeout -k 10 300 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee "$OUT/pytest_gpu.log"
+  rc=$((rc | PIPESTATUS[0]))
+fi
+if [[ $STAGES == *bench* ]]; then
+  echo "=== benchmarks/bench_model.py ${BENCH_ARGS:-} ==="
+  timeout -k 10 "${BENCH_TIMEOUT:-400}" python3 benchmarks/bench_model.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_model.log" | grep -v "^{'kind'"
+  rc=$((rc | PIPESTATUS[0]))
+fi
+echo "=== exit: $rc; files in $OUT ==="
+exit $rc

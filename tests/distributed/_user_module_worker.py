@@ -1,0 +1,113 @@
+"""Per-rank code for test_user_module.py: a user's module with the loss users actually write.
+
+The module (``_strategy_worker.TinyRingLM``: embeddings, q/k/v projections around a
+``create_ring_attention`` core, a head) returns ``F.cross_entropy(..., ignore_index=-100)``
+with the default mean: no ``reduce_token_loss``, no knowledge of the strategy. Under
+``RingStrategy`` its gradients must equal the same module at sp=1.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import _strategy_worker as W
+from ring_lightning.strategy import RingStrategy
+
+STEPS = 4
+# Zigzag over 2 ranks with SEQ=16: rank 1 holds positions 4-11.
+RANK1_POSITIONS = slice(4, 12)
+
+
+class MeanLossLM(W.TinyRingLM):
+    """The user's module: a plain per-token mean; ``shift_inside`` is the Hugging Face form."""
+
+    def __init__(self, shift_inside: bool = False) -> None:
+        super().__init__("core")
+        self.shift_inside = shift_inside
+
+    def token_loss(self, batch):
+        logits = self(batch["input_ids"], batch["position_ids"])
+        labels = batch["labels"]
+        if self.shift_inside:  # logits[t] predicts labels[t + 1]
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=W.IGNORE)
+        return loss, loss.detach()
+
+
+class EmptyShardData(W.TokenData):
+    """Every sample's labels on rank 1's positions are ignored: that shard has no labelled token."""
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        super().__init__(num_samples, seed)
+        self.labels[:, RANK1_POSITIONS] = W.IGNORE
+
+
+class InputLabelsData(W.TokenData):
+    """The Hugging Face convention: ``labels`` is ``input_ids`` and the model shifts."""
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        item = super().__getitem__(i)
+        return {**item, "labels": item["input_ids"].clone()}
+
+
+DATA = {"uneven": W.TokenData, "empty_shard": EmptyShardData, "input_labels": InputLabelsData}
+
+
+def _fit(rank: int, world_size: int, sp: int, data: str, ckpt_dir: str, shift_inside: bool = False,
+         **strategy_kwargs) -> Dict:
+    torch.manual_seed(0)
+    model = MeanLossLM(shift_inside)
+    trainer = W._trainer(world_size, RingStrategy(sequence_parallel_size=sp, **strategy_kwargs), STEPS, ckpt_dir)
+    dp = world_size // sp
+    loader = DataLoader(DATA[data](dp * W.BATCH * STEPS, seed=1), batch_size=W.BATCH)
+    trainer.fit(model, train_dataloaders=loader)
+    return {"grads": model.record["grads"], "samples": model.record["samples"],
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def fit_mean_loss(rank: int, world_size: int, sp: int, data: str, ckpt_dir: str,
+                  loss_reduction: str = "mean") -> Dict:
+    """STEPS optimizer steps of the mean-loss module under RingStrategy(sp, loss_reduction)."""
+    W._lightning_env(rank, world_size)
+    return _fit(rank, world_size, sp, data, ckpt_dir, loss_reduction=loss_reduction)
+
+
+def fit_input_labels(rank: int, world_size: int, ckpt_dir: str) -> Dict:
+    """labels == input_ids at sp=2: refused by default; shift_labels=True trains."""
+    W._lightning_env(rank, world_size)
+    out: Dict = {}
+    try:
+        _fit(rank, world_size, 2, "input_labels", ckpt_dir, shift_inside=True)
+        out["refused"] = None
+    except ValueError as exc:
+        out["refused"] = str(exc)
+    out["shifted"] = _fit(rank, world_size, 2, "input_labels", ckpt_dir, shift_labels=True)
+    return out
+
+
+def reference(dp: int, data: str, samples: List[List[List[int]]], shift_inside: bool = False) -> Dict:
+    """One process, no process group: DDP over ``dp`` replicas of the module at sp=1.
+
+    ``samples[step][d]`` are the sample ids replica ``d`` trained on at ``step``.
+    """
+    torch.manual_seed(0)
+    model = MeanLossLM(shift_inside)
+    opt = model.configure_optimizers()
+    ds = DATA[data](dp * W.BATCH * STEPS, seed=1)
+    grads = []
+    for step_samples in samples:
+        losses = []
+        for ids in step_samples:
+            items = [ds[i] for i in ids]
+            batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+            batch["position_ids"] = torch.arange(W.SEQ).expand(len(ids), W.SEQ)
+            losses.append(model.token_loss(batch)[0])
+        opt.zero_grad()
+        (sum(losses) / dp).backward()  # DDP's average over replicas
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+        opt.step()
+    return {"grads": grads, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}

@@ -1,0 +1,72 @@
+"""A user's own LightningModule with a plain mean cross-entropy trains under RingStrategy as at sp=1.
+
+The module knows nothing of the strategy (no ``reduce_token_loss``); the strategy rescales
+each rank's loss by its share of the labelled tokens (``ring_lightning.loss_contract``).
+Without that rescaling these runs differ from sp=1 by about 1e-2 (relative) after a few
+steps. Labels equal to the inputs (the Hugging Face convention) are refused under sp > 1,
+or shifted before sharding with ``shift_labels=True``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _user_module_worker as U
+
+pytestmark = pytest.mark.distributed
+PARITY_TOL = 1e-5  # float32, 4 SGD steps of a tiny model; observed ~1e-7
+SPAWN_TIMEOUT_S = 150
+
+
+def _samples(results, sp: int):
+    """``samples[step][d]``: what replica d read at each step (identical within a group)."""
+    dp = len(results) // sp
+    for rank, res in enumerate(results):
+        assert res["samples"] == results[(rank // sp) * sp]["samples"], "one sample per sequence group"
+    return [[results[d * sp]["samples"][step] for d in range(dp)] for step in range(U.STEPS)]
+
+
+def _assert_same_training(got, ref, what: str) -> None:
+    assert len(got["grads"]) == len(ref["grads"]) == U.STEPS
+    for step, (g, r) in enumerate(zip(got["grads"], ref["grads"])):
+        for name in r:
+            torch.testing.assert_close(g[name], r[name], atol=PARITY_TOL, rtol=PARITY_TOL,
+                                       msg=f"{what}: step {step} gradient of {name}")
+    for name in ref["params"]:
+        torch.testing.assert_close(got["params"][name], ref["params"][name], atol=PARITY_TOL, rtol=PARITY_TOL,
+                                   msg=f"{what}: parameter {name} after {U.STEPS} steps")
+
+
+@pytest.mark.parametrize(
+    "world, sp, data",
+    [
+        pytest.param(2, 2, "uneven", id="sp2-uneven_ignored_labels"),
+        pytest.param(4, 2, "uneven", id="dp2-sp2-uneven_ignored_labels"),
+        pytest.param(2, 2, "empty_shard", id="sp2-a_shard_with_no_labelled_token"),
+    ],
+)
+def test_mean_cross_entropy_module_matches_sp1(run_distributed, tmp_path, world, sp, data):
+    results = run_distributed(U.fit_mean_loss, world, sp, data, str(tmp_path), timeout=SPAWN_TIMEOUT_S)
+    ref = U.reference(world // sp, data, _samples(results, sp))
+    for rank, res in enumerate(results):
+        _assert_same_training(res, ref, f"rank {rank}")
+
+
+def test_labels_equal_to_inputs_are_refused_or_shifted(run_distributed, tmp_path):
+    results = run_distributed(U.fit_input_labels, 2, str(tmp_path), timeout=SPAWN_TIMEOUT_S)
+    for res in results:
+        assert "equals batch['input_ids']" in res["refused"] and "shift_labels=True" in res["refused"]
+    # shift_labels=True with a module that does not shift == the HF-style module (shift inside) at sp=1.
+    shifted = [res["shifted"] for res in results]
+    ref = U.reference(1, "input_labels", _samples(shifted, 2), shift_inside=True)
+    for rank, res in enumerate(shifted):
+        _assert_same_training(res, ref, f"rank {rank}")
+
+
+def test_without_the_rescaling_the_same_run_differs_from_sp1(run_distributed, tmp_path):
+    """The parity above can fail: averaging the shard means (loss_reduction="none") is not sp=1."""
+    results = run_distributed(U.fit_mean_loss, 2, 2, "uneven", str(tmp_path), "none", timeout=SPAWN_TIMEOUT_S)
+    ref = U.reference(1, "uneven", _samples(results, 2))
+    with pytest.raises(AssertionError):
+        _assert_same_training(results[0], ref, "rank 0")
