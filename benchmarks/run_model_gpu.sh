@@ -5,8 +5,9 @@
 #   bash benchmarks/run_model_gpu.sh                 # from the repository root
 #   STAGES="bench" BENCH_ARGS="--longest 350m:full:524288" bash benchmarks/run_model_gpu.sh
 #
-# Environment: OUT (default ./bench_out), STAGES (any of: train tests bench; default all),
-# BENCH_ARGS (extra bench_model.py flags). Packages missing on the machine (hydra-core,
+# Environment: OUT (default ./bench_out), STAGES (any of: train tests bench longest; default
+# the first three), BENCH_ARGS (extra bench_model.py flags), LONGEST (space-separated
+# preset:checkpointing:len1,len2 lists for the longest-sequence search). Packages missing on the machine (hydra-core,
 # omegaconf, antlr4, datasets, dill, multiprocess) are installed from ./.whl when present.
 # wandb is not on the lent GPU image, so train.py runs with logger=csv there.
 set -uo pipefail
@@ -32,13 +33,22 @@ if [[ $STAGES == *train* ]]; then
 fi
 if [[ $STAGES == *tests* ]]; then
   echo "=== pytest tests/gpu ==="
-  timeout -k 10 300 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee "$OUT/pytest_gpu.log"
+  timeout -k 10 300 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/gpu} 2>&1 | tail -15 | tee "$OUT/pytest_gpu.log"
   rc=$((rc | PIPESTATUS[0]))
 fi
 if [[ $STAGES == *bench* ]]; then
   echo "=== benchmarks/bench_model.py ${BENCH_ARGS:-} ==="
   timeout -k 10 "${BENCH_TIMEOUT:-400}" python3 benchmarks/bench_model.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_model.log" | grep -v "^{'kind'"
   rc=$((rc | PIPESTATUS[0]))
+fi
+if [[ $STAGES == *longest* ]]; then  # one training step per length, ascending, until OOM
+  for spec in ${LONGEST:-350m:full:262144,524288}; do
+    echo "=== longest trainable: $spec ==="
+    mkdir -p "$OUT/longest_${spec%%:*}"
+    timeout -k 10 "${LONGEST_TIMEOUT:-300}" python3 benchmarks/bench_model.py --out "$OUT/longest_${spec%%:*}" \
+      --configs "" --attention "" --optimizer "" --longest "$spec" 2>&1 | grep -v "^{'kind'" | tail -4
+    rc=$((rc | PIPESTATUS[0]))
+  done
 fi
 echo "=== exit: $rc; files in $OUT ==="
 exit $rc
