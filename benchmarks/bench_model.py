@@ -73,6 +73,7 @@ def train_step_bench(preset: str, seq_len: int, checkpointing: str, compile_bloc
                      warmup: int, device: torch.device) -> dict:
     """Time ``steps`` training steps of LongDocumentLM at ``seq_len`` tokens (batch 1)."""
     cuda = device.type == "cuda"
+    compile_blocks = compile_blocks and cuda  # compiled only on CUDA
     row = dict(kind="train", preset=preset, seq_len=seq_len, checkpointing=checkpointing, compile=compile_blocks)
     module = LongDocumentLM(model={"preset": preset, "checkpointing": checkpointing},
                             attention={"variant": "standard"}, max_steps=1000, compile=compile_blocks).to(device)
