@@ -1,9 +1,10 @@
 """Shared plumbing of the GPU scripts: imports, process group, agreement, errors, output.
 
-Only torch and ``ring_lightning.attention`` / ``ring_lightning.sharding`` are needed. The
-parent package ``ring_lightning/__init__.py`` may import Lightning, Hydra or datasets;
-if that import fails (the GPU machine has no hydra-core / datasets), the two subpackages
-are loaded under a bare stand-in parent package instead, so the scripts still run.
+Only torch and the torch-only ``ring_lightning.attention`` / ``sharding`` / ``flops`` are
+needed. The parent package ``ring_lightning/__init__.py`` may import Lightning, Hydra or
+datasets; if that import fails (the GPU machine has no hydra-core / datasets), the
+submodules are loaded under a bare stand-in parent package instead, so the scripts still
+run. Used by the benchmarks here and by ``tests/gpu/gpu_parity.py``.
 
 Every decision that changes what a rank does next (skip a config, stop for time) goes
 through ``agree_max`` so that all ranks take the same branch: a rank that branched alone
@@ -13,6 +14,7 @@ would leave the others waiting in a collective.
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import math
 import os
@@ -37,12 +39,19 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 
-def import_engine():
-    """Return (ring_lightning.attention, ring_lightning.sharding), without the parent's extras."""
+def import_engine(*names: str):
+    """Return the ``ring_lightning`` submodules ``names`` (default: attention, sharding),
+    without the parent package's extras.
+
+    Only torch-only submodules make sense here: ``attention``, ``sharding``, ``flops``.
+    """
+    names = names or ("attention", "sharding")
+
+    def load():
+        return tuple(importlib.import_module(f"ring_lightning.{n}") for n in names)
+
     try:
-        import ring_lightning.attention as attention
-        import ring_lightning.sharding as sharding
-        return attention, sharding
+        return load()
     except ImportError as exc:  # the parent __init__ pulled in something absent here
         for name in [m for m in sys.modules if m == "ring_lightning" or m.startswith("ring_lightning.")]:
             del sys.modules[name]
@@ -50,11 +59,10 @@ def import_engine():
         pkg.__path__ = [str(ROOT / "ring_lightning")]
         pkg.__file__ = str(ROOT / "ring_lightning" / "__init__.py")
         sys.modules["ring_lightning"] = pkg
-        import ring_lightning.attention as attention
-        import ring_lightning.sharding as sharding
+        modules = load()
         print(f"[note] ring_lightning/__init__.py failed to import ({exc!r}); loaded "
-              f"ring_lightning.attention without it", flush=True)
-        return attention, sharding
+              f"ring_lightning.{{{','.join(names)}}} without it", flush=True)
+        return modules
 
 
 class Dist:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one command for a lent GPU machine (2 GPUs): parity first, then the benchmark.
+# The one command for a lent GPU machine (2 GPUs): parity first (tests/gpu/gpu_parity.py),
+# then the benchmark.
 #
 #   bash benchmarks/run_all.sh            # from the repository root; results under $OUT
 #
@@ -37,7 +38,7 @@ cat "$OUT/env.txt"
 
 echo "=== gpu_parity (timeout ${PARITY_TIMEOUT}s) ==="
 timeout -k 15 "$PARITY_TIMEOUT" $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
-  benchmarks/gpu_parity.py $DRY ${PARITY_ARGS:-} 2>&1 | tee "$OUT/gpu_parity.log"
+  tests/gpu/gpu_parity.py $DRY ${PARITY_ARGS:-} 2>&1 | tee "$OUT/gpu_parity.log"
 rc_parity=${PIPESTATUS[0]}
 
 echo "=== bench_attention (timeout ${BENCH_TIMEOUT}s) ==="

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ring_lightning.flops import attention_pairs, flops_from_pairs
+
 CHECKPOINTING = ("none", "selective", "full")
 
 # SwiGLU hidden sizes are rounded up to a multiple of this so matmuls stay tensor-core friendly.
@@ -374,18 +376,22 @@ class LongDocTransformer(nn.Module):
         """Training FLOPs (forward + backward) per token, for MFU.
 
         ``6 * N`` for the matmuls (N = parameters without the embedding table) plus the
-        attention scores and weighted sum: ``12 * n_layers * H * D * seq_len`` for dense
-        attention (PaLM appendix B), halved when causal (only the lower triangle is
-        computed), times ``attention_fraction`` for sparse or dilated patterns.
+        attention scores and weighted sum, counted by ``ring_lightning.flops`` as model
+        FLOPs (backward = 2 x forward, no recompute; PaLM appendix B): ``12 * n_layers *
+        H * D * seq_len`` for dense attention, halved when causal, times
+        ``attention_fraction`` for sparse or dilated patterns.
 
         Args:
             seq_len: GLOBAL sequence length (keys a query can see), not the local shard.
             causal: count only the causal half of the score matrix.
-            attention_fraction: fraction of the (causal) score matrix actually computed.
+            attention_fraction: fraction of the (causal) score matrix actually computed,
+                e.g. ``ring_lightning.flops.attention_fraction``.
 
         Returns:
             FLOPs per token.
         """
         c = self.config
-        attn = 12 * c.n_layers * c.n_heads * c.head_dim * seq_len * attention_fraction
-        return 6 * self.num_params(exclude_embedding=True) + (attn / 2 if causal else attn)
+        # pairs of the whole sequence / its tokens = pairs one query token has
+        pairs_per_token = attention_pairs(seq_len, c.n_heads, causal=causal) / seq_len * attention_fraction
+        attn = c.n_layers * flops_from_pairs(pairs_per_token, c.head_dim, recompute=False)
+        return 6 * self.num_params(exclude_embedding=True) + attn

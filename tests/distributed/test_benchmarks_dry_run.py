@@ -1,7 +1,8 @@
 """The GPU scripts stay runnable: their CPU/gloo dry runs (2 processes) in CI.
 
-The real runs need GPUs (benchmarks/README.md); this catches a script that went stale
-against the engine's API before it costs device time.
+``benchmarks/run_all.sh`` runs ``tests/gpu/gpu_parity.py`` and ``benchmarks/bench_attention.py``;
+``benchmarks/bench_variants.py`` runs alone. The real runs need GPUs (benchmarks/README.md);
+this catches a script that went stale against the engine's API before it costs device time.
 """
 
 from __future__ import annotations

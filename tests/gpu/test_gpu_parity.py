@@ -1,7 +1,7 @@
-"""GPU tier: run benchmarks/gpu_parity.py on 2 GPUs (NCCL, bf16) and require every case to pass.
+"""GPU tier: run tests/gpu/gpu_parity.py on 2 GPUs (NCCL, bf16) and require every case to pass.
 
 Skipped without CUDA or with fewer than 2 GPUs. The script itself compares every variant
-with the float64 brute-force reference (DESIGN.md section 7); this test launches it the
+with the float64 brute-force reference (docs/ARCHITECTURE.md); this test launches it the
 way a user would (torchrun, 2 processes) with a hard timeout so a hang cannot outlive it.
 """
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "gpu_parity.py"
+SCRIPT = ROOT / "tests" / "gpu" / "gpu_parity.py"
 TIMEOUT_S = 600
 
 pytestmark = [

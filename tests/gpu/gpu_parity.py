@@ -2,9 +2,9 @@
 
 Run (from the repository root):
 
-    torchrun --standalone --nproc_per_node=2 benchmarks/gpu_parity.py          # GPUs, NCCL
+    torchrun --standalone --nproc_per_node=2 tests/gpu/gpu_parity.py          # GPUs, NCCL
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 \\
-        benchmarks/gpu_parity.py --dry-run                                      # CPU, gloo
+        tests/gpu/gpu_parity.py --dry-run                                      # CPU, gloo
 
 For each variant that ``create_ring_attention`` accepts (a rejected name is reported as
 skipped) and each case of a grid -- dense and three dilation sets (one whose largest
@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Dict, List
 
-from _common import Dist, env_info, fmt, import_engine, out_dir, rel_err, short_error, write_json
+# the torchrun plumbing (process group, agreement between ranks, JSON) is the benchmarks'
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from _common import Dist, env_info, fmt, import_engine, out_dir, rel_err, short_error, write_json  # noqa: E402
 
-import torch
+import torch  # noqa: E402
 
 attention, sharding = import_engine()
 create_ring_attention = attention.create_ring_attention

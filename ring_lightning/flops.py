@@ -1,0 +1,192 @@
+"""Attention work, counted once: allowed (query, key) pairs and the FLOPs they cost.
+
+The one definition behind every attention throughput number of the project: the
+benchmarks' TFLOP/s, the model's ``flops_per_token`` and the training module's MFU.
+torch only (no Lightning), so anything may import it.
+
+Pairs. ``P`` = the (query, key) pairs a pattern lets attend, summed over query heads.
+Grouped-query attention does not change ``P``: every query head scores its own keys.
+Causal convention: a pair with key before query counts 1 and the pair of a token with
+itself counts 1/2, so ``m`` mutually visible tokens count ``m^2 / 2`` and causal is
+exactly half of non-causal for a symmetric pattern (dense causal: ``H * N^2 / 2``),
+which is the usual "causal halves the FLOPs" rule.
+
+Patterns, as ``ring_lightning.attention.reference.pattern_mask`` defines them (LongNet,
+Ding et al. 2023): ``(w, r)`` cuts the sequence into ``N / w`` segments (``w`` clamped
+to ``N``); head ``h`` keeps the positions ``t`` with ``(t mod w) mod r == h mod r``; a
+query sees the kept keys of its own segment. Several patterns are separate attentions
+whose outputs are merged afterwards (the merge is not counted), so their pairs add up.
+A block mask (block-sparse attention) keeps whole ``(query block, key block)`` pairs and
+is ANDed into every pattern, as in ``reference_attention``.
+
+FLOPs. Forward = ``4 * D * P`` per sample: ``Q K^T`` and ``P V`` are one multiply-add
+(2 FLOPs) per pair and head dim each. Backward = 2 x forward (``dV, dP, dQ, dK``: four
+matmuls; the model-FLOPs count of MFU, PaLM appendix B) or 2.5 x forward when the kernel
+recomputes the scores (five matmuls; FlashAttention's count, used by the benchmarks).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+# Elements one chunk of the block-mask count may hold, so that memory stays bounded
+# (a few tens of MB) however long the sequence is.
+_CHUNK_ELEMENTS = 1 << 21
+
+
+def attention_pairs(
+    seq_len: int,
+    num_heads: int = 1,
+    *,
+    causal: bool = True,
+    segment_lengths: Optional[Sequence[int]] = None,
+    dilation_rates: Optional[Sequence[int]] = None,
+    block_mask: Optional[torch.Tensor] = None,
+    block_size: Optional[int] = None,
+) -> float:
+    """Number of (query, key) pairs an attention pattern allows, summed over query heads.
+
+    The single counter of attention work in the project; FLOPs (``flops_from_pairs``) and
+    density (``attention_fraction``) are derived from it. Exact, in the convention of the
+    module docstring (causal: a token with itself counts 1/2).
+
+    Args:
+        seq_len: GLOBAL sequence length ``N`` (all ranks together), one sample.
+        num_heads: query heads ``H`` (not kv heads). With dilation, head ``h`` uses offset
+            ``h mod r``, so the count depends on ``H``, not only on ``H`` times one head.
+        causal: keys at positions <= the query's only.
+        segment_lengths: LongNet segment lengths ``w`` (clamped to ``seq_len``); None =
+            dense (one pattern ``(N, 1)``). ``seq_len`` must be a multiple of each.
+        dilation_rates: one rate ``r`` per segment length (default all 1).
+        block_mask: optional boolean ``(N / block_size, N / block_size)`` mask of kept
+            (query block, key block) pairs, e.g. ``BlockSparseRingAttention.block_mask(N)``.
+        block_size: tokens per block; required with ``block_mask`` and only with it.
+
+    Returns:
+        ``P`` as a float (integer-valued, or a half-integer sum when causal).
+
+    Raises:
+        ValueError: naming the argument that is inconsistent and how to fix it.
+
+    Cost: ``O(number of segments + (N / block_size)^2)`` work, chunked memory; without a
+    block mask ``O(N / min(segment_lengths))``, cheap enough to call every training step.
+    """
+    if not isinstance(seq_len, int) or seq_len <= 0:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    if not isinstance(num_heads, int) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    patterns = _patterns(seq_len, segment_lengths, dilation_rates)
+    mask, bs = _block_mask(seq_len, block_mask, block_size)
+    return sum(_pattern_pairs(seq_len, num_heads, w, r, causal, mask, bs) for w, r in patterns)
+
+
+def attention_fraction(seq_len: int, num_heads: int = 1, *, causal: bool = True, **pattern) -> float:
+    """``attention_pairs`` of a pattern over those of dense attention with the same ``causal``.
+
+    Takes the keyword arguments of ``attention_pairs`` (``segment_lengths``,
+    ``dilation_rates``, ``block_mask``, ``block_size``). 1.0 for dense; below 1 for a
+    sparse pattern; may exceed 1 with several dilated patterns (each is its own attention).
+    """
+    dense = attention_pairs(seq_len, num_heads, causal=causal)
+    return attention_pairs(seq_len, num_heads, causal=causal, **pattern) / dense
+
+
+def flops_from_pairs(pairs: float, head_dim: int, batch: int = 1, *, backward: bool = True,
+                     recompute: bool = True) -> float:
+    """Attention FLOPs of ``pairs`` (query, key) pairs (from ``attention_pairs``).
+
+    Forward ``4 * batch * head_dim * pairs``; with ``backward`` plus 2.5 x that when the
+    kernel recomputes the scores in the backward (``recompute``, the benchmarks' hardware
+    count) or 2 x that without (model FLOPs, as MFU counts them).
+    """
+    if head_dim <= 0 or batch <= 0:
+        raise ValueError(f"head_dim and batch must be positive, got head_dim={head_dim}, batch={batch}")
+    forward = 4.0 * batch * head_dim * pairs
+    if not backward:
+        return forward
+    return forward * (1.0 + (2.5 if recompute else 2.0))
+
+
+# ----------------------------------------------------------------------------- helpers
+def _patterns(seq_len: int, segment_lengths, dilation_rates) -> List[Tuple[int, int]]:
+    """The (segment, rate) pairs, segments clamped to ``seq_len``, checked like the config."""
+    if segment_lengths is None:
+        if dilation_rates is not None and any(r != 1 for r in dilation_rates):
+            raise ValueError("dilation_rates needs segment_lengths (one segment length per rate)")
+        return [(seq_len, 1)]
+    rates = [1] * len(segment_lengths) if dilation_rates is None else list(dilation_rates)
+    if len(rates) != len(segment_lengths):
+        raise ValueError(f"segment_lengths and dilation_rates must have the same length, got "
+                         f"{len(segment_lengths)} and {len(rates)}")
+    out = []
+    for w, r in zip(segment_lengths, rates):
+        if int(w) <= 0 or int(r) <= 0:
+            raise ValueError(f"segment lengths and dilation rates must be positive, got ({w}, {r})")
+        w = min(int(w), seq_len)
+        if seq_len % w:
+            raise ValueError(f"seq_len {seq_len} is not a multiple of segment length {w}; pad "
+                             f"{(-seq_len) % w} more positions (ring_lightning.sharding.pad_to_multiple)")
+        out.append((w, int(r)))
+    return out
+
+
+def _block_mask(seq_len: int, block_mask, block_size) -> Tuple[torch.Tensor, int]:
+    """The block mask as CPU bool and its block size; no mask = one block of ``seq_len``."""
+    if block_mask is None:
+        if block_size is not None:
+            raise ValueError("block_size is only used with block_mask; pass both or neither")
+        return torch.ones(1, 1, dtype=torch.bool), seq_len
+    if block_size is None or block_size <= 0 or seq_len % block_size:
+        raise ValueError(f"block_mask needs a positive block_size dividing seq_len {seq_len}, "
+                         f"got block_size={block_size!r}")
+    nb = seq_len // block_size
+    if tuple(block_mask.shape) != (nb, nb):
+        raise ValueError(f"block_mask must have shape ({nb}, {nb}) = seq_len / block_size per side, "
+                         f"got {tuple(block_mask.shape)}")
+    return block_mask.detach().to("cpu").bool(), block_size
+
+
+def _pattern_pairs(n: int, heads: int, w: int, r: int, causal: bool, mask: torch.Tensor, bs: int) -> float:
+    """Pairs of one pattern ``(w, r)`` under a block mask of ``bs``-token blocks.
+
+    Within a segment the kept keys of a head are mutually visible, so the pairs are
+    ``sum over blocks a, b of c[a] * c[b] * weight(a, b)``, with ``c[a]`` the head's kept
+    positions of the segment inside block ``a`` and ``weight`` the mask (causal: 1 below
+    the diagonal, 1/2 on it, 0 above). A segment touches few consecutive blocks, so each
+    segment's counts are a short row ``(K,)`` starting at its first block.
+    """
+    nseg = n // w
+    seg = torch.arange(nseg, dtype=torch.int64)
+    first = seg * w // bs  # (S,) first block each segment touches
+    k_max = int(((seg * w + w - 1) // bs - first).max()) + 1  # blocks touched, at most
+    j = torch.arange(k_max, dtype=torch.int64)
+    blk = first[:, None] + j[None, :]  # (S, K) block of each slot; past the segment: count 0
+    # the slot's positions relative to its segment start: [lo, hi)
+    lo = (blk * bs - seg[:, None] * w).clamp(0, w)
+    hi = ((blk + 1) * bs - seg[:, None] * w).clamp(0, w)
+    n_off = min(r, heads)  # offsets that some head uses
+    off = torch.arange(n_off, dtype=torch.int64)
+    head_count = torch.tensor([len(range(o, heads, r)) for o in range(n_off)], dtype=torch.float64)
+
+    def kept_below(x):  # (S, K, 1) -> (S, K, R): #{0 <= u < x : u mod r == offset}
+        return ((x - off + r - 1) // r).clamp(min=0)
+
+    counts = (kept_below(hi[..., None]) - kept_below(lo[..., None])).to(torch.float64)  # (S, K, R)
+    blk = blk.clamp(max=mask.shape[0] - 1)  # slots past the last block have count 0 anyway
+    # chunks of (segments, query slots, key slots) that stay below _CHUNK_ELEMENTS
+    seg_chunk = max(1, _CHUNK_ELEMENTS // (k_max * k_max))
+    row_chunk = max(1, _CHUNK_ELEMENTS // k_max)
+    total = 0.0
+    for s0 in range(0, nseg, seg_chunk):
+        c, b = counts[s0:s0 + seg_chunk], blk[s0:s0 + seg_chunk]  # (s, K, R), (s, K)
+        for i0 in range(0, k_max, row_chunk):
+            qi = j[i0:i0 + row_chunk]  # query slots of this chunk
+            weight = mask[b[:, qi, None], b[:, None, :]].to(torch.float64)  # (s, rows, K)
+            if causal:  # key slot before the query slot: 1; the same slot: 1/2; after: 0
+                rel = qi[:, None] - j[None, :]  # (rows, K)
+                weight = weight * torch.where(rel > 0, 1.0, torch.where(rel == 0, 0.5, 0.0))
+            seen = torch.bmm(weight, c)  # (s, rows, R): kept keys each query slot sees
+            total += float((c[:, qi] * seen * head_count).sum())
+    return total
