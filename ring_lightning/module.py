@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ring_lightning.data import retrieval_accuracy
+from ring_lightning.flops import attention_fraction
 from ring_lightning.model import LongDocTransformer, ModelConfig
 
 IGNORE_INDEX = -100
@@ -323,8 +324,8 @@ class LongDocumentLM(pl.LightningModule):
             return float(cfg.sparsity_ratio)
         if cfg.segment_lengths is None:
             return 1.0
-        # Pattern (w, r): N/w segments of (w/r)^2 scores per head, i.e. w / (r^2 N) of dense.
-        return sum(min(w, seq_len) / (r * r * seq_len) for w, r in zip(cfg.segment_lengths, cfg.dilation_rates))
+        return attention_fraction(seq_len, self.model.config.n_heads, causal=self.is_causal,
+                                  segment_lengths=cfg.segment_lengths, dilation_rates=cfg.dilation_rates)
 
     def on_train_batch_end(self, outputs: Any, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
         trainer, now = self.trainer, time.perf_counter()
