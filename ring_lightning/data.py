@@ -41,8 +41,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ring_lightning.constants import IGNORE_INDEX
+
 SOURCES = ("stdlib", "files", "hub", "retrieval")
-IGNORE_INDEX = -100
 _CACHE_VERSION = 1  # bump when the window format changes
 
 # Retrieval token ranges (inside the byte vocabulary, so one model serves every source).

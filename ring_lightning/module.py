@@ -45,11 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
 from ring_lightning.data import retrieval_accuracy
 from ring_lightning.model import LongDocTransformer, ModelConfig
 
-IGNORE_INDEX = -100
-DEFAULT_SEQUENCE_KEYS = ("input_ids", "labels", "position_ids", "loss_mask")
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, for MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
