@@ -1,10 +1,14 @@
-"""Constants shared by the strategy, the module and the data: one source for each.
+"""Values that the data, the LightningModule and the strategy must agree on, defined once.
 
-``IGNORE_INDEX`` is the label of a position that carries no loss (PyTorch's
-``cross_entropy`` default, the Hugging Face convention). ``DEFAULT_SEQUENCE_KEYS`` are the
-batch entries the strategy shards along the sequence (dim 1) unless the LightningModule
-sets ``sequence_keys``.
+* ``IGNORE_INDEX``: the label of a position that carries no loss (PyTorch's
+  ``cross_entropy`` default, so losses need no extra argument to agree with the data).
+* ``DEFAULT_SEQUENCE_KEYS``: the batch entries split along the sequence (dim 1) under
+  sequence parallelism unless a LightningModule names its own ``sequence_keys``.
 """
 
+from __future__ import annotations
+
+from typing import Tuple
+
 IGNORE_INDEX = -100
-DEFAULT_SEQUENCE_KEYS = ("input_ids", "labels", "position_ids", "loss_mask")
+DEFAULT_SEQUENCE_KEYS: Tuple[str, ...] = ("input_ids", "labels", "position_ids", "loss_mask")

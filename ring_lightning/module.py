@@ -45,12 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ring_lightning.data import retrieval_accuracy
+from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
 from ring_lightning.flops import attention_fraction
 from ring_lightning.model import LongDocTransformer, ModelConfig
 
-IGNORE_INDEX = -100
-DEFAULT_SEQUENCE_KEYS = ("input_ids", "labels", "position_ids", "loss_mask")
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, for MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
@@ -271,7 +269,12 @@ class LongDocumentLM(pl.LightningModule):
         batch = self.prepare_batch(batch)
         logits = self(batch["input_ids"], batch["position_ids"])
         loss_sum, num_tokens = self.compute_loss(logits, batch)
-        correct, total = retrieval_accuracy(logits, batch["labels"])
+        # The task (if the data has one) owns its metric; plain LM data counts nothing.
+        metric_fn = getattr(getattr(self._trainer, "datamodule", None), "task_metric_fn", None)
+        if metric_fn is not None:
+            correct, total = metric_fn(logits, batch["labels"])
+        else:
+            correct = total = torch.zeros((), device=loss_sum.device)
         stats = torch.stack([loss_sum.detach().double(), torch.as_tensor(num_tokens).double().to(loss_sum.device),
                              correct.double(), total.double()])
         self._val_stats = stats if self._val_stats is None else self._val_stats + stats

@@ -1,6 +1,6 @@
 """How global sequence positions map to the ranks of a sequence-parallel group.
 
-Two layouts (DESIGN.md section 3):
+Two layouts:
 
 * ``contiguous``: rank ``r`` holds positions ``[r*N/W, (r+1)*N/W)``; what slicing gives.
 * ``zigzag``: the sequence is cut into ``2W`` chunks and rank ``r`` holds chunks ``r`` and

@@ -43,6 +43,20 @@ def test_datasets_is_imported_lazily():
     assert not any(name.split(".")[0] in ("datasets", "pyarrow", "transformers") for name in names)
 
 
+def test_no_module_of_the_data_package_imports_datasets_at_top_level():
+    # The check above reads the package's __init__; its submodules must be as lazy.
+    folder = os.path.dirname(data_module.__file__)
+    for filename in sorted(os.listdir(folder)):
+        if not filename.endswith(".py"):
+            continue
+        with open(os.path.join(folder, filename)) as f:
+            tree = ast.parse(f.read())
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in top if isinstance(n, ast.ImportFrom)]
+        assert not any(name.split(".")[0] in ("datasets", "pyarrow", "transformers") for name in names), filename
+
+
 def test_stdlib_batches_are_real_text_with_next_token_labels(cache):
     (batch, _), val = first_batches(LongDocumentDataModule(cache_dir=cache, **dict(SMALL, batch_size=16)))
     assert set(batch) == {"input_ids", "labels"} and "position_ids" not in batch
@@ -131,6 +145,13 @@ def test_retrieval_accuracy_counts_only_answers():
     logits = torch.nn.functional.one_hot(torch.tensor([[0, 3, 0, 2]]), 5).float()
     correct, total = retrieval_accuracy(logits, labels)
     assert (correct.item(), total.item()) == (1.0, 2.0)
+
+
+def test_the_retrieval_task_supplies_its_metric_and_text_data_none(cache):
+    dm = LongDocumentDataModule(source="retrieval", seq_len=64, retrieval_num_samples=8)
+    assert dm.task_metric == "retrieval_acc" and dm.task_metric_fn is retrieval_accuracy
+    text = LongDocumentDataModule(cache_dir=cache, **SMALL)
+    assert text.task is None and text.task_metric is None and text.task_metric_fn is None
 
 
 def test_hub_offline_error_says_what_to_do(monkeypatch, cache):

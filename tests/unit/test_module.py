@@ -61,6 +61,28 @@ def test_subclass_overriding_compute_loss_trains(tmp_path):
     assert module.hparams.smoothing == 0.1 and module.hparams.model["checkpointing"] == "full"
 
 
+class HalfMetricData(LongDocumentDataModule):
+    """Plain text data with its own task metric: the module logs it without knowing the task."""
+
+    task_metric = "half"
+
+    @staticmethod
+    def task_metric_fn(logits, labels):
+        return torch.tensor(1.0), torch.tensor(2.0)
+
+
+def test_validation_logs_the_metric_the_data_supplies(tmp_path):
+    data = dict(seq_len=64, batch_size=2, max_tokens=5_000, cache_dir=str(tmp_path))
+    plain = LongDocumentDataModule(**data)
+    assert plain.task_metric is None and plain.task_metric_fn is None
+    t = trainer(fast_dev_run=1)
+    t.fit(LongDocumentLM(model=TINY, warmup_steps=1), datamodule=plain)
+    assert "val/loss" in t.callback_metrics and not any(k.endswith("_acc") for k in t.callback_metrics)
+    t = trainer(fast_dev_run=1)
+    t.fit(LongDocumentLM(model=TINY, warmup_steps=1), datamodule=HalfMetricData(**data))
+    assert t.callback_metrics["val/half"].item() == 0.5 and "val/retrieval_acc" not in t.callback_metrics
+
+
 def test_setup_detaches_ring_attention_from_process_groups():
     module = LongDocumentLM(model=TINY, attention={"variant": "standard", "segment_lengths": [16, 32],
                                                    "dilation_rates": [1, 2]})
