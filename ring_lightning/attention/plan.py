@@ -51,6 +51,11 @@ class Task:
     k_piece: int
     kind: str  #: FULL or CAUSAL (top-left aligned; only when both pieces are the same)
 
+    @property
+    def item(self) -> "Item":
+        """The shipped slice this task's keys come from."""
+        return Item(self.pattern, self.offset, self.k_piece)
+
 
 @dataclass(frozen=True)
 class Item:
@@ -212,9 +217,8 @@ class RingPlan:
             return []
         seen = []
         for t in self.tasks(dst, src):
-            item = Item(t.pattern, t.offset, t.k_piece)
-            if item not in seen:
-                seen.append(item)
+            if t.item not in seen:
+                seen.append(t.item)
         return seen
 
     def item_shape(self, item: Item, batch: int, head_dim: int) -> Tuple[int, int, int, int]:
