@@ -27,7 +27,7 @@ import torch
 from .kernels import BlockSpec, block_backward, block_forward
 from .plan import CAUSAL, Task
 
-if TYPE_CHECKING:  # ring.py imports the paths' users, not the other way round
+if TYPE_CHECKING:  # annotations only: ring.py imports this module, not the other way round
     from .ring import RingContext
 
 
