@@ -55,8 +55,9 @@ class RingContext:
     profile_communication: bool = False
     #: how one task is computed: the variant's path (masks, token order, sparse kernels)
     path: TaskPath = field(default_factory=TaskPath)
-    #: gradient check run on dq/dk/dv before they leave backward (distributed variant)
-    grad_check: Optional[Callable[[str, torch.Tensor], None]] = None
+    #: (name, gradient, the ring's group or None) -> None: run on dq/dk/dv before they leave
+    #: backward (distributed variant's validate_gradients)
+    grad_check: Optional[Callable[[str, torch.Tensor, Optional[object]], None]] = None
     device: torch.device = torch.device("cpu")
 
     @property
@@ -223,6 +224,7 @@ class RingAttentionFunction(torch.autograd.Function):
         with ctx.profiler.total.span():
             dq, dk, dv = ring_backward(ctx, q, k, v, out, lse, dout, fctx.kernel_state)
         if ctx.grad_check is not None:
+            group = ctx.comm.group if ctx.comm is not None else None  # the group the ring ran on
             for name, g in (("q", dq), ("k", dk), ("v", dv)):
-                ctx.grad_check(name, g)
+                ctx.grad_check(name, g, group)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
