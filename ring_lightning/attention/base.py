@@ -82,7 +82,7 @@ class RingAttentionBase(nn.Module):
     """Exact ring attention over a sequence split across a process group.
 
     Call: ``out = attn(q, k, v, is_causal=False, already_split=False)`` with
-    q (B, T, H, D), k/v (B, T, K, D), ``H % K == 0``. See DESIGN.md section 2.
+    q (B, T, H, D), k/v (B, T, K, D), ``H % K == 0``. See docs/ARCHITECTURE.md.
     """
 
     variant = "standard"

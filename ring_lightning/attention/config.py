@@ -89,7 +89,7 @@ class RingAttentionConfig:
     ring_size: Optional[int] = None
     """Expected sequence-parallel group size; checked against the group at first call."""
     layout: str = "auto"
-    """How positions map to ranks: auto | contiguous | zigzag (see DESIGN.md section 3)."""
+    """How positions map to ranks: auto | contiguous | zigzag (docs/ARCHITECTURE.md, layouts)."""
     custom_ring_order: Optional[List[int]] = None
     """A permutation of the group's ranks giving the order partners are visited in."""
     async_ring_communication: bool = True

@@ -1,4 +1,4 @@
-"""StandardRingAttention: the exact ring, nothing added (DESIGN.md section 3)."""
+"""StandardRingAttention: the exact ring, nothing added (docs/ARCHITECTURE.md)."""
 
 from .base import RingAttentionBase
 
