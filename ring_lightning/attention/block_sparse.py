@@ -26,7 +26,7 @@ import torch
 
 from .base import RingAttentionBase
 from .kernels import BlockSpec
-from .masks import build_block_mask
+from .masks import block_mask_for
 from .plan import CAUSAL
 from .sparse_kernel import SparseLayout, aligned, build_layout, sparse_backward, sparse_forward
 from .tasks import TaskPath
@@ -120,14 +120,9 @@ class BlockSparseRingAttention(RingAttentionBase):
 
     def block_mask(self, seq_len: int) -> torch.Tensor:
         """The boolean (N/block_size, N/block_size) block mask used for ``seq_len`` (True = kept)."""
-        bs = self.config.block_size
-        if seq_len % bs != 0:
-            raise ValueError(
-                f"sequence length {seq_len} is not a multiple of block_size {bs}; pad "
-                f"{(-seq_len) % bs} more positions (ring_lightning.sharding.pad_to_multiple(x, {bs}))"
-            )
         c = self.config
-        return build_block_mask(seq_len // bs, c.sparse_pattern, c.sparsity_ratio, c.sparse_seed).clone()
+        # a copy: the mask is cached (masks.py) and shared by every module with this config
+        return block_mask_for(seq_len, c.block_size, c.sparse_pattern, c.sparsity_ratio, c.sparse_seed).clone()
 
     def _context_options(self, q: torch.Tensor, seq_len: int, is_causal: bool) -> dict:
         bs = self.config.block_size

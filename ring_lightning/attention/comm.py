@@ -185,33 +185,36 @@ class RingTransfers:
     def _numel(self, items: List[Item]) -> int:
         return sum(math.prod(self.plan.item_shape(it, self.batch, self.head_dim)) for it in items)
 
-    def _pack(self, peer: int, parts_k, parts_v):
-        """Send list and kept buffers for flat K and V buffers built from ``parts``."""
-        kb, vb = torch.cat(parts_k), torch.cat(parts_v)
-        self.profiler.bytes_sent += 2 * kb.numel() * kb.element_size()
-        return [(peer, kb), (peer, vb)], [kb, vb]
+    def _post(self, step: int, tag: int, dst: int, parts, src: int, recv_items: List[Item], alloc) -> Transfer:
+        """Post one exchange: flat ``parts`` (K pieces, V pieces) to ``dst`` as one K and one V
+        buffer, and ``recv_items`` from ``src`` into two buffers from ``alloc(numel)``."""
+        sends, keep = [], []
+        if parts[0]:
+            kb, vb = torch.cat(parts[0]), torch.cat(parts[1])
+            sends, keep = [(dst, kb), (dst, vb)], [kb, vb]
+            self.profiler.bytes_sent += 2 * kb.numel() * kb.element_size()
+        kr = vr = None
+        recvs = []
+        if recv_items:
+            n = self._numel(recv_items)
+            kr, vr = alloc(n), alloc(n)
+            recvs = [(src, kr), (src, vr)]
+        pending = self.comm.exchange(sends, recvs, step, tag=tag)
+        return Transfer(src, recv_items, kr, vr, pending, keep)
 
     def post_kv(self, k: torch.Tensor, v: torch.Tensor, step: int) -> Transfer:
         """Post ``step``'s K/V: send this rank's slices to one partner, receive another's."""
         src, dst = self.comm.partners(step)
         me = self.comm.rank
-        sends, keep = [], []
         send_items = self.plan.items(me, dst)
-        if send_items:
-            sends, keep = self._pack(dst, [kv_view(self.plan, k, me, it).reshape(-1) for it in send_items],
-                                     [kv_view(self.plan, v, me, it).reshape(-1) for it in send_items])
-        recv_items = self.plan.items(src, me)
-        kr = vr = None
-        recvs = []
-        if recv_items:
-            n = self._numel(recv_items)
-            kr, vr = self.pool.get(n, k.dtype, k.device), self.pool.get(n, v.dtype, v.device)
-            recvs = [(src, kr), (src, vr)]
+        parts = ([kv_view(self.plan, k, me, it).reshape(-1) for it in send_items],
+                 [kv_view(self.plan, v, me, it).reshape(-1) for it in send_items])
+        transfer = self._post(step, 4 * step, dst, parts, src, self.plan.items(src, me),
+                              lambda n: self.pool.get(n, k.dtype, k.device))
         if self.log_steps:
             self.profiler.log_step(step=step, send_to=dst, recv_from=src,
-                                   bytes_sent=sum(t.numel() * t.element_size() for t in keep))
-        pending = self.comm.exchange(sends, recvs, step, tag=4 * step)
-        return Transfer(src, recv_items, kr, vr, pending, keep)
+                                   bytes_sent=sum(t.numel() * t.element_size() for t in transfer.keep))
+        return transfer
 
     def receive(self, transfer: Transfer) -> Dict[Item, Tuple[torch.Tensor, torch.Tensor]]:
         """Wait for a K/V transfer: the received (K, V) slices by item, (B, 1, L, Kn, D) each."""
@@ -230,25 +233,17 @@ class RingTransfers:
         this rank's own from the rank it sent keys to. ``dtype``: the accumulator dtype, so
         that rounding does not grow with the number of ranks."""
         src, dst = self.comm.partners(step)
-        device = self.device
-        sends, keep = [], []
-        if received.items:
-            def flat(it, j):  # a slice no task used (all masked) still travels, as zeros
-                if it in grads:
-                    return grads[it][j].reshape(-1)
-                return torch.zeros(self.plan.item_shape(it, self.batch, self.head_dim), dtype=dtype,
-                                   device=device).reshape(-1)
-            sends, keep = self._pack(src, [flat(it, 0) for it in received.items],
-                                     [flat(it, 1) for it in received.items])
+
+        def flat(it, j):  # a slice no task used (all masked) still travels, as zeros
+            if it in grads:
+                return grads[it][j].reshape(-1)
+            return torch.zeros(math.prod(self.plan.item_shape(it, self.batch, self.head_dim)), dtype=dtype,
+                               device=self.device)
+
+        parts = ([flat(it, 0) for it in received.items], [flat(it, 1) for it in received.items])
         mine = self.plan.items(self.comm.rank, dst)  # what this rank sent to dst at this step comes back
-        kr = vr = None
-        recvs = []
-        if mine:
-            n = self._numel(mine)
-            kr, vr = torch.empty(n, dtype=dtype, device=device), torch.empty(n, dtype=dtype, device=device)
-            recvs = [(dst, kr), (dst, vr)]
-        pending = self.comm.exchange(sends, recvs, step, tag=4 * step + 2)
-        return Transfer(dst, mine, kr, vr, pending, keep)
+        return self._post(step, 4 * step + 2, src, parts, dst, mine,
+                          lambda n: torch.empty(n, dtype=dtype, device=self.device))
 
     def settle(self, transfer: Transfer) -> Dict[Item, Tuple[torch.Tensor, torch.Tensor]]:
         """Wait for a dK/dV transfer: this rank's key gradients by item, (B, 1, L, Kn, D) each."""

@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..sharding import Piece, rank_pieces
-from .masks import build_block_mask
+from .masks import block_mask_for
 
 FULL, CAUSAL = "full", "causal"
 
@@ -109,14 +109,8 @@ class RingPlan:
         self._tasks = {}
         self.blocks = None
         if sparse is not None:  # block_sparse: (block_size, pattern, ratio, seed)
-            bs, pattern, ratio, seed = sparse
-            if seq_len % bs != 0:
-                raise ValueError(
-                    f"sequence length {seq_len} is not a multiple of block_size {bs}; pad "
-                    f"{(-seq_len) % bs} more positions (ring_lightning.sharding.pad_to_multiple)"
-                )
-            self.block_size = bs
-            self.blocks = build_block_mask(seq_len // bs, pattern, ratio, seed)
+            self.block_size = sparse[0]
+            self.blocks = block_mask_for(seq_len, *sparse)
 
     # --- heads ------------------------------------------------------------------------
     def offsets(self, pattern: Pattern) -> List[int]:

@@ -17,6 +17,14 @@ import torch
 from .plan import Item, RingPlan, Task
 
 
+def _kv_selection(plan: RingPlan, x: torch.Tensor, rank: int, item: Item):
+    """(B, S, L, K, D) view of ``item``'s tokens in a local (B, T, K, D) tensor, and the kv
+    heads the item needs (None: all of them)."""
+    view = plan.select(x, plan.pieces[rank][item.k_piece], item.pattern, item.offset)
+    needed, _ = plan.kv_heads(item.pattern, item.offset)
+    return view, (None if needed == list(range(x.shape[2])) else needed)
+
+
 def q_view(plan: RingPlan, x: torch.Tensor, rank: int, task: Task) -> torch.Tensor:
     """(B, S, M, Hs, ...) view of a query-side tensor (q, out, lse, dq) of ``rank`` for ``task``."""
     piece = plan.pieces[rank][task.q_piece]
@@ -30,11 +38,8 @@ def kv_view(plan: RingPlan, x: torch.Tensor, rank: int, item: Item) -> torch.Ten
     A view when every kv head is needed; a gather (a copy) otherwise, which is also what
     travels, so a sender never ships heads nobody reads.
     """
-    view = plan.select(x, plan.pieces[rank][item.k_piece], item.pattern, item.offset)  # (B, S, L, K, D)
-    needed, _ = plan.kv_heads(item.pattern, item.offset)
-    if needed == list(range(x.shape[2])):
-        return view
-    return view[:, :, :, needed]
+    view, needed = _kv_selection(plan, x, rank, item)
+    return view if needed is None else view[:, :, :, needed]
 
 
 def expand_heads(plan: RingPlan, x: torch.Tensor, task: Task) -> torch.Tensor:
@@ -57,9 +62,8 @@ def reduce_heads(plan: RingPlan, g: torch.Tensor, task: Task) -> torch.Tensor:
 
 def add_to_kv(plan: RingPlan, g: torch.Tensor, rank: int, item: Item, value: torch.Tensor) -> None:
     """Add ``value`` (B, S, L, Kn, D) to a local dk or dv (B, T, K, D) where ``item``'s keys live."""
-    view = plan.select(g, plan.pieces[rank][item.k_piece], item.pattern, item.offset)  # (B, S, L, K, D)
-    needed, _ = plan.kv_heads(item.pattern, item.offset)
-    if needed == list(range(g.shape[2])):
+    view, needed = _kv_selection(plan, g, rank, item)
+    if needed is None:
         view.add_(value)
     else:
         view.index_add_(3, torch.tensor(needed, device=g.device), value)
