@@ -1,6 +1,7 @@
 """Exact ring attention: dense and LongNet-dilated, four variants. No Lightning here.
 
-``create_ring_attention`` is the only place variant names map to classes.
+``create_ring_attention`` is the way to build a module by variant name; the names map to
+classes in one table (registry.py), which MultiheadRingAttention reads too.
 """
 
 from __future__ import annotations
@@ -15,19 +16,16 @@ from .distributed import DistributedRingAttention
 from .hilbert import HilbertRingAttention
 from .multihead import MultiheadRingAttention
 from .reference import reference_attention
+from .registry import build_variant, check_fields, check_variant
 from .standard import StandardRingAttention
-
-_CLASSES = {
-    "standard": StandardRingAttention,
-    "hilbert": HilbertRingAttention,
-    "distributed": DistributedRingAttention,
-    "block_sparse": BlockSparseRingAttention,
-}
 
 
 def create_ring_attention(variant: str = "standard", config: Optional[RingAttentionConfig] = None,
                           embed_dim: Optional[int] = None, num_heads: Optional[int] = None, **fields):
     """Build a ring attention module by variant name.
+
+    ``use_hilbert=True`` (in ``fields`` or ``config``) with ``standard`` builds ``hilbert``,
+    with a warning (registry.py says why).
 
     Args:
         variant: one of ``standard``, ``hilbert``, ``distributed``, ``block_sparse``.
@@ -37,23 +35,14 @@ def create_ring_attention(variant: str = "standard", config: Optional[RingAttent
     Raises:
         ValueError: unknown variant (lists the valid ones). TypeError: unknown field.
     """
-    if variant not in _CLASSES:
-        raise ValueError(f"unknown ring attention variant {variant!r}; valid variants: {sorted(_CLASSES)}")
+    check_variant(variant)
     if embed_dim is not None or num_heads is not None:
         if embed_dim is None or num_heads is None:
             raise ValueError("embed_dim and num_heads must be given together for a multihead module")
         extra = {k: fields.pop(k) for k in ("num_kv_heads", "bias") if k in fields}
-        _check_fields(fields)
+        check_fields(fields)
         return MultiheadRingAttention(embed_dim, num_heads, variant=variant, config=config, **extra, **fields)
-    _check_fields(fields)
-    return _CLASSES[variant](config, **fields)
-
-
-def _check_fields(fields: dict) -> None:
-    unknown = sorted(set(fields) - set(RingAttentionConfig.field_names()))
-    if unknown:
-        raise TypeError(f"unknown RingAttentionConfig field(s) {unknown}; valid fields: "
-                        f"{RingAttentionConfig.field_names()}")
+    return build_variant(variant, config, **fields)
 
 
 __all__ = [

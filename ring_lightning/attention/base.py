@@ -1,8 +1,9 @@
 """RingAttentionBase: the module every variant shares (input checks, groups, sharding).
 
 A variant changes only what its name says (how blocks are computed, which tokens are
-masked, which production checks run) by overriding ``_context_options``; the ring itself
-(ring.py) and the merge (merge.py) are shared.
+masked, which production checks run) by overriding ``_context_options``, typically to
+hand the ring its ``TaskPath`` (tasks.py); the ring itself (ring.py), its transfers
+(comm.py) and the merge (merge.py) are shared.
 
 Process group: resolved lazily, never in ``__init__``. The strategy hands one with
 ``set_process_group(group, layout)``; otherwise the first call takes the default group if
@@ -81,7 +82,7 @@ class RingAttentionBase(nn.Module):
     """Exact ring attention over a sequence split across a process group.
 
     Call: ``out = attn(q, k, v, is_causal=False, already_split=False)`` with
-    q (B, T, H, D), k/v (B, T, K, D), ``H % K == 0``. See DESIGN.md section 2.
+    q (B, T, H, D), k/v (B, T, K, D), ``H % K == 0``. See docs/ARCHITECTURE.md.
     """
 
     variant = "standard"
@@ -145,7 +146,7 @@ class RingAttentionBase(nn.Module):
 
     # ------------------------------------------------------------------- variants
     def _context_options(self, q: torch.Tensor, seq_len: int, is_causal: bool) -> dict:
-        """Variant hook: extra RingContext fields (mask_fn, compute_dtype, grad_check...)."""
+        """Variant hook: extra RingContext fields (path, tile, compute_dtype, grad_check...)."""
         return {}
 
     def _sparse_key(self) -> Optional[tuple]:

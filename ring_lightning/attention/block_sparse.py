@@ -20,11 +20,91 @@ The diagonal is always kept so that every query has at least one key.
 from __future__ import annotations
 
 import warnings
+from typing import Dict, Optional
 
 import torch
 
 from .base import RingAttentionBase
-from .masks import build_block_mask
+from .kernels import BlockSpec
+from .masks import block_mask_for
+from .plan import CAUSAL
+from .sparse_kernel import SparseLayout, aligned, build_layout, sparse_backward, sparse_forward
+from .tasks import TaskPath
+
+
+def _batched(tile_mask, batch: int, device):
+    """A per-segment tile mask (S, mq, mk) -> (B*S, 1, mq, mk), broadcast over heads."""
+    def batched(q0, q1, k0, k1):
+        tm = tile_mask(q0, q1, k0, k1).to(device)  # (S, mq, mk)
+        return tm.unsqueeze(0).expand(batch, *tm.shape).flatten(0, 1).unsqueeze(1)
+
+    return batched
+
+
+class BlockSparsePath(TaskPath):
+    """Tasks under a block mask: the gathered kernel where whole blocks align (sparse_kernel.py),
+    else the standard path with a per-tile token mask. Caches live for one ring call."""
+
+    def __init__(self, blocks: torch.Tensor, block_size: int) -> None:
+        self.blocks, self.bs = blocks, block_size  # (N/bs, N/bs) bool, on the inputs' device
+        self._masks: Dict[tuple, object] = {}
+        self._layouts: Dict[tuple, Optional[SparseLayout]] = {}
+
+    def _tile_mask(self, ctx, task, src):
+        """None: the mask keeps all of the task; False: nothing; else tile -> (S, mq, mk) mask."""
+        key = (task, src)
+        if key not in self._masks:
+            blocks, bs = self.blocks, self.bs
+            qpos, kpos = self.positions(ctx, task, src)
+            qb, kb = (qpos // bs).to(blocks.device), (kpos // bs).to(blocks.device)  # (S, M), (S, L) block ids
+            sub = blocks[qb.unique()][:, kb.unique()]
+            if bool(sub.all()):
+                self._masks[key] = None
+            elif not bool(sub.any()):
+                self._masks[key] = False
+            else:
+                def tile(q0, q1, k0, k1):  # only one tile's mask at a time, never (M, L)
+                    return blocks[qb[:, q0:q1, None], kb[:, None, k0:k1]]
+
+                self._masks[key] = tile
+        return self._masks[key]
+
+    def _layout(self, ctx, task, src, spec: BlockSpec, q) -> Optional[SparseLayout]:
+        """Gathered-kernel layout, or None where the per-tile path must run (dilated selection,
+        blocks not aligned with pieces, dropout)."""
+        if task.pattern.dilation != 1 or spec.dropout_p > 0:
+            return None
+        Bp, _, heads, head_dim = q.shape  # (B*S, M, Hs, D)
+        key = (task, src, Bp, heads, head_dim)
+        if key not in self._layouts:
+            qpos, kpos = self.positions(ctx, task, src)  # (S, M), (S, L)
+            batch = Bp // qpos.shape[0]
+            self._layouts[key] = (build_layout(self.blocks, qpos, kpos, self.bs, batch, task.kind == CAUSAL,
+                                               heads, head_dim) if aligned(qpos, kpos, self.bs) else None)
+        return self._layouts[key]
+
+    def spec(self, ctx, task, src, batch):
+        mask = self._tile_mask(ctx, task, src)
+        if mask is False:
+            return None
+        spec = super().spec(ctx, task, src, batch)
+        if mask is not None:
+            spec.token_mask = _batched(mask, batch, ctx.device)
+        return spec
+
+    def forward(self, ctx, task, src, spec, q, k, v):
+        layout = self._layout(ctx, task, src, spec, q)
+        if layout is None:
+            return super().forward(ctx, task, src, spec, q, k, v)
+        o, l, state, computed = sparse_forward(layout, q, k, v, ctx.scale, ctx.kernel)
+        ctx.profiler.computed_blocks += 1
+        ctx.profiler.computed_tiles += computed
+        return o, l, state
+
+    def backward(self, ctx, task, src, spec, state, q, k, v, out, dout, lse):
+        if state[0] != "sparse":
+            return super().backward(ctx, task, src, spec, state, q, k, v, out, dout, lse)
+        return sparse_backward(state, q, k, v, out, dout, lse, ctx.scale)
 
 
 class BlockSparseRingAttention(RingAttentionBase):
@@ -40,34 +120,14 @@ class BlockSparseRingAttention(RingAttentionBase):
 
     def block_mask(self, seq_len: int) -> torch.Tensor:
         """The boolean (N/block_size, N/block_size) block mask used for ``seq_len`` (True = kept)."""
-        bs = self.config.block_size
-        if seq_len % bs != 0:
-            raise ValueError(
-                f"sequence length {seq_len} is not a multiple of block_size {bs}; pad "
-                f"{(-seq_len) % bs} more positions (ring_lightning.sharding.pad_to_multiple(x, {bs}))"
-            )
         c = self.config
-        return build_block_mask(seq_len // bs, c.sparse_pattern, c.sparsity_ratio, c.sparse_seed).clone()
+        # a copy: the mask is cached (masks.py) and shared by every module with this config
+        return block_mask_for(seq_len, c.block_size, c.sparse_pattern, c.sparsity_ratio, c.sparse_seed).clone()
 
     def _context_options(self, q: torch.Tensor, seq_len: int, is_causal: bool) -> dict:
         bs = self.config.block_size
-        blocks = self.block_mask(seq_len).to(q.device)
-
-        def mask_fn(qpos: torch.Tensor, kpos: torch.Tensor):
-            qb, kb = (qpos // bs).to(q.device), (kpos // bs).to(q.device)  # (S, M), (S, L) block ids
-            sub = blocks[qb.unique()][:, kb.unique()]
-            if bool(sub.all()):
-                return None
-            if not bool(sub.any()):
-                return False
-
-            def tile(q0, q1, k0, k1):  # (S, mq, mk): only one tile's mask at a time
-                return blocks[qb[:, q0:q1, None], kb[:, None, k0:k1]]
-
-            tile.per_segment = True
-            return tile
-
-        return {"mask_fn": mask_fn, "tile": bs, "sparse_blocks": (blocks, bs)}
+        # tiles of block_size so that every tile lies in one block of the mask
+        return {"path": BlockSparsePath(self.block_mask(seq_len).to(q.device), bs), "tile": bs}
 
     def _sparse_key(self):
         c = self.config

@@ -1,4 +1,5 @@
-"""Point-to-point ring communication: partners, batched isend/irecv, waits with a timeout.
+"""Ring communication: partners, batched isend/irecv, waits with a timeout, and which
+kv slices travel at each step.
 
 The schedule is a rotation: at step ``s`` the rank at ring position ``p`` receives from
 position ``p - s`` and sends to position ``p + s``. Every rank ships its OWN kv slices
@@ -11,15 +12,26 @@ Waiting: on CPU (gloo) every wait carries ``timeout``; a peer that stops taking 
 this rank raise ``RingCommunicationError`` naming it, instead of hanging. On CUDA (NCCL),
 ``wait()`` only orders the compute stream after the transfer, which keeps the overlap;
 ``blocking=True`` (the distributed variant) blocks the host with the timeout instead.
+
+Layers: ``RingComm`` knows ranks and posts buffers; ``RingTransfers`` knows the plan: it
+packs a step's kv slices into one K and one V buffer, takes receive buffers from the
+pool, cuts what arrives back into slices, and returns the buffers once computed on. The
+ring loop (ring.py) only says when: post step s+1, receive step s, compute, release.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+
+from .plan import Item, RingPlan
+from .profiling import RingProfiler
+from .views import kv_view
 
 
 class RingCommunicationError(RuntimeError):
@@ -140,3 +152,119 @@ class RingComm:
         works = dist.batch_isend_irecv(ops) if ops else []
         peers = [p for p, _ in sends] + [p for p, _ in recvs]
         return PendingTransfer(works, peers, step, self, [t for _, t in recvs])
+
+
+# ------------------------------------------------------------------------ kv transfers
+@dataclass
+class Transfer:
+    """One step's posted K/V (or dK/dV) exchange and the receive buffers it fills."""
+
+    peer: int  #: the rank the buffers are received from
+    items: List[Item]  #: the slices packed into the receive buffers, in order
+    k_buf: Optional[torch.Tensor]
+    v_buf: Optional[torch.Tensor]
+    pending: PendingTransfer
+    keep: list  #: send buffers: they must live until the transfer completes
+
+
+class RingTransfers:
+    """Which kv slices travel at each ring step, and their buffers, for one ring call.
+
+    Tags: step ``s`` uses ``4s, 4s+1`` for K/V and ``4s+2, 4s+3`` for dK/dV, so a step's
+    gradients never match another step's keys even with several transfers in flight.
+    """
+
+    def __init__(self, comm: RingComm, plan: RingPlan, pool: BufferPool, profiler: RingProfiler,
+                 batch: int, head_dim: int, device: torch.device, sync: bool = False,
+                 log_steps: bool = False) -> None:
+        self.comm, self.plan, self.pool, self.profiler = comm, plan, pool, profiler
+        self.batch, self.head_dim, self.device = batch, head_dim, device
+        self.sync = sync and device.type == "cuda"  #: enable_profiling: synchronise after each wait
+        self.log_steps = log_steps  #: profile_communication: a record per step
+
+    def _numel(self, items: List[Item]) -> int:
+        return sum(math.prod(self.plan.item_shape(it, self.batch, self.head_dim)) for it in items)
+
+    def _post(self, step: int, tag: int, dst: int, parts, src: int, recv_items: List[Item], alloc) -> Transfer:
+        """Post one exchange: flat ``parts`` (K pieces, V pieces) to ``dst`` as one K and one V
+        buffer, and ``recv_items`` from ``src`` into two buffers from ``alloc(numel)``."""
+        sends, keep = [], []
+        if parts[0]:
+            kb, vb = torch.cat(parts[0]), torch.cat(parts[1])
+            sends, keep = [(dst, kb), (dst, vb)], [kb, vb]
+            self.profiler.bytes_sent += 2 * kb.numel() * kb.element_size()
+        kr = vr = None
+        recvs = []
+        if recv_items:
+            n = self._numel(recv_items)
+            kr, vr = alloc(n), alloc(n)
+            recvs = [(src, kr), (src, vr)]
+        pending = self.comm.exchange(sends, recvs, step, tag=tag)
+        return Transfer(src, recv_items, kr, vr, pending, keep)
+
+    def post_kv(self, k: torch.Tensor, v: torch.Tensor, step: int) -> Transfer:
+        """Post ``step``'s K/V: send this rank's slices to one partner, receive another's."""
+        src, dst = self.comm.partners(step)
+        me = self.comm.rank
+        send_items = self.plan.items(me, dst)
+        parts = ([kv_view(self.plan, k, me, it).reshape(-1) for it in send_items],
+                 [kv_view(self.plan, v, me, it).reshape(-1) for it in send_items])
+        transfer = self._post(step, 4 * step, dst, parts, src, self.plan.items(src, me),
+                              lambda n: self.pool.get(n, k.dtype, k.device))
+        if self.log_steps:
+            self.profiler.log_step(step=step, send_to=dst, recv_from=src,
+                                   bytes_sent=sum(t.numel() * t.element_size() for t in transfer.keep))
+        return transfer
+
+    def receive(self, transfer: Transfer) -> Dict[Item, Tuple[torch.Tensor, torch.Tensor]]:
+        """Wait for a K/V transfer: the received (K, V) slices by item, (B, 1, L, Kn, D) each."""
+        self._wait(transfer)
+        self.profiler.ring_steps += 1
+        return self._slices(transfer)
+
+    def release(self, transfer: Transfer) -> None:
+        """Hand a computed-on transfer's receive buffers back to the pool."""
+        for buf in (transfer.k_buf, transfer.v_buf):
+            if buf is not None:
+                self.pool.put(buf)
+
+    def post_grads(self, step: int, received: Transfer, grads: Dict[Item, tuple], dtype: torch.dtype) -> Transfer:
+        """Send the dK/dV of the keys ``received`` at ``step`` back to their owner, and receive
+        this rank's own from the rank it sent keys to. ``dtype``: the accumulator dtype, so
+        that rounding does not grow with the number of ranks."""
+        src, dst = self.comm.partners(step)
+
+        def flat(it, j):  # a slice no task used (all masked) still travels, as zeros
+            if it in grads:
+                return grads[it][j].reshape(-1)
+            return torch.zeros(math.prod(self.plan.item_shape(it, self.batch, self.head_dim)), dtype=dtype,
+                               device=self.device)
+
+        parts = ([flat(it, 0) for it in received.items], [flat(it, 1) for it in received.items])
+        mine = self.plan.items(self.comm.rank, dst)  # what this rank sent to dst at this step comes back
+        return self._post(step, 4 * step + 2, src, parts, dst, mine,
+                          lambda n: torch.empty(n, dtype=dtype, device=self.device))
+
+    def settle(self, transfer: Transfer) -> Dict[Item, Tuple[torch.Tensor, torch.Tensor]]:
+        """Wait for a dK/dV transfer: this rank's key gradients by item, (B, 1, L, Kn, D) each."""
+        self._wait(transfer)
+        return self._slices(transfer)
+
+    def _slices(self, transfer: Transfer) -> Dict[Item, Tuple[torch.Tensor, torch.Tensor]]:
+        out, pos = {}, 0
+        for item in transfer.items:
+            shape = self.plan.item_shape(item, self.batch, self.head_dim)  # (B, L, Kn, D)
+            n = math.prod(shape)
+            k = transfer.k_buf[pos:pos + n].view(shape).unsqueeze(1)  # (B, 1, L, Kn, D)
+            v = transfer.v_buf[pos:pos + n].view(shape).unsqueeze(1)
+            out[item] = (k, v)
+            pos += n
+        return out
+
+    def _wait(self, transfer: Transfer) -> None:
+        with self.profiler.comm.span():
+            transfer.pending.wait()
+            if self.sync:
+                # enable_profiling: charge the whole transfer here rather than only the part the
+                # overlap left exposed (exact attribution, at the cost of the overlap)
+                torch.cuda.synchronize(self.device)

@@ -41,6 +41,10 @@ FIELD_VARIANTS = {
     "attention_dtype": ("distributed",),
     "validate_gradients": ("distributed",),
 }
+# What an inert-field warning adds for fields that act by other means than their variant.
+FIELD_NOTES = {
+    "use_hilbert": "create_ring_attention('standard', use_hilbert=True) builds the hilbert variant",
+}
 
 
 def _as_int_list(name: str, value) -> Optional[List[int]]:
@@ -85,7 +89,7 @@ class RingAttentionConfig:
     ring_size: Optional[int] = None
     """Expected sequence-parallel group size; checked against the group at first call."""
     layout: str = "auto"
-    """How positions map to ranks: auto | contiguous | zigzag (see DESIGN.md section 3)."""
+    """How positions map to ranks: auto | contiguous | zigzag (docs/ARCHITECTURE.md, layouts)."""
     custom_ring_order: Optional[List[int]] = None
     """A permutation of the group's ranks giving the order partners are visited in."""
     async_ring_communication: bool = True
@@ -100,7 +104,9 @@ class RingAttentionConfig:
 
     # --- hilbert variant ------------------------------------------------------------------
     use_hilbert: bool = False
-    """Process tokens in Hilbert-curve order (implied by the hilbert variant)."""
+    """Process tokens in Hilbert-curve order: ``create_ring_attention("standard", use_hilbert=True)``
+    builds the hilbert variant (with a warning); inert, with a warning, in distributed and
+    block_sparse; the hilbert variant always uses the curve (registry.py)."""
     hilbert_curve_level: int = 8
     """Curve level L: positions are laid on a 2^L x 2^L grid."""
 
@@ -244,9 +250,10 @@ class RingAttentionConfig:
                 continue
             value = getattr(self, name)
             if value != defaults[name]:
+                note = f"; {FIELD_NOTES[name]}" if name in FIELD_NOTES else ""
                 warnings.warn(
                     f"RingAttentionConfig.{name}={value!r} has no effect in the {variant!r} "
-                    f"variant (it acts in: {', '.join(acting)})",
+                    f"variant (it acts in: {', '.join(acting)}{note})",
                     UserWarning,
                     stacklevel=3,
                 )

@@ -17,7 +17,6 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from .base import _UNSET as _UNSET_GROUP
 from .base import RingAttentionBase
 
 
@@ -44,9 +43,9 @@ class DistributedRingAttention(RingAttentionBase):
             opts["grad_check"] = self._check_gradient
         return opts
 
-    def _check_gradient(self, name: str, grad: torch.Tensor) -> None:
+    def _check_gradient(self, name: str, grad: torch.Tensor, group=None) -> None:
+        """Raise on every rank of ``group`` (the ring's, None on one device) if any has a non-finite entry."""
         finite = torch.isfinite(grad).all().to(torch.int32).reshape(1)
-        group = self._group if self._group is not None and self._group is not _UNSET_GROUP else None
         if group is not None:
             # every rank of the sequence group raises together: a lone raise would leave the
             # others waiting in the next collective

@@ -17,11 +17,11 @@ because the usage guide promises it and because it is exact; choose ``standard``
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 from .base import RingAttentionBase
+from .kernels import BlockSpec
+from .tasks import TaskPath
 
 
 def hilbert_index(level: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -73,11 +73,47 @@ def hilbert_order(positions: torch.Tensor, level: int) -> torch.Tensor:
     return torch.argsort(key, stable=True)
 
 
+class HilbertPath(TaskPath):
+    """The standard path on the task's tokens permuted into curve order, then permuted back."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+    def _order(self, ctx, task, src, spec: BlockSpec):
+        """(query order (M,), key order (L,), spec with the causal mask made explicit).
+
+        The causal mask is rebuilt from the ORIGINAL positions of the permuted tokens: the
+        kernels' top-left triangle no longer describes it. Segment 0's relative positions
+        serve every segment of a task (all segments are laid out alike).
+        """
+        qpos, kpos = (p[0] for p in self.positions(ctx, task, src))  # (M,), (L,)
+        qo, ko = hilbert_order(qpos, self.level), hilbert_order(kpos, self.level)
+        if spec.causal:
+            qp, kp = qpos[qo].to(ctx.device), kpos[ko].to(ctx.device)  # positions in processing order
+
+            def causal_tile(q0, q1, k0, k1):
+                return kp[None, k0:k1] <= qp[q0:q1, None]  # (mq, mk)
+
+            spec = BlockSpec(False, causal_tile, spec.dropout_p, spec.dropout_seed)
+        return qo, ko, spec
+
+    def forward(self, ctx, task, src, spec, q, k, v):
+        qo, ko, spec = self._order(ctx, task, src, spec)
+        o, l, state = super().forward(ctx, task, src, spec, q[:, qo], k[:, ko], v[:, ko])
+        inv = torch.argsort(qo)  # undo the order: position i of the task gets its own row
+        return o[:, inv], l[:, inv], state
+
+    def backward(self, ctx, task, src, spec, state, q, k, v, out, dout, lse):
+        qo, ko, spec = self._order(ctx, task, src, spec)
+        gq, gk, gv = super().backward(ctx, task, src, spec, state, q[:, qo], k[:, ko], v[:, ko],
+                                      out[:, qo], dout[:, qo], lse[:, qo])
+        return gq[:, torch.argsort(qo)], gk[:, torch.argsort(ko)], gv[:, torch.argsort(ko)]
+
+
 class HilbertRingAttention(RingAttentionBase):
     """Exactly ``standard``'s results, computed in Hilbert-curve token order."""
 
     variant = "hilbert"
 
     def _context_options(self, q: torch.Tensor, seq_len: int, is_causal: bool) -> dict:
-        level = self.config.hilbert_curve_level
-        return {"order_fn": lambda pos: hilbert_order(pos, level)}
+        return {"path": HilbertPath(self.config.hilbert_curve_level)}

@@ -79,14 +79,17 @@ def _tile_mask(spec: BlockSpec, q0: int, q1: int, k0: int, k1: int, device):
     return mask
 
 
+def _heads_first(dtype: torch.dtype, *xs: torch.Tensor):
+    """(B', M, H, D) tensors -> (B', H, M, D) views in ``dtype``: one matmul batch per head."""
+    return tuple(x.to(dtype).transpose(1, 2) for x in xs)
+
+
 def math_forward(q, k, v, scale: float, spec: BlockSpec, tile: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Tiled online-softmax forward. Returns out (B',M,H,D), lse (B',M,H) and tiles skipped."""
     acc = accumulator_dtype(q.dtype)
     Bp, M, H, D = q.shape
     L = k.shape[1]
-    qf = q.to(acc).transpose(1, 2)  # (B', H, M, D)
-    kf = k.to(acc).transpose(1, 2)  # (B', H, L, D)
-    vf = v.to(acc).transpose(1, 2)
+    qf, kf, vf = _heads_first(acc, q, k, v)  # (B', H, M, D), (B', H, L, D) x2
     out = torch.zeros(Bp, H, M, D, dtype=acc, device=q.device)
     lse = torch.full((Bp, H, M), float("-inf"), dtype=acc, device=q.device)
     skipped = 0
@@ -124,10 +127,7 @@ def math_forward(q, k, v, scale: float, spec: BlockSpec, tile: int) -> Tuple[tor
 def math_backward(q, k, v, out, dout, lse, scale: float, spec: BlockSpec, tile: int):
     """Gradients of one block given the FINAL merged out (B',M,H,D) and lse (B',M,H)."""
     acc = accumulator_dtype(q.dtype)
-    qf = q.to(acc).transpose(1, 2)  # (B', H, M, D)
-    kf = k.to(acc).transpose(1, 2)  # (B', H, L, D)
-    vf = v.to(acc).transpose(1, 2)
-    do = dout.to(acc).transpose(1, 2)
+    qf, kf, vf, do = _heads_first(acc, q, k, v, dout)  # (B', H, M|L, D)
     lse_t = lse.to(acc).transpose(1, 2)  # (B', H, M)
     lse_t = torch.where(torch.isneginf(lse_t), torch.zeros_like(lse_t), lse_t)
     delta = (do * out.to(acc).transpose(1, 2)).sum(-1)  # (B', H, M)

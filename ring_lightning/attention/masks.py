@@ -46,3 +46,15 @@ def build_block_mask(num_blocks: int, pattern: str, ratio: float, seed: int) -> 
             mask.view(-1)[idx] = True
         return mask
     raise ValueError(f"sparse_pattern={pattern!r} is not valid")
+
+
+def block_mask_for(seq_len: int, block_size: int, pattern: str, ratio: float, seed: int) -> torch.Tensor:
+    """The (N/block_size, N/block_size) mask of a sequence; ValueError with the padding needed
+    when ``seq_len`` is not a multiple of ``block_size``."""
+    if seq_len % block_size != 0:
+        raise ValueError(
+            f"sequence length {seq_len} is not a multiple of block_size {block_size}; pad "
+            f"{(-seq_len) % block_size} more positions "
+            f"(ring_lightning.sharding.pad_to_multiple(x, {block_size}))"
+        )
+    return build_block_mask(seq_len // block_size, pattern, ratio, seed)

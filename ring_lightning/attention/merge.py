@@ -9,7 +9,7 @@ softmax denominator. Two partials over disjoint key sets combine exactly:
 
 The operation is associative and commutative, so a single float32 accumulator per query
 absorbs partials in any order. It is also the LongNet merge of dilation patterns, whose
-weights are proportional to each pattern's denominator (DESIGN.md section 3).
+weights are proportional to each pattern's denominator (docs/ARCHITECTURE.md, the merge).
 
 Float32 (or float64 when inputs are float64) because the weights are exponentials of
 differences: in bf16 the rounding of ``exp`` would grow with the number of merges, i.e.

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .config import RingAttentionConfig
+from .registry import build_variant
 
 
 class MultiheadRingAttention(nn.Module):
@@ -25,8 +26,6 @@ class MultiheadRingAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: Optional[int] = None, bias: bool = True,
                  variant: str = "standard", config: Optional[RingAttentionConfig] = None, **fields) -> None:
         super().__init__()
-        from . import create_ring_attention  # the factory maps names to variants
-
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -38,7 +37,7 @@ class MultiheadRingAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.attention = create_ring_attention(variant, config=config, **fields)
+        self.attention = build_variant(variant, config, **fields)
 
     def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
                 is_causal: bool = False, already_split: bool = False) -> torch.Tensor:

@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..sharding import Piece, rank_pieces
-from .masks import build_block_mask
+from .masks import block_mask_for
 
 FULL, CAUSAL = "full", "causal"
 
@@ -50,6 +50,11 @@ class Task:
     q_piece: int
     k_piece: int
     kind: str  #: FULL or CAUSAL (top-left aligned; only when both pieces are the same)
+
+    @property
+    def item(self) -> "Item":
+        """The shipped slice this task's keys come from."""
+        return Item(self.pattern, self.offset, self.k_piece)
 
 
 @dataclass(frozen=True)
@@ -104,14 +109,8 @@ class RingPlan:
         self._tasks = {}
         self.blocks = None
         if sparse is not None:  # block_sparse: (block_size, pattern, ratio, seed)
-            bs, pattern, ratio, seed = sparse
-            if seq_len % bs != 0:
-                raise ValueError(
-                    f"sequence length {seq_len} is not a multiple of block_size {bs}; pad "
-                    f"{(-seq_len) % bs} more positions (ring_lightning.sharding.pad_to_multiple)"
-                )
-            self.block_size = bs
-            self.blocks = build_block_mask(seq_len // bs, pattern, ratio, seed)
+            self.block_size = sparse[0]
+            self.blocks = block_mask_for(seq_len, *sparse)
 
     # --- heads ------------------------------------------------------------------------
     def offsets(self, pattern: Pattern) -> List[int]:
@@ -212,9 +211,8 @@ class RingPlan:
             return []
         seen = []
         for t in self.tasks(dst, src):
-            item = Item(t.pattern, t.offset, t.k_piece)
-            if item not in seen:
-                seen.append(item)
+            if t.item not in seen:
+                seen.append(t.item)
         return seen
 
     def item_shape(self, item: Item, batch: int, head_dim: int) -> Tuple[int, int, int, int]:

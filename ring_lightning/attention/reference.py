@@ -4,7 +4,7 @@ Independent of the ring on purpose: no merge routine, no layouts, no kernels. It
 full boolean mask of every pattern from GLOBAL positions, concatenates the masked scores of
 all patterns along the key axis and takes ONE softmax over the concatenation. That single
 softmax equals the LongNet merge "weights proportional to each pattern's denominator"
-(Ding et al. 2023, DESIGN.md section 3), so the ring's associative merge is checked against
+(Ding et al. 2023; docs/ARCHITECTURE.md, the merge), so the ring's associative merge is checked against
 a formula it does not share code with. Float64 by default; O(P * N^2) memory, tests only.
 
 Letters: B batch, N sequence, H query heads, K kv heads, D head dim, P patterns.

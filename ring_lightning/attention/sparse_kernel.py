@@ -165,13 +165,17 @@ def _varlen_backward(state, q, k, v, out, dout, lse_rows, counts, bs, scale):
     return torch.cat(dqs), torch.cat(dks), torch.cat(dvs)
 
 
+def _blocks(bs: int, *xs: torch.Tensor):
+    """(B', M, ...) tensors -> (B'*M/bs, bs, ...): the task's tokens as flat blocks."""
+    return tuple(x.reshape(-1, bs, *x.shape[2:]) for x in xs)
+
+
 def sparse_forward(lay: SparseLayout, q, k, v, scale: float, kernel: str):
     """(out (B',M,Hs,D), lse (B',M,Hs), state, computed blocks) of one aligned block-sparse task."""
     bs = lay.bs
     Bp, M, Hs, D = q.shape
     acc = accumulator_dtype(q.dtype)
-    qb = q.reshape(-1, bs, Hs, D)  # (B'*nq, bs, Hs, D): flat query blocks
-    kb, vb = k.reshape(-1, bs, Hs, D), v.reshape(-1, bs, Hs, D)
+    qb, kb, vb = _blocks(bs, q, k, v)  # (B'*nq, bs, Hs, D), (B'*nk, bs, Hs, D) x2: flat blocks
     out = torch.zeros(Bp * M // bs, bs, Hs, D, dtype=acc, device=q.device)
     lse = torch.full((Bp * M // bs, bs, Hs), float("-inf"), dtype=acc, device=q.device)
     states = []
@@ -200,10 +204,7 @@ def sparse_backward(saved, q, k, v, out, dout, lse, scale: float):
     bs = lay.bs
     Bp, M, Hs, D = q.shape
     acc = accumulator_dtype(q.dtype)
-    qb = q.reshape(-1, bs, Hs, D)
-    kb, vb = k.reshape(-1, bs, Hs, D), v.reshape(-1, bs, Hs, D)
-    ob, dob = out.reshape(-1, bs, Hs, D), dout.reshape(-1, bs, Hs, D)
-    lb = lse.reshape(-1, bs, Hs)
+    qb, kb, vb, ob, dob, lb = _blocks(bs, q, k, v, out, dout, lse)  # (blocks, bs, Hs[, D])
     dq = torch.zeros(qb.shape, dtype=acc, device=q.device)
     dk = torch.zeros(kb.shape, dtype=acc, device=q.device)
     dv = torch.zeros(vb.shape, dtype=acc, device=q.device)

@@ -217,6 +217,18 @@ def test_field_without_effect_warns():
         create_ring_attention("block_sparse", compute_block_size=64)
 
 
+def test_use_hilbert_turns_standard_into_hilbert():
+    with pytest.warns(UserWarning, match="use_hilbert"):
+        attn = create_ring_attention("standard", use_hilbert=True, hilbert_curve_level=2)
+    assert attn.variant == "hilbert"
+    with pytest.warns(UserWarning, match="use_hilbert"):
+        mha = create_ring_attention(config=RingAttentionConfig(use_hilbert=True), embed_dim=8, num_heads=2)
+    assert mha.attention.variant == "hilbert"
+    q, k, v = qkv(dtype=torch.float32)
+    ref = create_ring_attention("standard")(q, k, v, is_causal=True)
+    assert rel(attn(q, k, v, is_causal=True), ref) < HILBERT_REL_TOL
+
+
 def test_bad_inputs_say_what_is_wrong():
     attn = create_ring_attention("standard", segment_lengths=[16])
     q, k, v = qkv(N=24)

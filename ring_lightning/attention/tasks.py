@@ -1,0 +1,66 @@
+"""How one ring task is computed: the standard path, which the variants specialise.
+
+A task (plan.py) is one pattern/offset's query piece against one key piece. The ring
+(ring.py) hands a path the task's tokens already gathered, shaped (B*S, M, Hs, D) for q
+and (B*S, L, Hs, D) for k and v, and merges what comes back; the path decides
+
+* ``spec``: how the task's blocks are masked (causal, token mask, dropout), or ``None``
+  when the mask keeps nothing, so the task is skipped without gathering its tokens;
+* ``forward``: ``(out (B*S, M, Hs, D), lse (B*S, M, Hs), state)`` of the task alone;
+* ``backward``: ``(dq, dk, dv)`` of the task, given the FINAL merged out and lse and the
+  ``state`` its forward returned.
+
+``TaskPath`` is the standard one: one block-kernel call (kernels.py) per task. The
+hilbert variant reorders tokens around it (hilbert.py), block_sparse masks blocks and
+takes a gathered kernel where blocks align (block_sparse.py). Either keeps ``standard``'s
+numerics wherever it does not change the maths, because it calls this path.
+
+Letters: B batch, S segments of a task, M/L query/key tokens, Hs query heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Tuple
+
+import torch
+
+from .kernels import BlockSpec, block_backward, block_forward
+from .plan import CAUSAL, Task
+
+if TYPE_CHECKING:  # annotations only: ring.py imports this module, not the other way round
+    from .ring import RingContext
+
+
+class TaskPath:
+    """The standard path: one block-kernel call per task, tiles of ``ctx.tile``."""
+
+    def spec(self, ctx: "RingContext", task: Task, src: int, batch: int) -> Optional[BlockSpec]:
+        """How the task attends (``batch``: B, for masks that broadcast over it)."""
+        plan = ctx.plan
+        # one dropout seed per task, from what every call of this task shares, so that
+        # backward regenerates exactly the forward's mask
+        seed = hash((ctx.dropout_seed, task.pattern.index, task.offset,
+                     plan.pieces[ctx.rank][task.q_piece].start,
+                     plan.pieces[src][task.k_piece].start)) % (2**62)
+        return BlockSpec(task.kind == CAUSAL, None, ctx.dropout_p, seed)
+
+    def forward(self, ctx: "RingContext", task: Task, src: int, spec: BlockSpec, q, k, v):
+        o, l, state, skipped = block_forward(q, k, v, ctx.scale, spec, ctx.kernel, ctx.tile)
+        prof = ctx.profiler
+        prof.computed_blocks += 1
+        prof.skipped_blocks += skipped
+        tiles = -(-q.shape[1] // ctx.tile) * -(-k.shape[1] // ctx.tile)
+        # a CUDA kernel skips masked tiles inside itself: only the math kernel can count them
+        prof.computed_tiles += tiles - skipped if state[0] == "math" else tiles
+        return o, l, state
+
+    def backward(self, ctx: "RingContext", task: Task, src: int, spec: BlockSpec, state, q, k, v,
+                 out, dout, lse):
+        return block_backward(state, q, k, v, out, dout, lse, ctx.scale, spec, ctx.tile)
+
+    @staticmethod
+    def positions(ctx: "RingContext", task: Task, src: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Global positions of the task's query tokens (S, M) and key tokens (S, L)."""
+        plan = ctx.plan
+        return (plan.positions(ctx.rank, task.q_piece, task.pattern, task.offset),
+                plan.positions(src, task.k_piece, task.pattern, task.offset))
