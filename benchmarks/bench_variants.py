@@ -68,10 +68,9 @@ def main() -> None:
         error, ms = None, float("nan")
         try:
             attn = attention.create_ring_attention(variant, **fields)
-            if world > 1:
-                layout = attn.preferred_layout(n, world, True)
-                attn.set_process_group(dist.group.WORLD, layout=layout)
-            ms = time_fwd_bwd(attn, q, k, v, grad, reps, dev)
+            group = dist.group.WORLD if world > 1 else None
+            with sharding.sequence_sharding(group, attn.preferred_layout(n, world, True)):
+                ms = time_fwd_bwd(attn, q, k, v, grad, reps, dev)
         except Exception as exc:  # noqa: BLE001 - record and go on
             error = short_error(exc)
         ms = d.agree_max([ms])[0]  # every rank reaches this, failed or not: no rank waits alone

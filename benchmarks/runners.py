@@ -119,11 +119,10 @@ def ring_runner(spec: Spec, base, d: Dist, causal: bool, args, n: int):
     attn = attention.create_ring_attention(spec.variant, **ring_fields(spec, args, n))
     notes = []
     if spec.impl == "ring1" or d.world == 1:
-        attn.set_process_group(None)
+        group, layout = None, "contiguous"
         view = lambda x: x
     else:
-        layout = attn.preferred_layout(n, d.world, causal)
-        attn.set_process_group(d.group, layout=layout)
+        group, layout = d.group, attn.preferred_layout(n, d.world, causal)
         notes.append(f"layout={layout}")
         view = lambda x: sharding.shard_sequence(x, d.world, d.rank, layout).contiguous()
     q, k, v, g = base
@@ -135,8 +134,9 @@ def ring_runner(spec: Spec, base, d: Dist, causal: bool, args, n: int):
         s.pop("steps", None)
         return s
 
-    yield Runner(lambda: _ring_step(attn, qkv, gl, causal), lambda r: [r[0], *r[1]], view,
-                 stats=stats, notes=notes)
+    with sharding.sequence_sharding(group, layout):
+        yield Runner(lambda: _ring_step(attn, qkv, gl, causal), lambda r: [r[0], *r[1]], view,
+                     stats=stats, notes=notes)
     attn.clear_memory_pool()
 
 
@@ -168,7 +168,7 @@ def dilated_reference(base, causal: bool, args, n: int, device) -> Tuple[List[to
     attn = attention.create_ring_attention("standard", segment_lengths=[w for w, _ in pats],
                                            dilation_rates=[r for _, r in pats], kernel="math",
                                            compute_block_size=args.ref_tile)
-    attn.set_process_group(None)
     q, k, v, g = (x.to(hi) for x in base)
-    out, grads = _ring_step(attn, tuple(x.requires_grad_() for x in (q, k, v)), g, causal)
+    with sharding.sequence_sharding(None):
+        out, grads = _ring_step(attn, tuple(x.requires_grad_() for x in (q, k, v)), g, causal)
     return [x.detach() for x in (out, *grads)], f"ring_lightning 1-device {str(hi).replace('torch.', '')} portable kernel"

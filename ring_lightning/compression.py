@@ -27,12 +27,13 @@ gradient (per rank payload, not counting the collective algorithm's own overhead
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 COMPRESSION_METHODS = ("none", "topk", "randomk", "powersgd", "bf16")
@@ -315,3 +316,47 @@ def register_compression_hook(
         state, hook = PowerSGDHookState(inner), powersgd_hook
     ddp_model.register_comm_hook(state, hook)
     return state
+
+
+# --------------------------------------------------------------- usage-guide forwarding
+def _asked_by_attention(m: nn.Module, default_ratio: float, default_feedback: bool) -> Optional[Tuple[str, float, bool]]:
+    """What a ``distributed`` attention module's config asks the DDP hook for, if anything.
+
+    The usage guide puts compression fields on the attention config; they act only in the
+    ``distributed`` variant, and this is the one place they are forwarded to their owner
+    (the strategy's DDP hook). The config asks when ``gradient_compression_ratio`` is set
+    or when ``compression_method`` differs from its default; ``None`` ratio -> the strategy's.
+    """
+    cfg = getattr(m, "config", None)
+    if getattr(m, "variant", None) != "distributed" or cfg is None:
+        return None
+    ratio = getattr(cfg, "gradient_compression_ratio", None)
+    method = getattr(cfg, "compression_method", "none")
+    field_info = getattr(type(cfg), "__dataclass_fields__", {}).get("compression_method")
+    default_method = field_info.default if field_info is not None else "none"
+    if method == "none" or (ratio is None and method == default_method):
+        return None
+    ratio = default_ratio if ratio is None else float(ratio)
+    return method, ratio, bool(getattr(cfg, "use_error_feedback", default_feedback))
+
+
+def resolve_compression(method: str, ratio: float, error_feedback: bool,
+                        ring_modules: Sequence[nn.Module]) -> Tuple[str, float, bool]:
+    """The strategy's compression, or the one a ``distributed`` attention config asks for.
+
+    Raises:
+        ValueError: the strategy and an attention config, or two configs, ask for different ones.
+    """
+    asked = {a for a in (_asked_by_attention(m, ratio, error_feedback) for m in ring_modules) if a is not None}
+    if method != "none":
+        if any(a[0] != method for a in asked):
+            raise ValueError(
+                f"RingStrategy(compression={method!r}) conflicts with the attention config's "
+                f"compression_method {sorted(a[0] for a in asked)}; set one of them"
+            )
+        return method, ratio, error_feedback
+    if len(asked) > 1:
+        raise ValueError(f"ring attention modules ask for different gradient compressions: {sorted(asked)}")
+    if asked:
+        return asked.pop()
+    return "none", ratio, error_feedback

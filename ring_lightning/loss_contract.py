@@ -32,9 +32,10 @@ refused, or shifted for the user with ``shift_labels=True`` (see :func:`align_la
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import sharding
@@ -110,3 +111,34 @@ def loss_scale(batch: Mapping, sp: int, rank: int, layout: str, reduction: str, 
     total = weight_BN.sum()
     mine = sharding.shard_sequence(weight_BN, sp, rank, layout, dim=1).sum()
     return torch.where(total > 0, sp * mine / total.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+
+
+def reduce_token_loss(loss_sum: Tensor, num_tokens: Union[Tensor, int],
+                      sp: int, group: Optional["dist.ProcessGroup"]) -> Tuple[Tensor, Tensor]:
+    """Token-weighted loss over a sequence group, scaled for DDP's world average.
+
+    Each rank of a sequence group holds ``num_tokens`` of the sample's valid tokens.
+    Backpropagating ``loss_sum * sp / total_tokens`` on every rank makes DDP's average
+    over all ``dp * sp`` ranks equal the mean over sequence groups of each group's
+    token-mean loss gradient: exactly the ``sp=1`` gradient, ignored labels included.
+
+    Args:
+        loss_sum: sum of the token losses of this rank's shard (with grad).
+        num_tokens: number of valid tokens in this rank's shard.
+        sp, group: the sequence group's size and process group (None when sp == 1).
+
+    Returns:
+        ``(loss_to_backprop, mean_loss)``: the first carries the gradient; the second
+        (detached) is the group's token-mean loss, identical on every rank of the group,
+        so a world-wide mean of it (``self.log(..., sync_dist=True)``) counts each group once.
+    """
+    # float64: token counts stay exact far beyond float32's 2**24, sums stay accurate.
+    stats = torch.stack(
+        [loss_sum.detach().to(torch.float64), torch.as_tensor(num_tokens, device=loss_sum.device).to(torch.float64)]
+    )
+    if group is not None:
+        dist.all_reduce(stats, group=group)
+    total_tokens = stats[1].clamp(min=1.0)  # a shard (or group) with no valid token contributes 0
+    scale = (sp / total_tokens).to(loss_sum.dtype)
+    mean_loss = (stats[0] / total_tokens).to(loss_sum.dtype)
+    return loss_sum * scale, mean_loss

@@ -297,9 +297,9 @@ class LongDocumentLM(pl.LightningModule):
 
     # ------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
-        from ring_lightning.attention import RingAttentionBase
+        from ring_lightning.attention import ring_attention_modules
 
-        self._ring_modules = [m for m in self.model.modules() if isinstance(m, RingAttentionBase)]
+        self._ring_modules = ring_attention_modules(self.model)
         strategy = self.trainer.strategy
         if not _is_ring_strategy(strategy):
             # Plain DDP (or one device): the attention must not resolve the default group

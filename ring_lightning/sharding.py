@@ -15,8 +15,9 @@ Letters: B batch, N global sequence length, T local length (N/W), W group size.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -143,3 +144,49 @@ def required_multiple(
     for w in segment_lengths or []:
         unit = math.lcm(unit, w)
     return unit
+
+
+# --------------------------------------------------------------- the active sharding
+@dataclass(frozen=True)
+class SequenceSharding:
+    """How the sequences of the current step are split: created by whoever shards, read by attention.
+
+    ``group=None`` means nothing is split (one device, or data parallelism only). Ring
+    attention called with ``already_split=True`` inside :func:`sequence_sharding` takes its
+    group and layout from here; nothing is stored in the attention modules.
+    """
+
+    group: Optional["dist.ProcessGroup"] = None
+    layout: str = "contiguous"
+
+    def __post_init__(self) -> None:
+        _check_layout(self.layout)
+
+
+# A process-wide slot, not a ContextVar: autograd runs backward (and with it the
+# recomputation of checkpointed blocks, which calls attention again) on its own device
+# threads, where a ContextVar set on the main thread would not be visible.
+_active: Optional[SequenceSharding] = None
+
+
+@contextmanager
+def sequence_sharding(group: Optional["dist.ProcessGroup"], layout: str = "contiguous") -> Iterator[SequenceSharding]:
+    """Make ``(group, layout)`` the sharding of every ring attention call inside the block.
+
+    ``RingStrategy`` enters it around each step (forward and backward) with the batch's
+    sequence group and layout; a hand-written loop does the same::
+
+        with sequence_sharding(sp_group, "zigzag"):
+            loss = model(shard_of_batch).backward()
+    """
+    global _active
+    previous, _active = _active, SequenceSharding(group, layout)
+    try:
+        yield _active
+    finally:
+        _active = previous
+
+
+def active_sequence_sharding() -> Optional[SequenceSharding]:
+    """The innermost :func:`sequence_sharding` in force, or None."""
+    return _active

@@ -9,7 +9,8 @@ are data-parallel replicas (``dp`` axis). The strategy
   reads the same sample,
 * shards each dict batch along the sequence (dim 1) after it reaches the device, with
   the layout the attention modules prefer, and adds global ``position_ids``,
-* hands the ``sp`` group and that layout to every ring attention module in the model,
+* runs every step (forward and backward) inside ``sharding.sequence_sharding(sp_group,
+  layout)``, which the ring attention modules read: nothing is pushed into them,
 * rescales the loss each rank returns so that DDP's average over the whole world is
   the ``sp=1`` gradient for the per-token mean users write (``ring_lightning.loss_contract``;
   :meth:`RingStrategy.reduce_token_loss` is the explicit alternative),
@@ -45,8 +46,8 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ring_lightning import loss_contract, sharding
-from ring_lightning.attention import RingAttentionBase
-from ring_lightning.compression import check_compression_args, register_compression_hook
+from ring_lightning.attention import ring_attention_modules
+from ring_lightning.compression import check_compression_args, register_compression_hook, resolve_compression
 from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,15 @@ DP_AXIS, SP_AXIS = MESH_AXES
 LAYOUT_CHOICES = ("auto",) + sharding.LAYOUTS
 
 
-def _ring_attention_modules(model: nn.Module) -> List[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, RingAttentionBase)]
+def _within_batch_sharding(hook: str):
+    """``DDPStrategy.<hook>`` run inside the current batch's ``sharding.sequence_sharding``."""
+
+    def step(self: "RingStrategy", *args: Any, **kwargs: Any) -> Any:
+        with self._batch_sharding():
+            return getattr(DDPStrategy, hook)(self, *args, **kwargs)
+
+    step.__name__ = step.__qualname__ = hook
+    return step
 
 
 class RingStrategy(DDPStrategy):
@@ -150,7 +158,7 @@ class RingStrategy(DDPStrategy):
         self.layout = layout
         self._device_mesh: Optional[DeviceMesh] = None
         self._ring_modules: List[nn.Module] = []
-        self._module_layout: Optional[str] = None  # layout the modules currently hold
+        self._batch_layout = "contiguous"  # of the last sharded batch, read by _batch_sharding()
         self._layout_by_len: Dict[int, str] = {}
         self._compression_state: Any = None
 
@@ -241,18 +249,14 @@ class RingStrategy(DDPStrategy):
     # ------------------------------------------------------------------ model
 
     def setup(self, trainer: Any) -> None:
-        self._attach_ring_modules()
+        self._check_ring_modules()
         super().setup(trainer)
 
-    def _attach_ring_modules(self) -> None:
-        """Find the ring attention modules and hand them the sequence group."""
+    def _check_ring_modules(self) -> None:
+        """sp > 1 needs ring attention somewhere in the model (else silently wrong results)."""
         assert self.lightning_module is not None
-        self._ring_modules = _ring_attention_modules(self.lightning_module)
-        if self.sequence_parallel_size == 1:
-            for m in self._ring_modules:
-                m.set_process_group(None)
-            return
-        if not self._ring_modules:
+        self._ring_modules = ring_attention_modules(self.lightning_module)
+        if self.sequence_parallel_size > 1 and not self._ring_modules:
             raise ValueError(
                 f"sequence_parallel_size={self.sequence_parallel_size} but "
                 f"{type(self.lightning_module).__name__} contains no ring attention module "
@@ -260,21 +264,23 @@ class RingStrategy(DDPStrategy):
                 "own shard of the sequence. Use MultiheadRingAttention / create_ring_attention, "
                 "or sequence_parallel_size=1."
             )
-        # Hand the group over now, so no forward can ever run on the lazily resolved world
-        # group; the layout is final at the first batch, when the sequence length is known.
-        self._set_module_layout(self.layout if self.layout != "auto" else "contiguous")
-
-    def _set_module_layout(self, layout: str) -> None:
-        if layout == self._module_layout:
-            return
-        for m in self._ring_modules:
-            m.set_process_group(self.sp_group, layout=layout)
-        self._module_layout = layout
 
     @property
     def sequence_layout(self) -> str:
         """The layout of the last sharded batch (``contiguous`` before any, or with sp=1)."""
-        return self._module_layout or "contiguous"
+        return self._batch_layout
+
+    def _batch_sharding(self):
+        """The sharding every ring attention call of this step reads (``sharding.sequence_sharding``)."""
+        group = self.sp_group if self.sequence_parallel_size > 1 else None
+        return sharding.sequence_sharding(group, self._batch_layout)
+
+    # Forward and backward of each step run inside the batch's sharding (backward too, see
+    # backward(): activation checkpointing calls attention again while recomputing).
+    training_step = _within_batch_sharding("training_step")
+    validation_step = _within_batch_sharding("validation_step")
+    test_step = _within_batch_sharding("test_step")
+    predict_step = _within_batch_sharding("predict_step")
 
     def _layout_for(self, seq_len: int) -> str:
         """The layout for global length ``seq_len``: fixed, or what every module prefers."""
@@ -345,8 +351,7 @@ class RingStrategy(DDPStrategy):
         sp, rank = self.sequence_parallel_size, self.sp_rank
         layout = self._layout_for(seq_len) if sp > 1 else "contiguous"
         sharding.check_divisible(seq_len, sp, layout)
-        if sp > 1:
-            self._set_module_layout(layout)
+        self._batch_layout = layout
         # Training batches are sharded right before their step, so the scale of the last
         # sharded batch is the one backward() needs (validation batches run no backward).
         self._loss_scale = loss_contract.loss_scale(batch, sp, rank, layout, self.loss_reduction,
@@ -372,78 +377,25 @@ class RingStrategy(DDPStrategy):
         scale = None if self._loss_reduced_by_module else self._loss_scale
         if scale is not None:
             closure_loss = closure_loss * scale
-        return super().backward(closure_loss, optimizer, *args, **kwargs)
+        with self._batch_sharding():
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def reduce_token_loss(self, loss_sum: Tensor, num_tokens: Union[Tensor, int]) -> Tuple[Tensor, Tensor]:
-        """Token-weighted loss over a sequence group, scaled for DDP's world average.
+        """The explicit path: ``loss_contract.reduce_token_loss`` over this rank's sequence group.
 
-        Each rank of a sequence group holds ``num_tokens`` of the sample's valid tokens.
-        Backpropagating ``loss_sum * sp / total_tokens`` on every rank makes DDP's average
-        over all ``dp * sp`` ranks equal the mean over sequence groups of each group's
-        token-mean loss gradient: exactly the ``sp=1`` gradient, ignored labels included.
-
-        Args:
-            loss_sum: sum of the token losses of this rank's shard (with grad).
-            num_tokens: number of valid tokens in this rank's shard.
-
-        Returns:
-            ``(loss_to_backprop, mean_loss)``: the first carries the gradient; the second
-            (detached) is the group's token-mean loss, identical on every rank of the
-            group, so a world-wide mean of it (``self.log(..., sync_dist=True)``) counts
-            each group once. To *sum* it across groups, reduce over :attr:`dp_group`.
+        Returns ``(loss_to_backprop, mean_loss)``; marks this batch's loss as final, so
+        ``backward`` does not rescale it. To *sum* ``mean_loss`` across groups, reduce over
+        :attr:`dp_group`.
         """
+        self._loss_reduced_by_module = True
         sp = self.sequence_parallel_size
-        self._loss_reduced_by_module = True  # this loss is final: backward() must not rescale it
-        # float64: token counts stay exact far beyond float32's 2**24, sums stay accurate.
-        stats = torch.stack(
-            [loss_sum.detach().to(torch.float64), torch.as_tensor(num_tokens, device=loss_sum.device).to(torch.float64)]
-        )
-        if sp > 1 and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats, group=self.sp_group)
-        total_tokens = stats[1].clamp(min=1.0)  # a shard (or group) with no valid token contributes 0
-        scale = (sp / total_tokens).to(loss_sum.dtype)
-        mean_loss = (stats[0] / total_tokens).to(loss_sum.dtype)
-        return loss_sum * scale, mean_loss
+        return loss_contract.reduce_token_loss(loss_sum, num_tokens, sp, self.sp_group if sp > 1 else None)
 
     # ------------------------------------------------------------------ compression
 
-    def _module_compression(self, m: nn.Module) -> Optional[Tuple[str, float, bool]]:
-        """What a ``distributed`` attention module's config asks the DDP hook for, if anything.
-
-        The config acts only in the ``distributed`` variant. It asks when
-        ``gradient_compression_ratio`` is set (the usage guide's form) or when
-        ``compression_method`` differs from its default; ``None`` ratio -> the strategy's.
-        """
-        cfg = getattr(m, "config", None)
-        if getattr(m, "variant", None) != "distributed" or cfg is None:
-            return None
-        ratio = getattr(cfg, "gradient_compression_ratio", None)
-        method = getattr(cfg, "compression_method", "none")
-        field_info = getattr(type(cfg), "__dataclass_fields__", {}).get("compression_method")
-        default_method = field_info.default if field_info is not None else "none"
-        if method == "none" or (ratio is None and method == default_method):
-            return None
-        ratio = self.target_compression_ratio if ratio is None else float(ratio)
-        return method, ratio, bool(getattr(cfg, "use_error_feedback", self.error_feedback))
-
-    def _resolve_compression(self) -> Tuple[str, float, bool]:
-        """The strategy's compression, or the one a ``distributed`` attention config asks for."""
-        asked = {a for a in map(self._module_compression, self._ring_modules) if a is not None}
-        if self.compression != "none":
-            if any(a[0] != self.compression for a in asked):
-                raise ValueError(
-                    f"RingStrategy(compression={self.compression!r}) conflicts with the attention config's "
-                    f"compression_method {sorted(a[0] for a in asked)}; set one of them"
-                )
-            return self.compression, self.target_compression_ratio, self.error_feedback
-        if len(asked) > 1:
-            raise ValueError(f"ring attention modules ask for different gradient compressions: {sorted(asked)}")
-        if asked:
-            return asked.pop()
-        return "none", self.target_compression_ratio, self.error_feedback
-
     def _register_ddp_hooks(self) -> None:
-        method, ratio, error_feedback = self._resolve_compression()
+        method, ratio, error_feedback = resolve_compression(
+            self.compression, self.target_compression_ratio, self.error_feedback, self._ring_modules)
         if method == "none":
             super()._register_ddp_hooks()  # a user's own ddp_comm_hook (Lightning: CUDA only)
             return

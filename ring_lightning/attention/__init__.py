@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .base import RingAttentionBase
+from .base import RingAttentionBase, ring_attention_modules
 from .block_sparse import BlockSparseRingAttention
 from .comm import RingCommunicationError
 from .config import VARIANTS, RingAttentionConfig
@@ -46,7 +46,7 @@ def create_ring_attention(variant: str = "standard", config: Optional[RingAttent
 
 
 __all__ = [
-    "RingAttentionBase", "RingAttentionConfig", "RingCommunicationError", "StandardRingAttention", "HilbertRingAttention",
+    "RingAttentionBase", "ring_attention_modules", "RingAttentionConfig", "RingCommunicationError", "StandardRingAttention", "HilbertRingAttention",
     "BlockSparseRingAttention",
     "DistributedRingAttention", "MultiheadRingAttention", "create_ring_attention", "reference_attention",
     "VARIANTS",

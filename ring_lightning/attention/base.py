@@ -5,9 +5,11 @@ masked, which production checks run) by overriding ``_context_options``, typical
 hand the ring its ``TaskPath`` (tasks.py); the ring itself (ring.py), its transfers
 (comm.py) and the merge (merge.py) are shared.
 
-Process group: resolved lazily, never in ``__init__``. The strategy hands one with
-``set_process_group(group, layout)``; otherwise the first call takes the default group if
-one is initialised (the usage guide's multi-GPU example), else runs on one device.
+Process group and layout are read at each call, never stored by a strategy: inside a
+``sharding.sequence_sharding(group, layout)`` block (RingStrategy enters one around every
+step) they come from it; otherwise from ``set_process_group`` (standalone use), else the
+default group if one is initialised (the usage guide's multi-GPU example), else one
+device. See docs/ARCHITECTURE.md ("The shard context").
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..sharding import check_divisible, rank_pieces, shard_sequence, unshard_sequence
+from ..sharding import active_sequence_sharding, check_divisible, rank_pieces, shard_sequence, unshard_sequence
 from .comm import BufferPool, RingComm
 from .config import RingAttentionConfig
 from .plan import get_plan
@@ -97,23 +99,31 @@ class RingAttentionBase(nn.Module):
             raise TypeError(f"config must be a RingAttentionConfig, got {type(config).__name__}")
         self.config = config
         config.warn_inert_fields(self.variant)
-        self._group = _UNSET
-        self._layout_hint: Optional[str] = None
+        self._group = _UNSET  # set_process_group's group, for standalone use only
         self._verified = set()
         self.profiler = RingProfiler()
         self.pool = BufferPool(config.max_buffer_size_mb * 2**20, config.enable_memory_pool)
         self._comm: Optional[RingComm] = None
 
     # ----------------------------------------------------------------- process group
-    def set_process_group(self, group: Optional[dist.ProcessGroup], layout: Optional[str] = None) -> None:
-        """Use ``group`` for the ring (``None``: one device) and ``layout`` for split inputs."""
-        if layout is not None and layout not in ("contiguous", "zigzag"):
-            raise ValueError(f"layout={layout!r} is not valid; valid values: ('contiguous', 'zigzag')")
+    def set_process_group(self, group: Optional[dist.ProcessGroup]) -> None:
+        """Standalone use only: the group this module rings over when no sharding is active.
+
+        Under ``RingStrategy`` (or any ``sharding.sequence_sharding`` block) the active
+        sharding decides and this setting is not consulted. ``None``: one device.
+        """
         self._group = group
-        self._layout_hint = layout
         self._comm = None
 
-    def _resolve_group(self) -> Optional[dist.ProcessGroup]:
+    def _sharding(self) -> Tuple[Optional[dist.ProcessGroup], Optional[str]]:
+        """(group, layout of split inputs or None) for this call: the active sharding first.
+
+        Without one, a group given by ``set_process_group``, else the default group when
+        one is initialised (the usage guide's multi-GPU example), else one device.
+        """
+        active = active_sequence_sharding()
+        if active is not None:
+            return active.group, active.layout
         if self._group is _UNSET:
             ready = dist.is_available() and dist.is_initialized()
             self._group = dist.group.WORLD if ready else None
@@ -122,11 +132,7 @@ class RingAttentionBase(nn.Module):
                     f"{type(self).__name__} uses the default process group ({dist.get_world_size()} ranks) "
                     f"as its sequence-parallel group. If these ranks hold different samples (plain DDP), "
                     f"call set_process_group(None) or train with RingStrategy.", UserWarning, stacklevel=3)
-        return self._group
-
-    def _group_size(self) -> int:
-        group = self._resolve_group()
-        return 1 if group is None else dist.get_world_size(group)
+        return self._group, None
 
     def preferred_layout(self, seq_len: int, group_size: int, is_causal: bool) -> str:
         """zigzag when a causal pattern spans ranks and zigzag can split it; else contiguous."""
@@ -173,7 +179,7 @@ class RingAttentionBase(nn.Module):
         """
         self._check_inputs(q, k, v)
         cfg = self.config
-        group = self._resolve_group()
+        group, active_layout = self._sharding()
         world = 1 if group is None else dist.get_world_size(group)
         if cfg.ring_size is not None and cfg.ring_size != world:
             raise ValueError(
@@ -183,13 +189,19 @@ class RingAttentionBase(nn.Module):
         if world == 1:
             layout, rank = "contiguous", 0
             seq_len = q.shape[1]
-        elif not already_split and self._layout_hint is not None:
+        elif not already_split and active_layout is not None:
             raise ValueError(
-                "this module's group was set by a strategy that shards batches along the sequence, "
-                "so each rank holds a shard: call it with already_split=True"
+                "a sequence sharding is active (RingStrategy shards every batch along the sequence), "
+                "so each rank holds a shard: call the attention with already_split=True"
             )
         elif already_split:
-            layout = cfg.layout if cfg.layout != "auto" else (self._layout_hint or "contiguous")
+            layout = active_layout or (cfg.layout if cfg.layout != "auto" else "contiguous")
+            if cfg.layout not in ("auto", layout):
+                raise ValueError(
+                    f"the batch is sharded with layout={layout!r} but this module's config says "
+                    f"layout={cfg.layout!r}; leave config.layout='auto' (the sharder decides) or pass "
+                    f"RingStrategy(layout={cfg.layout!r})"
+                )
             rank = dist.get_rank(group)
             seq_len = q.shape[1] * world
         else:
@@ -331,3 +343,8 @@ class RingAttentionBase(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"variant={self.variant}, segment_lengths={c.segment_lengths}, dilation_rates={c.dilation_rates}"
+
+
+def ring_attention_modules(model: nn.Module) -> list:
+    """Every ring attention module inside ``model`` (the strategy's check, the LM's statistics)."""
+    return [m for m in model.modules() if isinstance(m, RingAttentionBase)]

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ring_lightning.attention import RingAttentionBase
 from ring_lightning.module import LongDocumentLM
-from ring_lightning.sharding import sequence_positions, shard_sequence
+from ring_lightning.sharding import sequence_positions, sequence_sharding, shard_sequence
 
 SEQ, BATCH = 64, 2
 
@@ -35,18 +34,16 @@ def loss_and_grads(rank: int, world: int):
     lm = _module()
     batch = _batch()
     layout = "zigzag" if world > 1 else "contiguous"
-    for m in lm.modules():
-        if isinstance(m, RingAttentionBase):
-            m.set_process_group(dist.group.WORLD if world > 1 else None, layout=layout if world > 1 else None)
     local = {k: shard_sequence(v, world, rank, layout) for k, v in batch.items()}
     positions = sequence_positions(SEQ, world, rank, layout).expand(BATCH, -1)
-    logits = lm.model(local["input_ids"], positions)
-    loss_sum, tokens = lm.compute_loss(logits, local)
-    total = tokens.clone().float()
-    if world > 1:
-        dist.all_reduce(total)
-    # the strategy's scaling: DDP's average over the group then equals the one-device gradient
-    (loss_sum * world / total).backward()
+    with sequence_sharding(dist.group.WORLD if world > 1 else None, layout):  # what the strategy enters
+        logits = lm.model(local["input_ids"], positions)
+        loss_sum, tokens = lm.compute_loss(logits, local)
+        total = tokens.clone().float()
+        if world > 1:
+            dist.all_reduce(total)
+        # the strategy's scaling: DDP's average over the group then equals the one-device gradient
+        (loss_sum * world / total).backward()
     grads = {}
     for name, p in lm.named_parameters():
         g = p.grad.clone()

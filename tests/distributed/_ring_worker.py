@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ring_lightning.attention import create_ring_attention, reference_attention
-from ring_lightning.sharding import shard_sequence
+from ring_lightning.sharding import sequence_sharding, shard_sequence
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -212,12 +212,12 @@ def sync_comm_matches_async(rank: int, world: int) -> float:
 
 
 def full_sequence_after_strategy_sharding(rank: int, world: int) -> str:
-    """A module whose group came with a layout (the strategy shards) refuses full sequences."""
+    """Inside an active sequence sharding (the strategy shards) full sequences are refused."""
     attn = create_ring_attention("standard")
-    attn.set_process_group(dist.group.WORLD, layout="contiguous")
     q = torch.randn(1, 8, 2, 4)
     try:
-        attn(q, q, q, already_split=False)
+        with sequence_sharding(dist.group.WORLD, "contiguous"):
+            attn(q, q, q, already_split=False)
     except ValueError as exc:
         return str(exc)
     return ""

@@ -165,7 +165,7 @@ def fit_and_resume(rank: int, world_size: int, sp: int, attention: str, ckpt_dir
                 module_mesh_is_strategy_mesh=model.device_mesh is strategy.device_mesh,
                 sp_group_ranks=sorted(torch.distributed.get_process_group_ranks(strategy.sp_group)),
                 sampler=strategy.distributed_sampler_kwargs,
-                layout=strategy._module_layout,
+                layout=strategy.sequence_layout,
             )
         info[f"compression_ratio_{run}"] = strategy.compression_ratio
     merged = {k: records[0][k] + records[1][k] for k in ("loss", "grads", "samples", "positions")}
