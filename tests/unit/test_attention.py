@@ -18,7 +18,7 @@ from ring_lightning.sharding import (
 )
 
 FLOAT64_REL_TOL = 1e-12  # same maths in float64: only summation order differs
-HILBERT_REL_TOL = 1e-6  # DESIGN: hilbert equals standard to 1e-6 in float32
+HILBERT_REL_TOL = 1e-6  # the contract: hilbert equals standard to 1e-6 in float32
 STATS_KEYS = {"total_time_ms", "compute_time_ms", "comm_time_ms", "comm_volume_mb", "peak_memory_mb",
               "ring_steps", "skipped_blocks"}
 
