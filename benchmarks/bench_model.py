@@ -101,8 +101,6 @@ def train_step_bench(preset: str, seq_len: int, checkpointing: str, compile_bloc
     except torch.OutOfMemoryError:
         row.update(status="OOM")
         return row
-    finally:
-        del optimizer
     step_s = sorted(times)[len(times) // 2]
     flops_per_token = module.model.flops_per_token(seq_len, causal=True)
     tokens_per_s = seq_len / step_s

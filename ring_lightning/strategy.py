@@ -24,19 +24,14 @@ Usage::
 The name ``"ring"`` is registered when this module is imported (``from ring_lightning
 import RingStrategy`` does it).
 
-Labels must be aligned per position BEFORE sharding (``labels[t]`` is the target of
-``input_ids[t]``, as LongDocumentDataModule produces them): with the zigzag layout the
-end of one chunk is followed by the start of another on the same rank, so a shift
-inside the model (``logits[:, :-1]`` against ``labels[:, 1:]``) would pair the wrong
-tokens. Labels equal to ``input_ids`` (the Hugging Face convention) are refused under
-sp > 1 unless ``shift_labels=True`` (shift before sharding) or ``False`` (trust them).
+Labels must be aligned per position BEFORE sharding; ``ring_lightning.loss_contract`` says
+why, and what happens to labels equal to ``input_ids`` (refused, or ``shift_labels=True``).
 
 Letters: B batch, N global sequence length, T local sequence length (N / sp).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -49,8 +44,6 @@ from ring_lightning import loss_contract, sharding
 from ring_lightning.attention import ring_attention_modules
 from ring_lightning.compression import check_compression_args, register_compression_hook, resolve_compression
 from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
-
-log = logging.getLogger(__name__)
 
 #: Mesh axes, outer to inner. Ranks ``[d*sp, (d+1)*sp)`` form sequence group ``d``.
 MESH_AXES: Tuple[str, str] = ("dp", "sp")
