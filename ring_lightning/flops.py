@@ -55,7 +55,7 @@ def attention_pairs(
     Args:
         seq_len: GLOBAL sequence length ``N`` (all ranks together), one sample.
         num_heads: query heads ``H`` (not kv heads). With dilation, head ``h`` uses offset
-            ``h mod r``, so the count depends on ``H``, not only on ``H`` times one head.
+            ``h mod r``, so the count is not simply ``H`` times the count of head 0.
         causal: keys at positions <= the query's only.
         segment_lengths: LongNet segment lengths ``w`` (clamped to ``seq_len``); None =
             dense (one pattern ``(N, 1)``). ``seq_len`` must be a multiple of each.
