@@ -32,6 +32,7 @@ refused, or shifted for the user with ``shift_labels=True`` (see :func:`align_la
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Optional, Tuple, Union
 
 import torch
@@ -43,23 +44,62 @@ from . import sharding
 LOSS_REDUCTIONS = ("mean", "sum", "none")
 
 
-def align_labels(batch: Any, sp: int, shift_labels: Optional[bool], label_key: str, ignore_index: int) -> Any:
+def labels_follow_inputs(batch: Mapping, label_key: str, ignore_index: int) -> bool:
+    """True when the labels are the inputs themselves (ignored positions aside): the HF convention.
+
+    Compares tensors, so on a device it synchronises: the strategy asks only for the first
+    batches of a run (a loader does not change its label convention mid-run).
+    """
+    labels, ids = batch.get(label_key), batch.get("input_ids")
+    if not (isinstance(labels, Tensor) and isinstance(ids, Tensor) and ids.shape == labels.shape):
+        return False
+    valid = labels != ignore_index
+    return bool(valid.any()) and torch.equal(torch.where(valid, labels, ids), ids)
+
+
+def align_labels(batch: Any, sp: int, shift_labels: Optional[bool], label_key: str, ignore_index: int,
+                 check: bool = True) -> Any:
     """Labels aligned per position: shifted for the user, checked, or trusted.
 
     Args:
         batch: the full (unsharded) batch; non-dict batches pass through.
-        sp: the sequence-parallel size (the check applies only when sp > 1).
-        shift_labels: ``True``: ``labels[t] <- labels[t + 1]`` with the last position
-            ignored (the user's loss must then not shift again); ``None``: refuse labels
-            that equal ``input_ids``; ``False``: trust the labels as aligned.
+        sp: the sequence-parallel size (the refusal applies only when sp > 1).
+        shift_labels: ``True``: ``labels[t] <- labels[t + 1]`` (and ``loss_mask`` with them),
+            the last position ignored, so the user's loss must not shift again; ``None``:
+            refuse labels that follow the inputs; ``False``: trust the labels as aligned.
         label_key: the batch entry holding labels.
         ignore_index: the label of positions without loss.
+        check: compare labels with the inputs (refusal, or the double-shift warning).
 
     Raises:
-        ValueError: ``shift_labels=None``, sp > 1 and ``labels`` equal to ``input_ids``.
+        ValueError: ``shift_labels=None``, sp > 1 and labels that follow ``input_ids``.
     """
     if not isinstance(batch, Mapping) or not isinstance(batch.get(label_key), Tensor):
         return batch
+    if shift_labels:
+        if check and not labels_follow_inputs(batch, label_key, ignore_index):
+            warnings.warn(f"RingStrategy(shift_labels=True) but batch[{label_key!r}] does not follow "
+                          f"batch['input_ids']: if the labels are already aligned per position they are now "
+                          f"shifted twice; set shift_labels=None", UserWarning)
+        out = dict(batch)
+        for key, fill in ((label_key, ignore_index), ("loss_mask", 0)):
+            x = batch.get(key)
+            if isinstance(x, Tensor) and x.shape == batch[label_key].shape:
+                shifted = torch.full_like(x, fill)
+                shifted[:, :-1] = x[:, 1:]  # (B, N): the target of token t is token t + 1
+                out[key] = shifted
+        return type(batch)(out) if type(batch) is not dict else out
+    if shift_labels is None and sp > 1 and check and labels_follow_inputs(batch, label_key, ignore_index):
+        raise ValueError(
+            f"batch[{label_key!r}] follows batch['input_ids'] (the Hugging Face convention: the model "
+            f"shifts labels inside). Under sequence parallelism (sequence_parallel_size={sp}) each rank "
+            f"holds a shard, so a shift inside the model pairs tokens of different shards. Either let "
+            f"the strategy shift before sharding, RingStrategy(shift_labels=True) "
+            f"(train.py: strategy.shift_labels=true), and drop the shift from your loss; or pass labels "
+            f"already aligned per position (labels[t] = input_ids[t + 1]); or, if labels equal to the "
+            f"inputs are what you mean, RingStrategy(shift_labels=False)."
+        )
+    return batch
     labels = batch[label_key]
     if shift_labels:
         shifted = torch.full_like(labels, ignore_index)
@@ -94,8 +134,8 @@ def loss_scale(batch: Mapping, sp: int, rank: int, layout: str, reduction: str, 
         label_key, ignore_index: where the labels are and which value is ignored.
 
     Returns:
-        A 0-dim float32 tensor for ``mean`` (``sp * n_rank / n``, 0 where the batch has
-        no labelled token), ``sp`` for ``sum``, None for ``none`` or when ``sp == 1``.
+        A 0-dim float32 tensor for ``mean`` (``sp * n_rank / n`` with n counting labels
+        != ignore_index, 0 where the batch has no labelled token), ``sp`` for ``sum``, None for ``none`` or when ``sp == 1``.
     """
     if sp == 1 or reduction == "none":
         return None
@@ -104,10 +144,9 @@ def loss_scale(batch: Mapping, sp: int, rank: int, layout: str, reduction: str, 
     labels = batch.get(label_key)
     if not isinstance(labels, Tensor):
         return None  # no labels to count: a plain mean over positions, equal shards, scale 1
+    # The documented "mean" counts labels != ignore_index, as cross_entropy's mean does; a
+    # loss weighted by loss_mask is a different mean: use reduce_token_loss ("none") for it.
     weight_BN = (labels != ignore_index).float()
-    mask = batch.get("loss_mask")
-    if isinstance(mask, Tensor) and mask.shape == labels.shape:
-        weight_BN = weight_BN * mask.float()  # a weighted mean sum(w * l) / sum(w)
     total = weight_BN.sum()
     mine = sharding.shard_sequence(weight_BN, sp, rank, layout, dim=1).sum()
     return torch.where(total > 0, sp * mine / total.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
@@ -116,6 +155,9 @@ def loss_scale(batch: Mapping, sp: int, rank: int, layout: str, reduction: str, 
 def reduce_token_loss(loss_sum: Tensor, num_tokens: Union[Tensor, int],
                       sp: int, group: Optional["dist.ProcessGroup"]) -> Tuple[Tensor, Tensor]:
     """Token-weighted loss over a sequence group, scaled for DDP's world average.
+
+    Call it as ``trainer.strategy.reduce_token_loss(...)``: the strategy's method also tells
+    its backward not to rescale this loss again.
 
     Each rank of a sequence group holds ``num_tokens`` of the sample's valid tokens.
     Backpropagating ``loss_sum * sp / total_tokens`` on every rank makes DDP's average

@@ -167,6 +167,10 @@ class SequenceSharding:
 # recomputation of checkpointed blocks, which calls attention again) on its own device
 # threads, where a ContextVar set on the main thread would not be visible.
 _active: Optional[SequenceSharding] = None
+# What applies outside any sequence_sharding block; RingStrategy sets "nothing split" for its
+# run, so attention called outside a step (a callback, a model summary) never rings across
+# data-parallel replicas.
+_default: Optional[SequenceSharding] = None
 
 
 @contextmanager
@@ -188,5 +192,12 @@ def sequence_sharding(group: Optional["dist.ProcessGroup"], layout: str = "conti
 
 
 def active_sequence_sharding() -> Optional[SequenceSharding]:
-    """The innermost :func:`sequence_sharding` in force, or None."""
-    return _active
+    """The innermost :func:`sequence_sharding` in force, else the default (usually None)."""
+    return _active if _active is not None else _default
+
+
+def set_default_sequence_sharding(value: Optional[SequenceSharding]) -> Optional[SequenceSharding]:
+    """Set what applies outside any :func:`sequence_sharding` block; returns the previous value."""
+    global _default
+    previous, _default = _default, value
+    return previous

@@ -143,6 +143,7 @@ class RingStrategy(DDPStrategy):
         self.label_key, self.ignore_index = label_key, ignore_index
         self._loss_scale: Any = None  # of the last sharded batch; applied in backward()
         self._loss_reduced_by_module = False  # reduce_token_loss() was called for this batch
+        self._label_checks_left = 4  # batches whose labels are compared with the inputs
         self.compression = compression
         self.target_compression_ratio = compression_ratio
         self.powersgd_rank = powersgd_rank
@@ -243,7 +244,13 @@ class RingStrategy(DDPStrategy):
 
     def setup(self, trainer: Any) -> None:
         self._check_ring_modules()
+        # Outside a step nothing is split: attention there (callbacks, summaries) runs locally.
+        self._previous_default = sharding.set_default_sequence_sharding(sharding.SequenceSharding(None))
         super().setup(trainer)
+
+    def teardown(self) -> None:
+        sharding.set_default_sequence_sharding(getattr(self, "_previous_default", None))
+        super().teardown()
 
     def _check_ring_modules(self) -> None:
         """sp > 1 needs ring attention somewhere in the model (else silently wrong results)."""
@@ -297,9 +304,6 @@ class RingStrategy(DDPStrategy):
     # ------------------------------------------------------------------ data
 
     def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
-        # Labels are checked (or shifted) on the loader's host tensors: no device sync.
-        batch = loss_contract.align_labels(batch, self.sequence_parallel_size, self.shift_labels,
-                                           self.label_key, self.ignore_index)
         batch = super().batch_to_device(batch, device, dataloader_idx)
         return self.shard_batch(batch)
 
@@ -331,7 +335,18 @@ class RingStrategy(DDPStrategy):
         keys = tuple(getattr(self.lightning_module, "sequence_keys", DEFAULT_SEQUENCE_KEYS))
         present = [k for k in keys if isinstance(batch.get(k), Tensor)]
         if not present:
+            if self.sequence_parallel_size > 1:  # whole sequences under DDP's average: silently wrong
+                raise ValueError(
+                    f"RingStrategy(sequence_parallel_size={self.sequence_parallel_size}) found none of the "
+                    f"sequence keys {keys} in the batch (keys: {sorted(batch)}); name yours in the "
+                    f"LightningModule's `sequence_keys`"
+                )
             return batch
+        # After the user's transfer hooks, so labels made there are covered too. Comparing
+        # labels with inputs synchronises: only the first batches are compared.
+        batch = loss_contract.align_labels(batch, self.sequence_parallel_size, self.shift_labels, self.label_key,
+                                           self.ignore_index, check=self._label_checks_left > 0)
+        self._label_checks_left -= 1
         for k in present:
             if batch[k].dim() < 2:
                 raise ValueError(

@@ -28,6 +28,7 @@ from torch import nn
 from ..sharding import active_sequence_sharding, check_divisible, rank_pieces, shard_sequence, unshard_sequence
 from .comm import BufferPool, RingComm
 from .config import RingAttentionConfig
+from .tasks import TaskPath
 from .plan import get_plan
 from .profiling import RingProfiler
 from .ring import RingAttentionFunction, RingContext
@@ -257,10 +258,17 @@ class RingAttentionBase(nn.Module):
         benchmarks/bench_model.py's attention rows. A variant that changes the computation
         (masks, order, mixed precision, gradient checks) returns options and keeps the ring.
         """
+        return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and self._plain_dense(q, patterns,
+                                                                                            seq_len, is_causal)
+
+    def _plain_dense(self, q, patterns, seq_len: int, is_causal: bool) -> bool:
+        """Dense pattern, automatic kernel, no dropout in training, and nothing variant-specific
+        (the variant's options are at most the plain TaskPath)."""
         cfg = self.config
-        return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and cfg.kernel == "auto"
-                and patterns == ((seq_len, 1),) and (cfg.dropout == 0.0 or not self.training)
-                and self._sparse_key() is None and not self._context_options(q, seq_len, is_causal))
+        opts = self._context_options(q, seq_len, is_causal)
+        plain_path = type(opts.get("path", TaskPath())) is TaskPath
+        return (cfg.kernel == "auto" and patterns == ((seq_len, 1),) and (cfg.dropout == 0.0 or not self.training)
+                and self._sparse_key() is None and plain_path and set(opts) <= {"path"})
 
     def _single_device_sdpa(self, q, k, v, is_causal: bool) -> torch.Tensor:
         self.profiler.reset(q.device, self.config.profile_memory)

@@ -254,3 +254,9 @@ def test_lightning_launcher_runs_sequence_parallel_and_matches_sp1(tmp_path):
         for got, ref in zip(res["grads"], reference["grads"]):
             for name in ref:
                 torch.testing.assert_close(got[name], ref[name], atol=PARITY_TOL, rtol=PARITY_TOL)
+
+
+def test_dict_batch_without_sequence_keys_is_an_error_under_sp():
+    """Whole sequences on every rank of a group under DDP's average would be silently wrong."""
+    with pytest.raises(ValueError, match="none of the sequence keys"):
+        _strategy_at(0, 2, sequence_parallel_size=2).shard_batch({"tokens": torch.zeros(2, 8)})

@@ -56,7 +56,7 @@ def test_mean_cross_entropy_module_matches_sp1(run_distributed, tmp_path, world,
 def test_labels_equal_to_inputs_are_refused_or_shifted(run_distributed, tmp_path):
     results = run_distributed(U.fit_input_labels, 2, str(tmp_path), timeout=SPAWN_TIMEOUT_S)
     for res in results:
-        assert "equals batch['input_ids']" in res["refused"] and "shift_labels=True" in res["refused"]
+        assert "follows batch['input_ids']" in res["refused"] and "shift_labels=True" in res["refused"]
     # shift_labels=True with a module that does not shift == the HF-style module (shift inside) at sp=1.
     shifted = [res["shifted"] for res in results]
     ref = U.reference(1, "input_labels", _samples(shifted, 2), shift_inside=True)
