@@ -100,27 +100,6 @@ def align_labels(batch: Any, sp: int, shift_labels: Optional[bool], label_key: s
             f"inputs are what you mean, RingStrategy(shift_labels=False)."
         )
     return batch
-    labels = batch[label_key]
-    if shift_labels:
-        shifted = torch.full_like(labels, ignore_index)
-        shifted[:, :-1] = labels[:, 1:]  # (B, N): the target of token t is token t + 1
-        out = dict(batch)
-        out[label_key] = shifted
-        return type(batch)(out) if type(batch) is not dict else out
-    ids = batch.get("input_ids")
-    if shift_labels is None and sp > 1 and isinstance(ids, Tensor) and ids.shape == labels.shape:
-        # Host tensors from the loader: this comparison costs no device synchronisation.
-        if torch.equal(ids, labels):
-            raise ValueError(
-                f"batch[{label_key!r}] equals batch['input_ids'] (the Hugging Face convention: the model "
-                f"shifts labels inside). Under sequence parallelism (sequence_parallel_size={sp}) each rank "
-                f"holds a shard, so a shift inside the model pairs tokens of different shards. Either let "
-                f"the strategy shift before sharding, RingStrategy(shift_labels=True) "
-                f"(train.py: strategy.shift_labels=true), and drop the shift from your loss; or pass labels "
-                f"already aligned per position (labels[t] = input_ids[t + 1]); or, if labels equal to the "
-                f"inputs are what you mean, RingStrategy(shift_labels=False)."
-            )
-    return batch
 
 
 def loss_scale(batch: Mapping, sp: int, rank: int, layout: str, reduction: str, label_key: str,
