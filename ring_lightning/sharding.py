@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from collections.abc import Mapping
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -201,3 +202,38 @@ def set_default_sequence_sharding(value: Optional[SequenceSharding]) -> Optional
     global _default
     previous, _default = _default, value
     return previous
+
+
+def sequence_entries(batch, keys, sp: int) -> Optional[Tuple[List[str], int]]:
+    """``(names of the sequence entries present, their length N)``, or None: pass the batch through.
+
+    A batch passes through unsharded only when nothing is split (``sp == 1``): under sp > 1
+    every rank of a group would hold whole sequences while DDP averages over the group,
+    silently wrong, so a non-dict batch or one without any of ``keys`` is an error.
+
+    Raises:
+        ValueError: as above, an entry with fewer than 2 dims, or entries of different lengths.
+    """
+    if not isinstance(batch, Mapping):
+        if sp > 1:
+            raise ValueError(
+                f"RingStrategy(sequence_parallel_size={sp}) shards dict batches along the sequence; got a "
+                f"{type(batch).__name__}. Return a dict of (batch, seq, ...) tensors (keys in the module's "
+                f"sequence_keys, default {keys}) from your dataloader."
+            )
+        return None
+    present = [k for k in keys if isinstance(batch.get(k), torch.Tensor)]
+    if not present:
+        if sp > 1:
+            raise ValueError(
+                f"RingStrategy(sequence_parallel_size={sp}) found none of the sequence keys {keys} in the "
+                f"batch (keys: {sorted(batch)}); name yours in the LightningModule's `sequence_keys`"
+            )
+        return None
+    for k in present:
+        if batch[k].dim() < 2:
+            raise ValueError(f"batch[{k!r}] has shape {tuple(batch[k].shape)}; sequence entries are (batch, seq, ...)")
+    lengths = {k: batch[k].shape[1] for k in present}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"sequence entries disagree on the length (dim 1): {lengths}")
+    return present, lengths[present[0]]

@@ -32,7 +32,7 @@ Letters: B batch, N global sequence length, T local sequence length (N / sp).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -308,54 +308,23 @@ class RingStrategy(DDPStrategy):
         return self.shard_batch(batch)
 
     def shard_batch(self, batch: Any) -> Any:
-        """This rank's shard of a dict batch; other batch types pass through unchanged.
-
-        Entries named in ``lightning_module.sequence_keys`` (default
-        ``DEFAULT_SEQUENCE_KEYS``) are sharded along dim 1; ``position_ids`` (global
-        positions, ``(B, T)``) is added when absent, also with ``sp=1`` so the model sees
-        the same keys either way. Per-token outputs (e.g. ``predict``) are therefore
-        shards too: ``sharding.gather_sequence(x, strategy.sp_group, strategy.sequence_layout)``
-        reassembles them.
+        """This rank's shard of a dict batch (the module's ``sequence_keys`` along dim 1), plus
+        global ``position_ids`` (B, T) when absent, also with sp=1. Per-token outputs are shards
+        too: ``sharding.gather_sequence(x, strategy.sp_group, strategy.sequence_layout)``.
 
         Raises:
-            ValueError: sequence entries of different lengths, an entry with fewer than 2
-                dims, or a length the layout cannot split (the message says how much to pad).
+            ValueError: see ``sharding.sequence_entries``; a length the layout cannot split.
         """
-        if not isinstance(batch, Mapping):
-            if self.sequence_parallel_size > 1:
-                # Not sharding would leave every rank of a sequence group with the whole
-                # sequence while DDP averages gradients over the group: silently 1/sp too small.
-                raise ValueError(
-                    f"RingStrategy(sequence_parallel_size={self.sequence_parallel_size}) shards dict "
-                    f"batches along the sequence; got a {type(batch).__name__}. Return a dict of "
-                    f"(batch, seq, ...) tensors (keys in the module's sequence_keys, default "
-                    f"{DEFAULT_SEQUENCE_KEYS}) from your dataloader."
-                )
-            return batch
         keys = tuple(getattr(self.lightning_module, "sequence_keys", DEFAULT_SEQUENCE_KEYS))
-        present = [k for k in keys if isinstance(batch.get(k), Tensor)]
-        if not present:
-            if self.sequence_parallel_size > 1:  # whole sequences under DDP's average: silently wrong
-                raise ValueError(
-                    f"RingStrategy(sequence_parallel_size={self.sequence_parallel_size}) found none of the "
-                    f"sequence keys {keys} in the batch (keys: {sorted(batch)}); name yours in the "
-                    f"LightningModule's `sequence_keys`"
-                )
+        entries = sharding.sequence_entries(batch, keys, self.sequence_parallel_size)
+        if entries is None:
             return batch
+        present, seq_len = entries
         # After the user's transfer hooks, so labels made there are covered too. Comparing
         # labels with inputs synchronises: only the first batches are compared.
         batch = loss_contract.align_labels(batch, self.sequence_parallel_size, self.shift_labels, self.label_key,
                                            self.ignore_index, check=self._label_checks_left > 0)
         self._label_checks_left -= 1
-        for k in present:
-            if batch[k].dim() < 2:
-                raise ValueError(
-                    f"batch[{k!r}] has shape {tuple(batch[k].shape)}; sequence entries are (batch, seq, ...)"
-                )
-        lengths = {k: batch[k].shape[1] for k in present}
-        if len(set(lengths.values())) > 1:
-            raise ValueError(f"sequence entries disagree on the length (dim 1): {lengths}")
-        seq_len = lengths[present[0]]
         sp, rank = self.sequence_parallel_size, self.sp_rank
         layout = self._layout_for(seq_len) if sp > 1 else "contiguous"
         sharding.check_divisible(seq_len, sp, layout)
