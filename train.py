@@ -29,10 +29,13 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from ring_lightning.hydra_presets import register_model_presets
+
 CUDA_AVAILABLE = CUDAAccelerator.is_available()  # fork-safe: does not initialise CUDA
 # ${if_cuda:a,b} is a when CUDA is available, else b: conf/trainer/default.yaml uses it so the
 # defaults take every GPU when there are GPUs and 2 CPU processes otherwise.
 OmegaConf.register_new_resolver("if_cuda", lambda a, b: a if CUDA_AVAILABLE else b, replace=True)
+register_model_presets()  # the `model` group: ring_lightning.model.PRESETS, no YAML copies
 
 
 def launch_start_method(cfg: DictConfig) -> str:

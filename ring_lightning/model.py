@@ -146,17 +146,29 @@ class ModelConfig:
 
 
 # Field overrides over the ModelConfig defaults (kept as mappings so that overriding
-# ``dim`` re-derives ``hidden_dim``). Parameter counts are with the byte vocabulary.
+# ``dim`` re-derives ``hidden_dim``). Parameter counts are with the byte vocabulary. The one
+# source of the sizes: Hydra's ``model=<name>`` group is registered from this table
+# (ring_lightning/hydra_presets.py).
 PRESETS = {
-    # ~0.13M parameters: unit tests and the retrieval task on CPU.
+    # ~0.13M parameters: unit tests, CI, the default CPU run and the retrieval task.
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2),
     # ~3M parameters: a few hundred CPU steps in minutes.
     "small": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4),
-    # ~340M parameters, head_dim 64.
+    # ~340M parameters, head_dim 64: one-GPU runs (the larger rotary base suits long contexts).
     "350m": dict(dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, hidden_dim=3584, rope_theta=500000.0),
-    # ~1.0B parameters, LLaMA-3.2-1B shapes, head_dim 64.
+    # ~1.0B parameters, LLaMA-3.2-1B shapes, head_dim 64: multi-GPU runs.
     "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, rope_theta=500000.0),
 }
+
+
+def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """Positions of tokens nobody gave positions to: arange(T) per row, (B, T) long.
+
+    The one default: the model and LongDocumentLM.prepare_batch both use it. A sharder
+    (RingStrategy) gives each shard its GLOBAL positions instead (sharding.sequence_positions).
+    """
+    B, T = input_ids.shape
+    return torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, T)  # (T,) -> (B, T)
 
 
 class RMSNorm(nn.Module):
@@ -345,7 +357,7 @@ class LongDocTransformer(nn.Module):
         """
         B, T = input_ids.shape
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device)
+            position_ids = default_position_ids(input_ids)
         if tuple(position_ids.shape) not in ((B, T), (T,)):
             raise ValueError(f"position_ids must have shape (B, T)={(B, T)} or (T,), got {tuple(position_ids.shape)}")
         if position_ids.dim() == 1:

@@ -45,9 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ring_lightning import sharding
 from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
 from ring_lightning.flops import attention_fraction
-from ring_lightning.model import LongDocTransformer, ModelConfig
+from ring_lightning.model import LongDocTransformer, ModelConfig, default_position_ids
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, for MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -149,6 +150,7 @@ class LongDocumentLM(pl.LightningModule):
                                         self.build_attention)
         self.compile_blocks, self._compiled = bool(compile), False
         self._ring_modules: List[nn.Module] = []
+        self._previous_sharding: Any = _NOT_SET  # the default sharding before setup() under DDP
         self._tput = collections.deque(maxlen=throughput_window + 1)  # (time, cumulative global tokens)
         self._tokens_seen = 0
         self._val_stats: Optional[torch.Tensor] = None
@@ -204,9 +206,7 @@ class LongDocumentLM(pl.LightningModule):
             A dict with ``position_ids`` as well.
         """
         if "position_ids" not in batch:
-            B, T = batch["input_ids"].shape
-            positions = torch.arange(T, device=batch["input_ids"].device)
-            batch = {**batch, "position_ids": positions.unsqueeze(0).expand(B, T)}  # (T,) -> (B, T)
+            batch = {**batch, "position_ids": default_position_ids(batch["input_ids"])}
         return batch
 
     def compute_loss(self, logits: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -301,11 +301,10 @@ class LongDocumentLM(pl.LightningModule):
 
         self._ring_modules = ring_attention_modules(self.model)
         strategy = self.trainer.strategy
-        if not _is_ring_strategy(strategy):
-            # Plain DDP (or one device): the attention must not resolve the default group
-            # lazily and treat the data-parallel world as a sequence group.
-            for m in self._ring_modules:
-                m.set_process_group(None)
+        if not _is_ring_strategy(strategy) and self._previous_sharding is _NOT_SET:
+            # Plain DDP (or one device) splits no sequence: say so, or the attention would take
+            # the initialised default group (the data-parallel world) as its sequence group.
+            self._previous_sharding = sharding.set_default_sequence_sharding(sharding.SequenceSharding(None))
         # setup() runs before the strategy moves the model: ask the strategy for the device.
         on_cuda = strategy.root_device.type == "cuda"
         if self.compile_blocks and on_cuda and stage == "fit" and not self._compiled:
@@ -318,6 +317,11 @@ class LongDocumentLM(pl.LightningModule):
                 f"model.vocab_size={self.model.config.vocab_size} is smaller than the data's vocabulary "
                 f"({vocab} ids); set model.vocab_size >= {vocab}"
             )
+
+    def teardown(self, stage: str) -> None:
+        if self._previous_sharding is not _NOT_SET:
+            sharding.set_default_sequence_sharding(self._previous_sharding)
+            self._previous_sharding = _NOT_SET
 
     # ----------------------------------------------------------------------- metrics
     def _attention_fraction(self, seq_len: int) -> float:
@@ -382,6 +386,9 @@ class LongDocumentLM(pl.LightningModule):
         if per_rank.numel() > 1:
             for rank, value in enumerate(per_rank.tolist()):
                 self.log(f"perf/peak_memory_mb_rank{rank}", value)
+
+
+_NOT_SET = object()
 
 
 def _is_ring_strategy(strategy: Any) -> bool:

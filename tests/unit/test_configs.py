@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from ring_lightning.attention import RingAttentionBase
 from ring_lightning.data import LongDocumentDataModule
-from ring_lightning.model import ModelConfig
+from ring_lightning.model import PRESETS, ModelConfig
 from ring_lightning.module import LongDocumentLM
 from ring_lightning.strategy import RingStrategy
 
@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CONF, RECIPES = ROOT / "conf", ROOT / "recipes"
 GROUPS = ("variant", "compression", "checkpointing", "model", "data", "module", "strategy",
           "trainer", "logger", "callbacks", "experiment")
+# The `model` group is registered from ring_lightning.model.PRESETS (no YAML in conf/model).
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+OPTIONS += [("model", name) for name in sorted(PRESETS)]
 RECIPE_NAMES = sorted(p.stem for p in RECIPES.glob("*.yaml"))
 MODEL_PRESETS = {"tiny", "small", "350m", "1b"}
 
@@ -136,6 +138,16 @@ def test_model_configs_match_the_named_presets(tmp_path, name):
     cfg = compose_cfg(tmp_path, [f"model={name}"])
     fields = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "checkpointing"}
     assert ModelConfig(**fields) == ModelConfig.preset(name)
+
+
+def test_model_group_is_the_python_presets_and_takes_any_field(tmp_path):
+    """One source: conf/ has no model YAML; every field overrides; derived fields re-derive."""
+    assert not list((CONF / "model").glob("*.yaml"))
+    assert MODEL_PRESETS == set(PRESETS)
+    cfg = compose_cfg(tmp_path, ["model=tiny", "model.dim=128", "model.rope_theta=5e5"])
+    model = ModelConfig.from_any(OmegaConf.to_container(cfg.model))
+    assert model == ModelConfig.preset("tiny", dim=128, rope_theta=5e5)
+    assert model.hidden_dim == ModelConfig(dim=128).hidden_dim  # re-derived from the new dim
 
 
 def test_sweep_recipe_patterns_resolve_to_valid_attention(tmp_path):

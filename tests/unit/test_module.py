@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer
 
+from ring_lightning import sharding
 from ring_lightning.attention import RingAttentionBase
+from ring_lightning.attention.base import _UNSET
 from ring_lightning.data import LongDocumentDataModule
 from ring_lightning.module import LongDocumentLM, WarmupCosine
 
@@ -91,7 +93,10 @@ def test_setup_detaches_ring_attention_from_process_groups():
     assert rings[0].config.segment_lengths == [16, 32]
     t = trainer(fast_dev_run=1)
     t.fit(module, datamodule=retrieval_data())
-    assert all(m._group is None for m in rings)  # never the lazily resolved default group
+    # never the lazily resolved default group: the LM declared "nothing split" instead, and
+    # put the previous default back when the fit ended
+    assert all(m._group is _UNSET for m in rings)
+    assert sharding.active_sequence_sharding() is None
 
 
 def test_prepare_batch_adds_positions_and_loss_masks_tokens():
