@@ -11,4 +11,4 @@ from __future__ import annotations
 from typing import Tuple
 
 IGNORE_INDEX = -100
-DEFAULT_SEQUENCE_KEYS: Tuple[str, ...] = ("input_ids", "labels", "position_ids", "loss_mask")
+DEFAULT_SEQUENCE_KEYS: Tuple[str, ...] = ("input_ids", "labels", "position_ids", "loss_mask", "document_ids")

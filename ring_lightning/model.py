@@ -16,6 +16,8 @@ The model knows nothing about process groups. Two things are passed in:
   computed from them, never from ``arange``, so a rank holding positions 4096..8191 (or
   the two zigzag chunks of a sequence) rotates queries and keys exactly as the single
   device model would.
+* optionally ``document_ids`` (packed documents), handed to every core as
+  ``core(..., document_ids=ids)`` so attention stays inside each document.
 
 Letters in tensor names: B batch, T local sequence length, H query heads, K kv heads,
 D head dim, C model dim (``config.dim``), V vocabulary.
@@ -235,9 +237,15 @@ class Attention(nn.Module):
         B, T = out_BTHD.shape[:2]
         return self.wo(out_BTHD.reshape(B, T, self.n_heads * self.head_dim))  # (B, T, H*D) -> (B, T, C)
 
-    def forward(self, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def attend(self, q, k, v, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The core: (B, T, H, D). ``document_ids`` only when given, so cores without it still fit."""
+        extra = {} if document_ids is None else {"document_ids": document_ids}
+        return self.core(q, k, v, is_causal=True, already_split=True, **extra)
+
+    def forward(self, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         q, k, v = self.qkv(x_BTC, cos, sin)
-        return self.project_out(self.core(q, k, v, is_causal=True, already_split=True))  # core: (B, T, H, D)
+        return self.project_out(self.attend(q, k, v, document_ids))
 
 
 class FeedForward(nn.Module):
@@ -280,7 +288,7 @@ class Block(nn.Module):
                           torch.compile(self._post_attention, **compile_kwargs))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                keep_attention: bool = False) -> torch.Tensor:
+                keep_attention: bool = False, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One block; ``keep_attention``: recompute everything in backward except the core.
 
         At long context the attention core is most of the FLOPs, and it already keeps only
@@ -290,10 +298,10 @@ class Block(nn.Module):
         pre, post = self._compiled or (self._pre_attention, self._post_attention)
         if keep_attention:
             q, k, v = checkpoint(pre, x, cos, sin, use_reentrant=False)
-            out = self.attention.core(q, k, v, is_causal=True, already_split=True)  # (B, T, H, D)
+            out = self.attention.attend(q, k, v, document_ids)  # (B, T, H, D)
             return checkpoint(post, x, out, use_reentrant=False)
         q, k, v = pre(x, cos, sin)
-        return post(x, self.attention.core(q, k, v, is_causal=True, already_split=True))
+        return post(x, self.attention.attend(q, k, v, document_ids))
 
 
 def _default_attention_factory(layer_idx: int) -> nn.Module:
@@ -342,12 +350,14 @@ class LongDocTransformer(nn.Module):
         mode = self.config.checkpointing
         return mode == "full" or (mode == "selective" and layer_idx % self.config.checkpoint_every_n_layers == 0)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits for the tokens this device holds.
 
         Args:
             input_ids: (B, T) token ids.
             position_ids: (B, T) or (T,) GLOBAL positions of those tokens; default arange(T).
+            document_ids: (B, T) packed documents: a token attends only within its document.
 
         Returns:
             logits (B, T, V).
@@ -366,12 +376,12 @@ class LongDocTransformer(nn.Module):
         h = self.tok_embeddings(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
             if not (self._checkpointed(i) and torch.is_grad_enabled()):
-                h = layer(h, cos, sin)
+                h = layer(h, cos, sin, document_ids=document_ids)
             elif self.config.checkpointing == "selective":
-                h = layer(h, cos, sin, keep_attention=True)
+                h = layer(h, cos, sin, keep_attention=True, document_ids=document_ids)
             else:
                 # Non-reentrant: works with ring autograd Functions and keeps the RNG state.
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, document_ids=document_ids, use_reentrant=False)
         return self.output(self.norm(h))  # (B, T, V)
 
     def compile_blocks(self, **compile_kwargs) -> None:

@@ -48,6 +48,7 @@ from torch import nn
 from ring_lightning import sharding
 from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
 from ring_lightning.flops import attention_fraction
+from ring_lightning.attention.documents import document_position_ids
 from ring_lightning.model import LongDocTransformer, ModelConfig, default_position_ids
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, for MFU.
@@ -124,6 +125,8 @@ class LongDocumentLM(pl.LightningModule):
         sequence_keys: Sequence[str] = DEFAULT_SEQUENCE_KEYS,
         throughput_window: int = 20,
         compile: bool = False,
+        document_mask: bool = True,
+        restart_positions_per_document: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -149,6 +152,8 @@ class LongDocumentLM(pl.LightningModule):
         self.model = LongDocTransformer(self._checkpointing_from_attention(ModelConfig.from_any(_plain(model))),
                                         self.build_attention)
         self.compile_blocks, self._compiled = bool(compile), False
+        # packed documents: the batch's document_ids confine attention (and optionally RoPE)
+        self.document_mask, self.restart_positions = bool(document_mask), bool(restart_positions_per_document)
         self._ring_modules: List[nn.Module] = []
         self._previous_sharding: Any = _NOT_SET  # the default sharding before setup() under DDP
         self._tput = collections.deque(maxlen=throughput_window + 1)  # (time, cumulative global tokens)
@@ -209,6 +214,18 @@ class LongDocumentLM(pl.LightningModule):
             batch = {**batch, "position_ids": default_position_ids(batch["input_ids"])}
         return batch
 
+    def document_ids(self, batch: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """The batch's ``document_ids`` (B, T) when ``document_mask`` is on, else None."""
+        return batch.get("document_ids") if self.document_mask else None
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Before any sharding (the strategy shards after the transfer hooks), so a document
+        # that starts on another rank still restarts at 0 on this one.
+        if self.restart_positions and isinstance(batch, dict) and "document_ids" in batch \
+                and "position_ids" not in batch:
+            batch = {**batch, "position_ids": document_position_ids(batch["document_ids"])}
+        return batch
+
     def compute_loss(self, logits: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over this rank's valid tokens.
 
@@ -244,9 +261,10 @@ class LongDocumentLM(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     # -------------------------------------------------------------------------- steps
-    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, T) ids and GLOBAL positions -> (B, T, V) logits."""
-        return self.model(input_ids, position_ids)
+        return self.model(input_ids, position_ids, document_ids)
 
     def reduce_loss(self, loss_sum: torch.Tensor, num_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(loss_to_backprop, mean_loss_for_logging)`` through the strategy when it knows how."""
@@ -258,7 +276,7 @@ class LongDocumentLM(pl.LightningModule):
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         batch = self.prepare_batch(batch)
-        logits = self(batch["input_ids"], batch["position_ids"])
+        logits = self(batch["input_ids"], batch["position_ids"], self.document_ids(batch))
         loss, mean_loss = self.reduce_loss(*self.compute_loss(logits, batch))
         B = batch["input_ids"].shape[0]
         self.log("train/loss", mean_loss, prog_bar=True, batch_size=B)
@@ -267,7 +285,7 @@ class LongDocumentLM(pl.LightningModule):
 
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
         batch = self.prepare_batch(batch)
-        logits = self(batch["input_ids"], batch["position_ids"])
+        logits = self(batch["input_ids"], batch["position_ids"], self.document_ids(batch))
         loss_sum, num_tokens = self.compute_loss(logits, batch)
         # The task (if the data has one) owns its metric; plain LM data counts nothing.
         metric_fn = getattr(getattr(self._trainer, "datamodule", None), "task_metric_fn", None)

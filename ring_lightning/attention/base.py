@@ -28,6 +28,7 @@ from torch import nn
 from ..sharding import active_sequence_sharding, check_divisible, rank_pieces, shard_sequence, unshard_sequence
 from .comm import BufferPool, RingComm
 from .config import RingAttentionConfig
+from .documents import DocumentPlan, check_document_ids, documents_for
 from .tasks import TaskPath
 from .plan import get_plan
 from .profiling import RingProfiler
@@ -165,7 +166,7 @@ class RingAttentionBase(nn.Module):
 
     # ----------------------------------------------------------------------- forward
     def forward(self, q, k, v, is_causal: bool = False, already_split: bool = False,
-                return_lse: bool = False):
+                return_lse: bool = False, document_ids: Optional[torch.Tensor] = None):
         """Attention of this rank's queries over the whole sequence.
 
         Args:
@@ -175,6 +176,8 @@ class RingAttentionBase(nn.Module):
                 else the one the strategy set, else contiguous); False if every rank passes
                 the full sequence (then the full output is returned on every rank).
             return_lse: also return the log-sum-exp (B, T, H), float32.
+            document_ids: (B, T) integers laid out like q: a query attends only to keys with
+                its id (packed documents, documents.py). None: one document per row.
         Raises:
             ValueError / TypeError on inconsistent inputs, with what to change.
         """
@@ -211,7 +214,10 @@ class RingAttentionBase(nn.Module):
             rank = dist.get_rank(group)
             check_divisible(seq_len, world, layout)
         patterns = tuple(cfg.patterns(seq_len))
-        if world == 1 and not return_lse and self._fused_single_device(q, patterns, seq_len, is_causal):
+        if document_ids is not None:
+            check_document_ids(document_ids, q)
+        if (world == 1 and not return_lse and document_ids is None
+                and self._fused_single_device(q, patterns, seq_len, is_causal)):
             return self._single_device_sdpa(q, k, v, is_causal)
         H, K = q.shape[2], k.shape[2]
         plan = get_plan(seq_len, world, layout, patterns, bool(is_causal), H, K, self._sparse_key())
@@ -220,7 +226,12 @@ class RingAttentionBase(nn.Module):
             if self._comm is None or self._comm.group is not group:
                 self._comm = RingComm(group, cfg.comm_timeout_s, cfg.custom_ring_order, self._comm_blocking())
             comm = self._comm
-            self._verify_across_ranks(comm, q, k, seq_len, layout, is_causal, already_split)
+            self._verify_across_ranks(comm, q, k, seq_len, layout, is_causal, already_split,
+                                      document_ids is not None)
+        docs = None
+        if document_ids is not None:  # tasks and transfers of pieces sharing no document are dropped
+            docs = documents_for(document_ids, group, layout, world, already_split)
+            plan = DocumentPlan(plan, docs)
         if not already_split and world > 1:
             q, k, v = (_ShardSequence.apply(x, world, rank, layout) for x in (q, k, v))
 
@@ -233,7 +244,7 @@ class RingAttentionBase(nn.Module):
             dropout_p=cfg.dropout if self.training else 0.0,
             dropout_seed=int(torch.randint(0, 2**62, (1,)).item()) if (self.training and cfg.dropout > 0) else 0,
             async_comm=cfg.async_ring_communication, sync_profiling=cfg.enable_profiling,
-            profile_communication=cfg.profile_communication, device=q.device,
+            profile_communication=cfg.profile_communication, device=q.device, documents=docs,
             **{"tile": cfg.compute_block_size, **self._context_options(q, seq_len, is_causal)},
         )
         with self.profiler.total.span():
@@ -263,10 +274,10 @@ class RingAttentionBase(nn.Module):
 
     def _plain_dense(self, q, patterns, seq_len: int, is_causal: bool) -> bool:
         """Dense pattern, automatic kernel, no dropout in training, and nothing variant-specific
-        (the variant's options are at most the plain TaskPath)."""
+        (the variant's options are at most a path that computes what SDPA computes)."""
         cfg = self.config
         opts = self._context_options(q, seq_len, is_causal)
-        plain_path = type(opts.get("path", TaskPath())) is TaskPath
+        plain_path = opts.get("path", TaskPath()).fused_equivalent
         return (cfg.kernel == "auto" and patterns == ((seq_len, 1),) and (cfg.dropout == 0.0 or not self.training)
                 and self._sparse_key() is None and plain_path and set(opts) <= {"path"})
 
@@ -307,18 +318,18 @@ class RingAttentionBase(nn.Module):
         if T == 0:
             raise ValueError("sequence length must be positive")
 
-    def _verify_across_ranks(self, comm, q, k, seq_len, layout, is_causal, already_split) -> None:
+    def _verify_across_ranks(self, comm, q, k, seq_len, layout, is_causal, already_split, documents) -> None:
         """Once per input signature: every rank of the group must agree (one all_gather)."""
         cfg = self.config
         sig = (tuple(q.shape), tuple(k.shape), str(q.dtype), layout, bool(is_causal), bool(already_split),
                self.variant, tuple(cfg.patterns(seq_len)), cfg.block_size, cfg.sparsity_ratio,
                cfg.sparse_pattern, cfg.sparse_seed, tuple(cfg.custom_ring_order or ()),
-               cfg.async_ring_communication, cfg.scale, cfg.dropout)
+               cfg.async_ring_communication, cfg.scale, cfg.dropout, bool(documents))
         if sig in self._verified:
             return
         names = ["shape q", "shape k", "dtype", "layout", "is_causal", "already_split", "variant",
                  "patterns", "block_size", "sparsity_ratio", "sparse_pattern", "sparse_seed",
-                 "custom_ring_order", "async_ring_communication", "scale", "dropout"]
+                 "custom_ring_order", "async_ring_communication", "scale", "dropout", "document_ids given"]
         codes = torch.tensor([_stable_hash(x) for x in sig], dtype=torch.int64,
                              device=q.device if comm.backend == "nccl" else "cpu")
         gathered = [torch.empty_like(codes) for _ in range(comm.world)]

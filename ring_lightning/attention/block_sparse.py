@@ -45,6 +45,8 @@ class BlockSparsePath(TaskPath):
     """Tasks under a block mask: the gathered kernel where whole blocks align (sparse_kernel.py),
     else the standard path with a per-tile token mask. Caches live for one ring call."""
 
+    fused_equivalent = False  # the block mask is not SDPA's
+
     def __init__(self, blocks: torch.Tensor, block_size: int) -> None:
         self.blocks, self.bs = blocks, block_size  # (N/bs, N/bs) bool, on the inputs' device
         self._masks: Dict[tuple, object] = {}
@@ -71,8 +73,8 @@ class BlockSparsePath(TaskPath):
 
     def _layout(self, ctx, task, src, spec: BlockSpec, q) -> Optional[SparseLayout]:
         """Gathered-kernel layout, or None where the per-tile path must run (dilated selection,
-        blocks not aligned with pieces, dropout)."""
-        if task.pattern.dilation != 1 or spec.dropout_p > 0:
+        blocks not aligned with pieces, dropout, packed documents)."""
+        if task.pattern.dilation != 1 or spec.dropout_p > 0 or spec.documents is not None:
             return None
         Bp, _, heads, head_dim = q.shape  # (B*S, M, Hs, D)
         key = (task, src, Bp, heads, head_dim)

@@ -209,6 +209,9 @@ class RingTransfers:
         send_items = self.plan.items(me, dst)
         parts = ([kv_view(self.plan, k, me, it).reshape(-1) for it in send_items],
                  [kv_view(self.plan, v, me, it).reshape(-1) for it in send_items])
+        skipped = getattr(self.plan, "skipped_items", None)  # documents.DocumentPlan: pairs sharing no document
+        if skipped is not None:
+            self.profiler.document_bytes_saved += 2 * k.element_size() * self._numel(skipped(me, dst))
         transfer = self._post(step, 4 * step, dst, parts, src, self.plan.items(src, me),
                               lambda n: self.pool.get(n, k.dtype, k.device))
         if self.log_steps:

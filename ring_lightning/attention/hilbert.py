@@ -1,26 +1,27 @@
-"""HilbertRingAttention: the standard ring, tokens processed in Hilbert-curve order.
+"""HilbertRingAttention: the standard ring with every task's tiles visited along a Hilbert curve.
 
-Inside every task the query and key tokens are reordered along a Hilbert curve of level
-``L``: a token's position ``p`` is laid on a ``2^L x 2^L`` grid (column ``p mod 2^L``, row
-``(p div 2^L) mod 2^L``, consecutive grids one after another) and tokens are visited in
-curve order. Masks are computed from the ORIGINAL positions and the order is undone on the
-output and on the gradients, so results equal ``standard`` for every input, causal
-included (tests check this to 1e-6).
+Exact attention over a set of keys does not depend on the order of the keys, so the curve
+must not cost work. Tokens stay where they are (contiguous), and the curve orders the
+tile SCHEDULE of a task instead: tile (i, j) of the query x key grid is visited in the
+order of the curve of level ``hilbert_curve_level`` laid over that grid (grids of
+``2^L x 2^L`` tiles one after another). Every kernel ``standard`` uses still runs, causal
+tiles included, so results equal ``standard`` up to rounding and the speed is the same
+(benchmarks/bench_attention.py measures it). The fused CUDA kernels own their tile
+schedule; the portable kernel follows the curve, so consecutive tiles share a query or a
+key tile.
 
-Where it helps, where it does not (measured; see README): exact attention over a set of
-keys does not depend on their order, so for unmasked blocks the reorder is pure overhead
-(two gathers). Under a causal mask the curve scatters the diagonal across the tile grid,
-so fewer tiles can be skipped and the fast fused kernels (which only know a top-left
-triangle) cannot be used: the masked portable kernel runs instead. The variant is kept
-because the usage guide promises it and because it is exact; choose ``standard`` for speed.
+``hilbert_order`` / ``hilbert_index`` / ``hilbert_cell`` are the curve itself (positions
+of a 2-D grid of tokens in curve order), tested for being a bijection with unit steps.
 """
 
 from __future__ import annotations
 
 import torch
 
+from functools import lru_cache
+from typing import Tuple
+
 from .base import RingAttentionBase
-from .kernels import BlockSpec
 from .tasks import TaskPath
 
 
@@ -73,45 +74,40 @@ def hilbert_order(positions: torch.Tensor, level: int) -> torch.Tensor:
     return torch.argsort(key, stable=True)
 
 
+@lru_cache(maxsize=256)
+def hilbert_tile_order(level: int, nq: int, nk: int) -> Tuple[Tuple[int, int], ...]:
+    """The (query tile, key tile) grid of a task visited along the curve: grids of
+    ``2^level x 2^level`` tiles one after another (row-major), the curve inside each."""
+    side = 1 << level
+    i, j = torch.meshgrid(torch.arange(nq), torch.arange(nk), indexing="ij")
+    i, j = i.flatten(), j.flatten()
+    grids_per_row = -(-nk // side)
+    grid = (i // side) * grids_per_row + j // side
+    key = grid * side * side + hilbert_index(level, j % side, i % side)
+    order = torch.argsort(key, stable=True)
+    return tuple(zip(i[order].tolist(), j[order].tolist()))
+
+
 class HilbertPath(TaskPath):
-    """The standard path on the task's tokens permuted into curve order, then permuted back."""
+    """The standard path with the task's tiles visited along a Hilbert curve.
+
+    Tokens stay contiguous, so every kernel standard uses still runs (the fused CUDA
+    kernels keep their own tile schedule); the portable kernel visits its tiles in curve
+    order, so consecutive tiles share a query or a key tile (cache reuse).
+    """
 
     def __init__(self, level: int) -> None:
         self.level = level
 
-    def _order(self, ctx, task, src, spec: BlockSpec):
-        """(query order (M,), key order (L,), spec with the causal mask made explicit).
-
-        The causal mask is rebuilt from the ORIGINAL positions of the permuted tokens: the
-        kernels' top-left triangle no longer describes it. Segment 0's relative positions
-        serve every segment of a task (all segments are laid out alike).
-        """
-        qpos, kpos = (p[0] for p in self.positions(ctx, task, src))  # (M,), (L,)
-        qo, ko = hilbert_order(qpos, self.level), hilbert_order(kpos, self.level)
-        if spec.causal:
-            qp, kp = qpos[qo].to(ctx.device), kpos[ko].to(ctx.device)  # positions in processing order
-
-            def causal_tile(q0, q1, k0, k1):
-                return kp[None, k0:k1] <= qp[q0:q1, None]  # (mq, mk)
-
-            spec = BlockSpec(False, causal_tile, spec.dropout_p, spec.dropout_seed)
-        return qo, ko, spec
-
-    def forward(self, ctx, task, src, spec, q, k, v):
-        qo, ko, spec = self._order(ctx, task, src, spec)
-        o, l, state = super().forward(ctx, task, src, spec, q[:, qo], k[:, ko], v[:, ko])
-        inv = torch.argsort(qo)  # undo the order: position i of the task gets its own row
-        return o[:, inv], l[:, inv], state
-
-    def backward(self, ctx, task, src, spec, state, q, k, v, out, dout, lse):
-        qo, ko, spec = self._order(ctx, task, src, spec)
-        gq, gk, gv = super().backward(ctx, task, src, spec, state, q[:, qo], k[:, ko], v[:, ko],
-                                      out[:, qo], dout[:, qo], lse[:, qo])
-        return gq[:, torch.argsort(qo)], gk[:, torch.argsort(ko)], gv[:, torch.argsort(ko)]
+    def spec(self, ctx, task, src, batch):
+        spec = super().spec(ctx, task, src, batch)
+        level = self.level
+        spec.tile_order = lambda nq, nk: hilbert_tile_order(level, nq, nk)
+        return spec
 
 
 class HilbertRingAttention(RingAttentionBase):
-    """Exactly ``standard``'s results, computed in Hilbert-curve token order."""
+    """Exactly ``standard``'s results, tiles scheduled along a Hilbert curve."""
 
     variant = "hilbert"
 

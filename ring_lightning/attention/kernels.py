@@ -28,10 +28,11 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
+from . import varlen
 from .merge import accumulator_dtype
 
 _CUDA_KERNELS = ("cudnn", "flash", "efficient")
@@ -48,6 +49,10 @@ class BlockSpec:
     token_mask: Optional[Any] = None
     dropout_p: float = 0.0
     dropout_seed: int = 0  #: per-task seed; tiles derive their own from it
+    #: packed documents: the task's ids (documents.DocumentTask); a query sees its own document only
+    documents: Optional[Any] = None
+    #: (query tiles, key tiles) -> the (i, j) tiles in the order the portable kernel visits them
+    tile_order: Optional[Callable[[int, int], Any]] = None
 
 
 def _tile_dropout(spec: BlockSpec, qi: int, ki: int, shape, device) -> torch.Tensor:
@@ -68,6 +73,11 @@ def _tile_mask(spec: BlockSpec, q0: int, q1: int, k0: int, k1: int, device):
             qi = torch.arange(q0, q1, device=device)
             ki = torch.arange(k0, k1, device=device)
             mask = ki[None, :] <= qi[:, None]
+    if spec.documents is not None:
+        dm = spec.documents.allowed(q0, q1, k0, k1)  # (B', 1, mq, mk)
+        if not bool(dm.any()):
+            return False
+        mask = dm if mask is None else (mask & dm)
     if spec.token_mask is not None:
         if callable(spec.token_mask):
             tm = spec.token_mask(q0, q1, k0, k1)
@@ -84,43 +94,51 @@ def _heads_first(dtype: torch.dtype, *xs: torch.Tensor):
     return tuple(x.to(dtype).transpose(1, 2) for x in xs)
 
 
+def _tiles(spec: BlockSpec, M: int, L: int, tile: int):
+    """(q0, q1, k0, k1) of every tile, in the spec's schedule (row-major unless it has one)."""
+    nq, nk = -(-M // tile), -(-L // tile)
+    pairs = spec.tile_order(nq, nk) if spec.tile_order is not None else (
+        (i, j) for i in range(nq) for j in range(nk))
+    for i, j in pairs:
+        yield i * tile, min((i + 1) * tile, M), j * tile, min((j + 1) * tile, L)
+
+
 def math_forward(q, k, v, scale: float, spec: BlockSpec, tile: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Tiled online-softmax forward. Returns out (B',M,H,D), lse (B',M,H) and tiles skipped."""
+    """Tiled online-softmax forward. Returns out (B',M,H,D), lse (B',M,H) and tiles skipped.
+
+    Running max / sum / output are kept for every query row, so tiles may come in any order
+    (the hilbert variant's schedule); the result does not depend on it beyond rounding.
+    """
     acc = accumulator_dtype(q.dtype)
     Bp, M, H, D = q.shape
-    L = k.shape[1]
     qf, kf, vf = _heads_first(acc, q, k, v)  # (B', H, M, D), (B', H, L, D) x2
-    out = torch.zeros(Bp, H, M, D, dtype=acc, device=q.device)
-    lse = torch.full((Bp, H, M), float("-inf"), dtype=acc, device=q.device)
+    row_max = torch.full((Bp, H, M), float("-inf"), dtype=acc, device=q.device)
+    row_sum = torch.zeros((Bp, H, M), dtype=acc, device=q.device)
+    row_out = torch.zeros((Bp, H, M, D), dtype=acc, device=q.device)
     skipped = 0
-    for q0 in range(0, M, tile):
-        q1 = min(q0 + tile, M)
-        row_max = torch.full((Bp, H, q1 - q0), float("-inf"), dtype=acc, device=q.device)
-        row_sum = torch.zeros((Bp, H, q1 - q0), dtype=acc, device=q.device)
-        row_out = torch.zeros((Bp, H, q1 - q0, D), dtype=acc, device=q.device)
-        for k0 in range(0, L, tile):
-            k1 = min(k0 + tile, L)
-            mask = _tile_mask(spec, q0, q1, k0, k1, q.device)
-            if mask is False:
-                skipped += 1
-                continue
-            s = torch.matmul(qf[:, :, q0:q1], kf[:, :, k0:k1].transpose(-1, -2)) * scale  # (B',H,mq,mk)
-            if mask is not None:
-                s = s.masked_fill(~mask, float("-inf"))
-            new_max = torch.maximum(row_max, s.amax(-1))
-            safe_max = torch.where(torch.isneginf(new_max), torch.zeros_like(new_max), new_max)
-            p = torch.exp(s - safe_max[..., None])
-            correction = torch.exp(row_max - safe_max)
-            row_sum = row_sum * correction + p.sum(-1)
-            if spec.dropout_p > 0:
-                keep = _tile_dropout(spec, q0, k0, p.shape, q.device)
-                p = p * keep / (1.0 - spec.dropout_p)
-            row_out = row_out * correction[..., None] + torch.matmul(p, vf[:, :, k0:k1])
-            row_max = new_max
-        safe_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
-        has_key = row_sum > 0
-        lse[:, :, q0:q1] = torch.where(has_key, safe_max + torch.log(row_sum), lse[:, :, q0:q1])
-        out[:, :, q0:q1] = torch.where(has_key[..., None], row_out / row_sum.clamp_min(1e-300)[..., None], 0.0)
+    for q0, q1, k0, k1 in _tiles(spec, M, k.shape[1], tile):
+        mask = _tile_mask(spec, q0, q1, k0, k1, q.device)
+        if mask is False:
+            skipped += 1
+            continue
+        s = torch.matmul(qf[:, :, q0:q1], kf[:, :, k0:k1].transpose(-1, -2)) * scale  # (B',H,mq,mk)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        old_max = row_max[:, :, q0:q1]
+        new_max = torch.maximum(old_max, s.amax(-1))
+        safe_max = torch.where(torch.isneginf(new_max), torch.zeros_like(new_max), new_max)
+        p = torch.exp(s - safe_max[..., None])
+        correction = torch.exp(old_max - safe_max)
+        row_sum[:, :, q0:q1] = row_sum[:, :, q0:q1] * correction + p.sum(-1)
+        if spec.dropout_p > 0:
+            keep = _tile_dropout(spec, q0, k0, p.shape, q.device)
+            p = p * keep / (1.0 - spec.dropout_p)
+        row_out[:, :, q0:q1] = row_out[:, :, q0:q1] * correction[..., None] + torch.matmul(p, vf[:, :, k0:k1])
+        row_max[:, :, q0:q1] = new_max
+    safe_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+    has_key = row_sum > 0
+    lse = torch.where(has_key, safe_max + torch.log(row_sum), torch.full_like(row_sum, float("-inf")))
+    out = torch.where(has_key[..., None], row_out / row_sum.clamp_min(1e-300)[..., None], 0.0)
     return out.transpose(1, 2), lse.transpose(1, 2), skipped
 
 
@@ -134,32 +152,43 @@ def math_backward(q, k, v, out, dout, lse, scale: float, spec: BlockSpec, tile: 
     dq = torch.zeros_like(qf)
     dk = torch.zeros_like(kf)
     dv = torch.zeros_like(vf)
-    M, L = qf.shape[2], kf.shape[2]
-    for q0 in range(0, M, tile):
-        q1 = min(q0 + tile, M)
-        for k0 in range(0, L, tile):
-            k1 = min(k0 + tile, L)
-            mask = _tile_mask(spec, q0, q1, k0, k1, q.device)
-            if mask is False:
-                continue
-            s = torch.matmul(qf[:, :, q0:q1], kf[:, :, k0:k1].transpose(-1, -2)) * scale
-            p = torch.exp(s - lse_t[:, :, q0:q1, None])
-            if mask is not None:
-                p = torch.where(mask, p, torch.zeros_like(p))
-            dp = torch.matmul(do[:, :, q0:q1], vf[:, :, k0:k1].transpose(-1, -2))
-            if spec.dropout_p > 0:
-                keep = _tile_dropout(spec, q0, k0, p.shape, q.device) / (1.0 - spec.dropout_p)
-                dv[:, :, k0:k1] += torch.matmul((p * keep).transpose(-1, -2), do[:, :, q0:q1])
-                dp = dp * keep
-            else:
-                dv[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), do[:, :, q0:q1])
-            ds = p * (dp - delta[:, :, q0:q1, None])
-            dq[:, :, q0:q1] += torch.matmul(ds, kf[:, :, k0:k1]) * scale
-            dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qf[:, :, q0:q1]) * scale
+    for q0, q1, k0, k1 in _tiles(spec, qf.shape[2], kf.shape[2], tile):
+        mask = _tile_mask(spec, q0, q1, k0, k1, q.device)
+        if mask is False:
+            continue
+        s = torch.matmul(qf[:, :, q0:q1], kf[:, :, k0:k1].transpose(-1, -2)) * scale
+        p = torch.exp(s - lse_t[:, :, q0:q1, None])
+        if mask is not None:
+            p = torch.where(mask, p, torch.zeros_like(p))
+        dp = torch.matmul(do[:, :, q0:q1], vf[:, :, k0:k1].transpose(-1, -2))
+        if spec.dropout_p > 0:
+            keep = _tile_dropout(spec, q0, k0, p.shape, q.device) / (1.0 - spec.dropout_p)
+            dv[:, :, k0:k1] += torch.matmul((p * keep).transpose(-1, -2), do[:, :, q0:q1])
+            dp = dp * keep
+        else:
+            dv[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), do[:, :, q0:q1])
+        ds = p * (dp - delta[:, :, q0:q1, None])
+        dq[:, :, q0:q1] += torch.matmul(ds, kf[:, :, k0:k1]) * scale
+        dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qf[:, :, q0:q1]) * scale
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------- CUDA kernels
+def _documents_varlen(kernel: str, q, spec: BlockSpec) -> bool:
+    """Packed documents on CUDA: one varlen FlashAttention call, one sequence per document."""
+    return (spec.documents is not None and spec.documents.packed and spec.token_mask is None
+            and spec.dropout_p == 0 and kernel in ("auto", "flash") and varlen.varlen_cuda_ok(q))
+
+
+def _documents_forward(q, k, v, scale: float, spec: BlockSpec):
+    cu_q, cu_k, max_q, max_k, key_counts = spec.documents.sequences()
+    Bp, M, H, D = q.shape
+    o, l, state = varlen.varlen_forward(q.reshape(Bp * M, H, D), k.reshape(-1, H, D), v.reshape(-1, H, D),
+                                        cu_q, cu_k, max_q, max_k, scale, spec.causal, key_counts)
+    return o.view(Bp, M, H, D), l.view(Bp, M, H), state
+
+
+
 def _cuda_forward(name: str, q, k, v, scale: float, causal: bool):
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B', H, M, D) views
     if name == "flash":
@@ -203,7 +232,7 @@ def _cuda_backward(saved, q, k, v, out, dout, lse, scale: float, causal: bool):
 
 def cuda_candidates(kernel: str, q: torch.Tensor, spec: BlockSpec):
     """CUDA kernels that may take this block, in order of preference."""
-    if not q.is_cuda or spec.token_mask is not None or spec.dropout_p > 0:
+    if not q.is_cuda or spec.token_mask is not None or spec.dropout_p > 0 or spec.documents is not None:
         return ()
     if q.dtype not in (torch.float16, torch.bfloat16):
         return ()
@@ -214,6 +243,10 @@ def cuda_candidates(kernel: str, q: torch.Tensor, spec: BlockSpec):
 
 def block_forward(q, k, v, scale: float, spec: BlockSpec, kernel: str = "auto", tile: int = 1024):
     """(out, lse, saved, skipped_tiles) for one block. q (B',M,H,D); k, v (B',L,H,D)."""
+    if _documents_varlen(kernel, q, spec):
+        result = varlen.attempt(lambda: _documents_forward(q, k, v, scale, spec), "packed documents")
+        if result is not None:
+            return (*result, 0)
     for name in cuda_candidates(kernel, q, spec):
         try:
             out, lse, saved = _cuda_forward(name, q, k, v, scale, spec.causal)
@@ -233,6 +266,11 @@ def block_forward(q, k, v, scale: float, spec: BlockSpec, kernel: str = "auto", 
 
 def block_backward(saved, q, k, v, out, dout, lse, scale: float, spec: BlockSpec, tile: int = 1024):
     """(dq, dk, dv) of one block, given the final merged out and lse."""
+    if saved[0] == "varlen":
+        Bp, M = q.shape[:2]
+        flat = [x.flatten(0, 1) for x in (q, k, v, out.to(q.dtype), dout.to(q.dtype), lse)]  # (B'*M|L, ...)
+        dq, dk, dv = varlen.varlen_backward(saved, *flat, scale)
+        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
     if saved[0] != "math":
         return _cuda_backward(saved, q, k, v, out.to(q.dtype), dout.to(q.dtype), lse, scale, spec.causal)
     return math_backward(q, k, v, out, dout, lse, scale, spec, tile)

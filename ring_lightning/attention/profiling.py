@@ -57,6 +57,7 @@ class RingProfiler:
         self.device = device
         self.total, self.compute, self.comm = _Timer(device), _Timer(device), _Timer(device)
         self.bytes_sent = 0
+        self.document_bytes_saved = 0  #: K/V bytes not sent: no task of theirs shares a document
         self.ring_steps = 0
         self.skipped_blocks = 0
         self.computed_blocks = 0
@@ -79,6 +80,7 @@ class RingProfiler:
             "compute_time_ms": self.compute.ms(),
             "comm_time_ms": self.comm.ms(),
             "comm_volume_mb": self.bytes_sent / 2**20,
+            "document_bytes_saved": self.document_bytes_saved,
             "peak_memory_mb": peak,
             "ring_steps": self.ring_steps,
             "skipped_blocks": self.skipped_blocks,

@@ -49,6 +49,7 @@ def reference_attention(
     block_mask: Optional[torch.Tensor] = None,
     block_size: Optional[int] = None,
     dtype: torch.dtype = torch.float64,
+    document_ids: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over the full sequence.
 
@@ -58,6 +59,7 @@ def reference_attention(
         segment_lengths, dilation_rates: LongNet patterns; None = dense. Segments longer
             than N are clamped to N.
         block_mask: optional (N/block_size, N/block_size) boolean mask ANDed into every pattern.
+        document_ids: optional (B, N) ids: a query sees only keys with its id (every pattern).
     Returns:
         out (B, N, H, D) and lse (B, N, H), in ``dtype``. Rows with no key: out 0, lse -inf.
     """
@@ -76,13 +78,18 @@ def reference_attention(
     extra = None
     if block_mask is not None:
         extra = block_to_token_mask(block_mask.to(q.device), block_size)[None]  # (1, N, N)
+    same_doc = None
+    if document_ids is not None:
+        ids = document_ids.to(q.device)
+        same_doc = (ids[:, :, None] == ids[:, None, :])[:, None]  # (B, 1, N, N)
     scores = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale  # (B, H, N, N)
     masked = []
     for w, r in patterns:
         mask = pattern_mask(N, H, w, r, is_causal, q.device)  # (H, N, N)
         if extra is not None:
             mask = mask & extra
-        masked.append(scores.masked_fill(~mask[None], float("-inf")))
+        mask = mask[None] if same_doc is None else (mask[None] & same_doc)  # (1|B, H, N, N)
+        masked.append(scores.masked_fill(~mask, float("-inf")))
     all_scores = torch.cat(masked, dim=-1)  # (B, H, N, P*N)
     lse = torch.logsumexp(all_scores, dim=-1)  # (B, H, N)
     probs = torch.exp(all_scores - lse[..., None]).nan_to_num(0.0)

@@ -58,6 +58,8 @@ class RingContext:
     #: (name, gradient, the ring's group or None) -> None: run on dq/dk/dv before they leave
     #: backward (distributed variant's validate_gradients)
     grad_check: Optional[Callable[[str, torch.Tensor, Optional[object]], None]] = None
+    #: packed documents of this call (documents.Documents): a query sees its own document only
+    documents: Optional[object] = None
     device: torch.device = torch.device("cpu")
 
     @property

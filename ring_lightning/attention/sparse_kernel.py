@@ -21,12 +21,12 @@ bs block size, nq/nk query/key blocks of the task.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 
+from . import varlen
 from .kernels import BlockSpec, block_backward, block_forward, math_backward, math_forward
 from .merge import accumulator_dtype, merge_
 
@@ -93,26 +93,20 @@ def build_layout(blocks: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor, b
     return SparseLayout(bs, rows, k_blocks, counts, diag_q, diag_k, chunks)
 
 
-_varlen_refused: list = []  # the error of a CUDA varlen kernel that refused, once per process
-
-
-def _varlen_cuda_ok(q: torch.Tensor) -> bool:
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
-            and not _varlen_refused)
-
-
 def _varlen_forward(q, k, v, counts, bs, scale):
     """q (n*bs, H, D); k, v (sum(counts)*bs, H, D) -> out (n*bs, H, D), lse (n, bs, H), state."""
     n = counts.numel()
-    if _varlen_cuda_ok(q):
-        try:
-            return _flash_varlen_forward(q, k, v, counts, bs, scale)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as exc:  # keep training correct (and say so) if the op refuses
-            _varlen_refused.append(repr(exc))
-            warnings.warn(f"FlashAttention varlen refused ({exc!r}); block_sparse falls back to the "
-                          f"portable kernel, which is much slower", RuntimeWarning)
+    if varlen.varlen_cuda_ok(q):
+        def call():
+            cu_q = torch.arange(0, n + 1, device=q.device, dtype=torch.int32) * bs
+            cu_k = torch.zeros(n + 1, device=q.device, dtype=torch.int32)
+            cu_k[1:] = torch.cumsum(counts, 0) * bs
+            out, lse, state = varlen.varlen_forward(q, k, v, cu_q, cu_k, bs, int(counts.max()) * bs, scale, False)
+            return out, lse.reshape(n, bs, -1), state
+
+        result = varlen.attempt(call, "block_sparse")
+        if result is not None:
+            return result
     # portable emulation, one sequence at a time
     outs, lses, pos = [], [], 0
     for i, c in enumerate(counts.tolist()):
@@ -125,35 +119,9 @@ def _varlen_forward(q, k, v, counts, bs, scale):
     return torch.cat(outs), torch.stack(lses), ("math",)
 
 
-def _flash_varlen_forward(q, k, v, counts, bs, scale):
-    """FlashAttention's varlen kernel: every query sequence has bs tokens."""
-    n = counts.numel()
-    cu_q = torch.arange(0, n + 1, device=q.device, dtype=torch.int32) * bs
-    cu_k = torch.zeros(n + 1, device=q.device, dtype=torch.int32)
-    cu_k[1:] = torch.cumsum(counts, 0) * bs
-    max_k = int(counts.max()) * bs
-    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-        q, k, v, cu_q, cu_k, bs, max_k, 0.0, False, False, scale=scale)
-    state = ("flash", cu_q, cu_k, max_k, rng, unused, tuple(lse.shape))
-    if lse.dim() == 2:  # (H, total_q)
-        lse_rows = lse.transpose(0, 1).reshape(n, bs, -1)
-    else:  # (n, H, max_q)
-        lse_rows = lse[:, :, :bs].transpose(1, 2)
-    return out, lse_rows, state
-
-
 def _varlen_backward(state, q, k, v, out, dout, lse_rows, counts, bs, scale):
-    n = counts.numel()
-    if state[0] == "flash":
-        _, cu_q, cu_k, max_k, rng, unused, lse_shape = state
-        if len(lse_shape) == 2:
-            lse = lse_rows.reshape(n * bs, -1).transpose(0, 1).contiguous()
-        else:
-            lse = torch.full(lse_shape, 0.0, device=q.device, dtype=torch.float32)
-            lse[:, :, :bs] = lse_rows.transpose(1, 2)
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            dout, q, k, v, out, lse, cu_q, cu_k, bs, max_k, 0.0, False, rng, unused, scale=scale)
-        return dq, dk, dv
+    if state[0] == "varlen":
+        return varlen.varlen_backward(state, q, k, v, out, dout, lse_rows.reshape(-1, lse_rows.shape[-1]), scale)
     dqs, dks, dvs, pos = [], [], [], 0
     for i, c in enumerate(counts.tolist()):
         sl = slice(i * bs, (i + 1) * bs)
@@ -210,7 +178,7 @@ def sparse_backward(saved, q, k, v, out, dout, lse, scale: float):
     dv = torch.zeros(vb.shape, dtype=acc, device=q.device)
     for (s0, s1, k0, k1), st in zip(lay.chunks, states):
         rows, counts, kidx = lay.q_rows[s0:s1], lay.counts[s0:s1], lay.k_blocks[k0:k1]
-        cast = (lambda x: x.to(q.dtype)) if st[0] == "flash" else (lambda x: x)
+        cast = (lambda x: x.to(q.dtype)) if st[0] == "varlen" else (lambda x: x)
         g = _varlen_backward(st, qb[rows].reshape(-1, Hs, D), kb[kidx].reshape(-1, Hs, D),
                              vb[kidx].reshape(-1, Hs, D), cast(ob[rows].reshape(-1, Hs, D)),
                              cast(dob[rows].reshape(-1, Hs, D)), lb[rows], counts, bs, scale)

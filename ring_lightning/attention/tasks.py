@@ -34,6 +34,10 @@ if TYPE_CHECKING:  # annotations only: ring.py imports this module, not the othe
 class TaskPath:
     """The standard path: one block-kernel call per task, tiles of ``ctx.tile``."""
 
+    #: the path computes what one fused SDPA call over the whole sequence computes, so on one
+    #: CUDA device base.py may call that instead (a subclass that masks or reorders says False)
+    fused_equivalent = True
+
     def spec(self, ctx: "RingContext", task: Task, src: int, batch: int) -> Optional[BlockSpec]:
         """How the task attends (``batch``: B, for masks that broadcast over it)."""
         plan = ctx.plan
@@ -42,7 +46,8 @@ class TaskPath:
         seed = hash((ctx.dropout_seed, task.pattern.index, task.offset,
                      plan.pieces[ctx.rank][task.q_piece].start,
                      plan.pieces[src][task.k_piece].start)) % (2**62)
-        return BlockSpec(task.kind == CAUSAL, None, ctx.dropout_p, seed)
+        documents = None if ctx.documents is None else ctx.documents.task(plan, ctx.rank, task, src)
+        return BlockSpec(task.kind == CAUSAL, None, ctx.dropout_p, seed, documents)
 
     def forward(self, ctx: "RingContext", task: Task, src: int, spec: BlockSpec, q, k, v):
         o, l, state, skipped = block_forward(q, k, v, ctx.scale, spec, ctx.kernel, ctx.tile)

@@ -44,8 +44,9 @@ class LongDocumentDataModule(pl.LightningDataModule):
             a CPU run quick; raise it for long runs.
         paths: for ``files``: files, directories or glob patterns.
         hub_name, hub_config, hub_split, text_column: for ``hub``.
-        return_document_ids: add ``document_ids`` to batches (add the key to the module's
-            ``sequence_keys`` so the strategy shards it).
+        return_document_ids: add ``document_ids`` (B, T) to batches, the index of each token's
+            document in its window (a sequence key: the strategy shards it). LongDocumentLM
+            confines attention to documents with them (``module.document_mask``).
         cache_dir: where packed windows are cached (default ``~/.cache/ring_lightning/data``).
         retrieval_num_samples: training sequences of the retrieval task.
         retrieval_num_pairs: key/value pairs (and queries) per sequence; 1 = pure long-range
@@ -79,7 +80,7 @@ class LongDocumentDataModule(pl.LightningDataModule):
         hub_config: Optional[str] = None,
         hub_split: str = "train",
         text_column: str = "text",
-        return_document_ids: bool = False,
+        return_document_ids: bool = True,
         cache_dir: Optional[str] = None,
         retrieval_num_samples: int = 20_000,
         retrieval_num_pairs: int = 1,

@@ -36,6 +36,33 @@ def make_inputs(case: dict, dtype=torch.float32):
     return q.to(dtype), k.to(dtype), v.to(dtype), grad.to(dtype)
 
 
+def document_ids_for(case: dict):
+    """(B, N) ids for ``case["docs"]``: None; "packed" (random lengths 1..N/3, so documents
+    cross rank boundaries and one-token documents occur); "unpacked" (ids in any order);
+    "per_piece" (one document per rank piece: nothing crosses a boundary)."""
+    kind = case.get("docs")
+    if kind is None:
+        return None
+    B, N = case["B"], case["N"]
+    g = torch.Generator().manual_seed(case.get("seed", 0) + 1)
+    if kind == "unpacked":
+        return torch.randint(0, 3, (B, N), generator=g)
+    if kind == "per_piece":
+        from ring_lightning.sharding import rank_pieces
+        ids = torch.empty(B, N, dtype=torch.long)
+        for r in range(case["world"]):
+            for i, p in enumerate(rank_pieces(N, case["world"], r, case["layout"])):
+                ids[:, p.start:p.start + p.length] = 2 * r + i
+        return ids
+    rows = []
+    for _ in range(B):
+        lengths = [1, 1]  # two one-token documents first, then random lengths
+        while sum(lengths) < N:
+            lengths.append(int(torch.randint(1, max(2, N // 3), (1,), generator=g)))
+        rows.append(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[:N])
+    return torch.stack(rows)
+
+
 def module_for(case: dict):
     fields = dict(case.get("fields", {}))
     if case.get("variant", "standard") != "block_sparse":  # block_sparse tiles by block_size
@@ -50,7 +77,7 @@ def reference_for(attn, case, q, k, v, grad):
     if hasattr(attn, "block_mask"):
         kwargs = dict(block_mask=attn.block_mask(case["N"]), block_size=cfg.block_size)
     out, lse = reference_attention(qr, kr, vr, case["causal"], cfg.segment_lengths, cfg.dilation_rates,
-                                   cfg.scale, **kwargs)
+                                   cfg.scale, document_ids=document_ids_for(case), **kwargs)
     dq, dk, dv = torch.autograd.grad(out, (qr, kr, vr), grad.double())
     return out, lse, dq, dk, dv
 
@@ -64,13 +91,17 @@ def run_case(rank: int, world: int, case: dict) -> dict:
         layout = "contiguous" if layout == "auto" else layout
         shard = lambda x: shard_sequence(x, world, rank, layout).contiguous()
         ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
-        out, lse = attn(ql, kl, vl, is_causal=case["causal"], already_split=True, return_lse=True)
+        ids = document_ids_for(case)
+        ids = None if ids is None else shard(ids)
+        out, lse = attn(ql, kl, vl, is_causal=case["causal"], already_split=True, return_lse=True,
+                        document_ids=ids)
         dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), shard(grad))
         return {"out": rel(out, shard(ref_out)), "lse": rel(lse, shard(ref_lse)),
                 "dq": rel(dq, shard(ref_dq)), "dk": rel(dk, shard(ref_dk)), "dv": rel(dv, shard(ref_dv)),
                 "stats": attn.get_profiling_stats()}
     qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
-    out, lse = attn(qf, kf, vf, is_causal=case["causal"], already_split=False, return_lse=True)
+    out, lse = attn(qf, kf, vf, is_causal=case["causal"], already_split=False, return_lse=True,
+                    document_ids=document_ids_for(case))
     dq, dk, dv = torch.autograd.grad(out, (qf, kf, vf), grad)
     if dist.is_initialized():  # each rank holds its own positions' gradient: the sum is the full one
         for t in (dq, dk, dv):
@@ -104,7 +135,7 @@ class _SumGradsOverRanks(torch.autograd.Function):
         return g
 
 
-def gradcheck_two_ranks(rank: int, world: int, dropout: float = 0.0) -> bool:
+def gradcheck_two_ranks(rank: int, world: int, dropout: float = 0.0, documents: bool = False) -> bool:
     """torch.autograd.gradcheck through the ring on 2 ranks (float64, causal, dilated, GQA).
 
     Every rank passes the SAME full inputs (already_split=False) and gradcheck perturbs the
@@ -119,10 +150,13 @@ def gradcheck_two_ranks(rank: int, world: int, dropout: float = 0.0) -> bool:
     k = torch.randn(B, N, K, D, generator=g, dtype=torch.float64, requires_grad=True)
     v = torch.randn(B, N, K, D, generator=g, dtype=torch.float64, requires_grad=True)
 
+    # documents crossing the rank boundary (at 8), and a one-token document
+    ids = torch.tensor([[0] * 3 + [1] + [2] * 6 + [3] * 6]) if documents else None
+
     def fn(q, k, v):
         torch.manual_seed(rank)  # dropout seeds: fixed per call (gradcheck calls many times)
         q, k, v = (_SumGradsOverRanks.apply(x) for x in (q, k, v))
-        return attn(q, k, v, is_causal=True, already_split=False)
+        return attn(q, k, v, is_causal=True, already_split=False, document_ids=ids)
 
     return bool(torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5, rtol=1e-4))
 

@@ -59,7 +59,8 @@ def test_no_module_of_the_data_package_imports_datasets_at_top_level():
 
 def test_stdlib_batches_are_real_text_with_next_token_labels(cache):
     (batch, _), val = first_batches(LongDocumentDataModule(cache_dir=cache, **dict(SMALL, batch_size=16)))
-    assert set(batch) == {"input_ids", "labels"} and "position_ids" not in batch
+    # document_ids by default (the LM masks attention per document with them)
+    assert set(batch) == {"input_ids", "labels", "document_ids"} and "position_ids" not in batch
     assert batch["input_ids"].shape == (16, 128) and batch["input_ids"].dtype == torch.long
     assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
     dm_text = "".join(ByteTokenizer().decode(dm_row) for dm_row in batch["input_ids"])
