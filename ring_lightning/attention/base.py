@@ -29,6 +29,7 @@ from ..sharding import active_sequence_sharding, check_divisible, rank_pieces, s
 from .comm import BufferPool, RingComm
 from .config import RingAttentionConfig
 from .documents import DocumentPlan, check_document_ids, documents_for
+from .flex import block_mask_for as flex_block_mask, flex_attention, flex_supported
 from .tasks import TaskPath
 from .plan import get_plan
 from .profiling import RingProfiler
@@ -216,9 +217,11 @@ class RingAttentionBase(nn.Module):
         patterns = tuple(cfg.patterns(seq_len))
         if document_ids is not None:
             check_document_ids(document_ids, q)
-        if (world == 1 and not return_lse and document_ids is None
-                and self._fused_single_device(q, patterns, seq_len, is_causal)):
-            return self._single_device_sdpa(q, k, v, is_causal)
+        if world == 1 and not return_lse:
+            if document_ids is None and self._fused_single_device(q, patterns, seq_len, is_causal):
+                return self._single_device_sdpa(q, k, v, is_causal)
+            if self._flex_single_device(q, patterns, seq_len, is_causal, document_ids is not None):
+                return self._single_device_flex(q, k, v, is_causal, seq_len, document_ids)
         H, K = q.shape[2], k.shape[2]
         plan = get_plan(seq_len, world, layout, patterns, bool(is_causal), H, K, self._sparse_key())
         comm = None
@@ -280,6 +283,31 @@ class RingAttentionBase(nn.Module):
         plain_path = opts.get("path", TaskPath()).fused_equivalent
         return (cfg.kernel == "auto" and patterns == ((seq_len, 1),) and (cfg.dropout == 0.0 or not self.training)
                 and self._sparse_key() is None and plain_path and set(opts) <= {"path"})
+
+    def _flex_grid(self, seq_len: int, device) -> Optional[tuple]:
+        """Variant hook: ``(key, block_size, make_blocks)`` of a block grid FlexAttention can take
+        (``make_blocks()`` -> (N/bs, N/bs) bool on ``device``, called only to build a mask)."""
+        return None
+
+    def _flex_single_device(self, q, patterns, seq_len: int, is_causal: bool, documents: bool) -> bool:
+        """One CUDA device, dense pattern, a mask FlexAttention can express (documents, a block
+        grid), nothing else variant-specific: FlexAttention alone (flex.py)."""
+        cfg = self.config
+        if not flex_supported(q) or cfg.kernel != "auto" or patterns != ((seq_len, 1),):
+            return False
+        opts = self._context_options(q, seq_len, is_causal)
+        grid = self._flex_grid(seq_len, q.device) is not None
+        return ((cfg.dropout == 0.0 or not self.training) and set(opts) <= {"path", "tile"}
+                and (documents or grid) and (opts.get("path", TaskPath()).fused_equivalent or grid))
+
+    def _single_device_flex(self, q, k, v, is_causal, seq_len, document_ids) -> torch.Tensor:
+        self.profiler.reset(q.device, self.config.profile_memory)
+        self.profiler.calls += 1
+        scale = self.config.scale if self.config.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        with self.profiler.total.span(), self.profiler.compute.span():
+            mask = flex_block_mask(seq_len, bool(is_causal), q.device, self._flex_grid(seq_len, q.device),
+                                   document_ids)
+            return flex_attention(q, k, v, scale, mask)
 
     def _single_device_sdpa(self, q, k, v, is_causal: bool) -> torch.Tensor:
         self.profiler.reset(q.device, self.config.profile_memory)

@@ -131,6 +131,10 @@ class BlockSparseRingAttention(RingAttentionBase):
         # tiles of block_size so that every tile lies in one block of the mask
         return {"path": BlockSparsePath(self.block_mask(seq_len).to(q.device), bs), "tile": bs}
 
+    def _flex_grid(self, seq_len: int, device):
+        # on one CUDA device the whole call is one FlexAttention call under this grid (flex.py)
+        return (self._sparse_key(), self.config.block_size, lambda: self.block_mask(seq_len).to(device))
+
     def _sparse_key(self):
         c = self.config
         return (c.block_size, c.sparse_pattern, c.sparsity_ratio, c.sparse_seed)

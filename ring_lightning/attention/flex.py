@@ -1,0 +1,102 @@
+"""One CUDA device, a mask that is not plain dense/causal: FlexAttention with a cached block mask.
+
+On one device a dense-pattern call is a single task whose result is final, so no merge
+and no final-lse backward are needed, and FlexAttention (Dong et al. 2024; PyTorch's
+``torch.nn.attention.flex_attention``) can take the whole call with autograd: its block
+mask skips empty blocks and runs full blocks without masking. Used for packed documents
+and for block_sparse's block grid (or both); the ring path (several ranks, dilated
+patterns, CPU) keeps the task kernels (kernels.py, varlen.py, sparse_kernel.py).
+
+Block masks are built once and cached: the block grid's per (grid, causal, length,
+device), the documents' per batch (the layers of one step share it, as documents.py's
+ids do). Letters: B batch, N length, H query heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+
+FLEX_BLOCK = 128  # FlexAttention's block (tokens) for the block masks built here
+
+_compiled = None
+_doc_masks: Optional[tuple] = None  # (weakref to the ids, key, block mask): one step's
+
+
+def flex_supported(q: torch.Tensor) -> bool:
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) or q.shape[-1] < 16:
+        return False
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _flex():
+    global _compiled
+    if _compiled is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        # compiled once per process: eager FlexAttention materialises the scores
+        _compiled = torch.compile(flex_attention, dynamic=False)
+    return _compiled
+
+
+def _mask_mod(causal: bool, blocks: Optional[torch.Tensor], block_size: int, ids: Optional[torch.Tensor]):
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = q_idx >= 0  # all True, in the index dtype flex traces with
+        if causal:
+            keep = keep & (kv_idx <= q_idx)
+        if blocks is not None:
+            keep = keep & blocks[q_idx // block_size, kv_idx // block_size]
+        if ids is not None:
+            keep = keep & (ids[b, q_idx] == ids[b, kv_idx])
+        return keep
+
+    return mask_mod
+
+
+def _create(causal, blocks, block_size, ids, B, N, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    # _compile: the mask is evaluated block by block, never as a (B, N, N) tensor
+    return create_block_mask(_mask_mod(causal, blocks, block_size, ids), B, None, N, N, device=device,
+                             BLOCK_SIZE=FLEX_BLOCK, _compile=True)
+
+
+_grid_masks: dict = {}  # (grid key, N, causal, device) -> block mask: static, kept for the process
+
+
+def block_mask_for(N: int, causal: bool, device, grid: Optional[tuple] = None,
+                   document_ids: Optional[torch.Tensor] = None):
+    """The FlexAttention block mask of (causal) AND (block grid) AND (same document).
+
+    ``grid``: ``(key, bs, make_blocks)``, ``key`` hashable and naming the grid (block_sparse
+    passes its config), ``make_blocks()`` the (N/bs, N/bs) bool grid: built once per grid.
+    """
+    global _doc_masks
+    bs = grid[1] if grid is not None else 1
+    if document_ids is None:
+        if grid is None:
+            raise ValueError("block_mask_for needs a block grid or document ids")
+        key = (grid[0], N, causal, str(device))
+        if key not in _grid_masks:
+            _grid_masks[key] = _create(causal, grid[2](), bs, None, None, N, device)
+        return _grid_masks[key]
+    key = (document_ids._version, N, causal, None if grid is None else grid[0])
+    if _doc_masks is not None and _doc_masks[0]() is document_ids and _doc_masks[1] == key:
+        return _doc_masks[2]
+    blocks = grid[2]() if grid is not None else None
+    mask = _create(causal, blocks, bs, document_ids.long(), document_ids.shape[0], N, device)
+    _doc_masks = (weakref.ref(document_ids), key, mask)
+    return mask
+
+
+def flex_attention(q, k, v, scale: float, block_mask) -> torch.Tensor:
+    """q (B, N, H, D), k/v (B, N, K, D) -> out (B, N, H, D), differentiable."""
+    out = _flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale,
+                  enable_gqa=k.shape[2] != q.shape[2])  # (B, H, N, D) views in, (B, H, N, D) out
+    return out.transpose(1, 2)
