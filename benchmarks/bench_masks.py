@@ -47,6 +47,7 @@ def timed(step, repeats: int, cuda: bool):
     if cuda:
         torch.cuda.synchronize()
     first = time.perf_counter() - t0
+    graphs = _graphs()
     times = []
     for _ in range(repeats):
         if cuda:
@@ -55,7 +56,13 @@ def timed(step, repeats: int, cuda: bool):
             times.append(a.elapsed_time(b))
         else:
             t = time.perf_counter(); step(); times.append((time.perf_counter() - t) * 1e3)
-    return result, first, statistics.median(times)
+    return result, first, statistics.median(times), _graphs() - graphs
+
+
+def _graphs() -> int:
+    """Graphs torch.compile has built so far: any built while timing is a recompilation."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
 
 
 def doc_ids(n: int, mean: int, device, seed: int = 0) -> torch.Tensor:
@@ -96,8 +103,9 @@ def main() -> None:
             rec["error"] = "skipped: time budget"
         else:
             try:
-                result, first, ms = timed(step, reps, cuda)
-                rec.update(ms=ms, first_call_s=round(first, 3), tflops=flops.flops_from_pairs(pairs, D) / ms / 1e9)
+                result, first, ms, recompiled = timed(step, reps, cuda)
+                rec.update(ms=ms, first_call_s=round(first, 3), tflops=flops.flops_from_pairs(pairs, D) / ms / 1e9,
+                           graphs_built_while_timing=recompiled)
                 if peer is not None:
                     rec["err_vs_peer"] = max(rel_err(a, b) for a, b in zip(result, peer))
                     rec["valid"] = rec["err_vs_peer"] < 2e-2
@@ -105,7 +113,8 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - record and go on
                 rec["error"] = short_error(exc)
         rows.append(rec)
-        print(f"{name:30s} N={n:7d} {rec.get('ms', rec.get('error'))}", flush=True)
+        print(f"{name:30s} N={n:7d} {rec.get('ms', rec.get('error'))} "
+              f"(graphs built while timing: {rec.get('graphs_built_while_timing')})", flush=True)
         return rec.get("_result")
 
     for n in ns:

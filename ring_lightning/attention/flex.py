@@ -29,7 +29,7 @@ def flex_supported(q: torch.Tensor) -> bool:
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) or q.shape[-1] < 16:
         return False
     try:
-        import torch.nn.attention.flex_attention  # noqa: F401
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
     except ImportError:
         return False
     return True
