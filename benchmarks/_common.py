@@ -211,6 +211,14 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def write_table(name: str, table: str, device: torch.device, rows: list) -> None:
+    """Print a result table and write it as $OUT/<name>.md, with every row in $OUT/<name>.json."""
+    print(table, flush=True)
+    out = out_dir()
+    (out / f"{name}.md").write_text(table + "\n")
+    write_json(out / f"{name}.json", dict(env=env_info(device), rows=rows))
+
+
 def _json_default(x):
     if isinstance(x, (torch.dtype, torch.device)):
         return str(x)

@@ -14,7 +14,8 @@ output), no process group. Rows at each N:
                          against flex-block <ratio>: compiled FlexAttention with the SAME
                          block mask (the module's block_mask(N) AND causal)
   docs <path>            packed documents (lengths ~ exponential, mean 8K), causal: the
-                         default path (FlexAttention under a document block mask),
+                         default path (FlexAttention under a document block mask; "new
+                         ids/step" builds that mask in every step, as training does),
                          the ring's per-task varlen path (kernel="flash"), and flex-docs, a
                          compiled FlexAttention call with the same document mask
 
@@ -30,13 +31,12 @@ Writes $OUT/bench_masks.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
-from _common import env_info, import_engine, out_dir, rel_err, short_error
+from _common import env_info, import_engine, rel_err, short_error, write_table
 
 attention, flops = import_engine("attention", "flops")
 
@@ -170,6 +170,9 @@ def main() -> None:
         peer = row("flex-docs", n, flex_step(lambda b, h, qi, ki: (ki <= qi) & (ids[0, qi] == ids[0, ki])), pairs,
                    documents=int(ids.max()) + 1)
         row("docs default (flex)", n, ring("standard", document_ids=ids), pairs, peer)
+        fresh = attention.create_ring_attention("standard")  # a new batch each step: its mask is built each step
+        row("docs default, new ids/step", n, lambda: grads(fresh(q, k, v, is_causal=True, already_split=True,
+                                                                  document_ids=ids.clone())), pairs, peer)
         row("docs ring varlen", n, ring("standard", document_ids=ids, kernel="flash"), pairs, peer)
         row("docs hilbert", n, ring("hilbert", document_ids=ids), pairs, peer)
         del peer, q, k, v, dout
@@ -181,6 +184,7 @@ def main() -> None:
     by = {(r["name"], r["n"]): r for r in rows}
     peers = {"standard dense": "sdpa-cudnn", "hilbert dense": "standard dense",
              "hilbert dilated": "standard dilated", "docs default (flex)": "flex-docs",
+             "docs default, new ids/step": "flex-docs",
              "docs ring varlen": "flex-docs", "docs hilbert": "flex-docs"}
     for r in rows:
         peer = peers.get(r["name"]) or (r["name"].replace("block_sparse", "flex-block")
@@ -197,11 +201,7 @@ def main() -> None:
                      f"{round(r['tflops'], 1) if 'tflops' in r else '-'} | {r.get('peer', '-')} | "
                      f"{round(r['speed_vs_peer'], 3) if 'speed_vs_peer' in r else '-'} | "
                      f"{'%.2g' % r['err_vs_peer'] if 'err_vs_peer' in r else '-'} | {r.get('first_call_s', '-')} |")
-    table = "\n".join(lines)
-    print(table, flush=True)
-    out = out_dir()
-    (out / "bench_masks.md").write_text(table + "\n")
-    (out / "bench_masks.json").write_text(json.dumps(dict(env=env_info(dev), rows=rows), indent=1, default=str))
+    write_table("bench_masks", "\n".join(lines), dev, rows)
 
 
 if __name__ == "__main__":

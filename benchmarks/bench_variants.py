@@ -13,14 +13,13 @@ CUDA-event timings per rank, max over ranks. Writes $OUT/bench_variants.{json,md
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
 
-from _common import Dist, env_info, import_engine, out_dir, short_error
+from _common import Dist, env_info, import_engine, short_error, write_table
 
 attention, sharding = import_engine()
 
@@ -107,11 +106,7 @@ def main() -> None:
             lines.append(f"| {r['name']} | {r['n']} | {r.get('kept_fraction', '-') if r.get('kept_fraction') is None else round(r['kept_fraction'], 3)} | "
                          f"{round(r['ms'], 2) if 'ms' in r else r.get('error')} | {ratio} | "
                          f"{r.get('computed_tiles', '-')} | {round(r['comm_mb'], 1) if 'comm_mb' in r else '-'} |")
-        table = "\n".join(lines)
-        print(table, flush=True)
-        out = out_dir()
-        (out / "bench_variants.md").write_text(table + "\n")
-        (out / "bench_variants.json").write_text(json.dumps(dict(env=env_info(dev), rows=rows), indent=1, default=str))
+        write_table("bench_variants", "\n".join(lines), dev, rows)
     d.close()
 
 

@@ -295,10 +295,11 @@ class RingAttentionBase(nn.Module):
         cfg = self.config
         if not flex_supported(q) or cfg.kernel != "auto" or patterns != ((seq_len, 1),):
             return False
-        opts = self._context_options(q, seq_len, is_causal)
         grid = self._flex_grid(seq_len, q.device) is not None
-        return ((cfg.dropout == 0.0 or not self.training) and set(opts) <= {"path", "tile"}
-                and (documents or grid) and (opts.get("path", TaskPath()).fused_equivalent or grid))
+        if not (documents or grid) or (cfg.dropout > 0.0 and self.training):
+            return False
+        opts = self._context_options(q, seq_len, is_causal)
+        return set(opts) <= {"path", "tile"} and (opts.get("path", TaskPath()).fused_equivalent or grid)
 
     def _single_device_flex(self, q, k, v, is_causal, seq_len, document_ids) -> torch.Tensor:
         self.profiler.reset(q.device, self.config.profile_memory)

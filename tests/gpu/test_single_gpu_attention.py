@@ -16,6 +16,15 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 BF16_TOL = 2e-2  # relative L2 error of bf16 operands (float32 accumulation) against float64
 
 
+def _inputs(B=2, N=1024, H=8, K=4, D=64):
+    """bf16 q (B,N,H,D), k, v (B,N,K,D) needing grad, and an output gradient, seeded."""
+    torch.manual_seed(0)
+    q = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, N, K, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, N, K, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    return q, k, v, torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16)
+
+
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -24,12 +33,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("fields", [{}, {"segment_lengths": [256, 1024], "dilation_rates": [1, 2]}],
                          ids=["dense-fused", "dilated-ring"])
 def test_one_gpu_bf16_matches_float64_reference(is_causal, fields):
-    torch.manual_seed(0)
-    B, N, H, K, D = 2, 1024, 8, 4, 64
-    q = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(B, N, K, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(B, N, K, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dout = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16)
+    q, k, v, dout = _inputs()
     attn = create_ring_attention("standard", **fields)
     out = attn(q, k, v, is_causal=is_causal, already_split=True)
     grads = torch.autograd.grad(out, (q, k, v), dout)
@@ -71,12 +75,7 @@ CASES = {  # name -> (variant, fields, documents): which one-GPU path each takes
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_one_gpu_masks_bf16_match_float64_reference(case, is_causal):
     variant, fields, documents = CASES[case]
-    torch.manual_seed(0)
-    B, N, H, K, D = 2, 1024, 8, 4, 64
-    q = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(B, N, K, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(B, N, K, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dout = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16)
+    B, N, (q, k, v, dout) = 2, 1024, _inputs()
     ids = _docs(B, N) if documents else None
     attn = create_ring_attention(variant, **fields)
     out = attn(q, k, v, is_causal=is_causal, already_split=True, document_ids=ids)
