@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.05,0.1,0.25,0.5")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=400)
+    ap.add_argument("--only", default="", help="comma-separated substrings: run only rows whose name has one")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.dry_run
     dev = torch.device("cuda" if cuda else "cpu")
@@ -99,6 +100,8 @@ def main() -> None:
 
     def row(name, n, step, pairs, peer=None, **extra):
         rec = dict(name=name, n=n, **extra)
+        if args.only and not any(part in name for part in args.only.split(",")):
+            return None
         if time.monotonic() - t_start > args.budget_s:
             rec["error"] = "skipped: time budget"
         else:

@@ -90,9 +90,49 @@ def block_mask_for(N: int, causal: bool, device, grid: Optional[tuple] = None,
     if _doc_masks is not None and _doc_masks[0]() is document_ids and _doc_masks[1] == key:
         return _doc_masks[2]
     blocks = grid[2]() if grid is not None else None
-    mask = _create(causal, blocks, bs, document_ids.long(), document_ids.shape[0], N, device)
+    ids = document_ids.long()
+    if blocks is None and N % FLEX_BLOCK == 0 and bool((ids[:, 1:] >= ids[:, :-1]).all()):
+        mask = packed_document_mask(ids, causal)
+    else:
+        mask = _create(causal, blocks, bs, ids, ids.shape[0], N, device)
     _doc_masks = (weakref.ref(document_ids), key, mask)
     return mask
+
+
+def packed_document_mask(ids: torch.Tensor, causal: bool):
+    """The block mask of packed documents (ids non-decreasing along each row), from block
+    summaries instead of evaluating the mask on every (query, key) pair.
+
+    A block of a packed row holds the ids [first, last]; two blocks share a document iff
+    those ranges meet (disjoint ranges of one non-decreasing row meet only at a shared id),
+    and every pair is allowed iff both hold one and the same id (below the diagonal when
+    causal). So kept and full blocks are exactly what ``create_block_mask`` finds, in
+    O((N/128)^2) work instead of O(N^2): 43 ms a step at 128K tokens on an H200 (measured,
+    benchmarks/bench_masks.py) becomes about a millisecond.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, N = ids.shape
+    nb = N // FLEX_BLOCK
+    blk = ids.view(B, nb, FLEX_BLOCK)  # (B, N) -> (B, blocks, 128)
+    lo, hi = blk[..., 0], blk[..., -1]  # (B, blocks): a packed block's smallest and largest id
+    meet = (lo[:, :, None] <= hi[:, None, :]) & (lo[:, None, :] <= hi[:, :, None])  # (B, q blocks, kv blocks)
+    one = lo == hi
+    full = one[:, :, None] & one[:, None, :] & (lo[:, :, None] == lo[:, None, :])
+    if causal:
+        i = torch.arange(nb, device=ids.device)
+        meet &= i[None, :] <= i[:, None]
+        full &= i[None, :] < i[:, None]
+    partial = meet & ~full
+
+    def indexed(sel):  # (B, nq, nk) bool -> counts (B, 1, nq) and kept columns first (B, 1, nq, nk)
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)
+        return sel.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    kv_num, kv_idx = indexed(partial)
+    full_num, full_idx = indexed(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=_mask_mod(causal, None, 1, ids))
 
 
 def flex_attention(q, k, v, scale: float, block_mask) -> torch.Tensor:
