@@ -54,6 +54,9 @@ def resume_path(cfg: DictConfig) -> "str | None":
     if cfg.ckpt_path:
         return cfg.ckpt_path
     last = os.path.join(cfg.callbacks.model_checkpoint.dirpath, "last.ckpt")
+    if cfg.resume and not os.path.exists(last):
+        print(f"resume=true: no checkpoint at {last}; starting from step 0 (point hydra.run.dir at the "
+              f"run to continue)", flush=True)
     return last if cfg.resume and os.path.exists(last) else None
 
 
@@ -85,7 +88,8 @@ def summarize(cfg, trainer, loggers, metrics, ckpt_path) -> str:
     """Where the outputs, checkpoints and logs went, and the final losses."""
     ckpt_dir = cfg.callbacks.model_checkpoint.dirpath
     lines = [f"outputs      {cfg.paths.output_dir}",
-             f"checkpoints  {ckpt_dir}  (continue: the same command + ckpt_path={ckpt_dir}/last.ckpt)"]
+             f"checkpoints  {ckpt_dir}  (continue: the same command + hydra.run.dir={cfg.paths.output_dir} "
+             f"resume=true trainer.max_steps=<more than {trainer.global_step}>)"]
     if ckpt_path:
         lines.append(f"resumed from {ckpt_path}")
     for lg in loggers:

@@ -336,6 +336,13 @@ class LongDocumentLM(pl.LightningModule):
                 f"({vocab} ids); set model.vocab_size >= {vocab}"
             )
 
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # The LR schedule follows THIS run's config, not the saved one: a resume with a larger
+        # trainer.max_steps stretches the cosine to the new end (the step count is restored).
+        for state in checkpoint.get("lr_schedulers", []):
+            if "lr_lambdas" in state:  # None: LambdaLR keeps the schedule it was built with
+                state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
+
     def teardown(self, stage: str) -> None:
         if self._previous_sharding is not _NOT_SET:
             sharding.set_default_sequence_sharding(self._previous_sharding)

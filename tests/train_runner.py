@@ -21,8 +21,9 @@ def data_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("data_cache"))
 
 
-def run_train(args, data_cache, timeout=RUN_TIMEOUT_S) -> str:
-    """Run `python train.py *args` from the repo root; return its output, fail with it."""
+def run_train(args, data_cache, timeout=RUN_TIMEOUT_S, expect_failure=False) -> str:
+    """Run `python train.py *args` from the repo root; return its output, fail with it
+    (``expect_failure``: the run must exit non-zero instead)."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1",
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "train.py", *args, f"data.cache_dir={data_cache}"]
@@ -35,6 +36,9 @@ def run_train(args, data_cache, timeout=RUN_TIMEOUT_S) -> str:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         pytest.fail(f"{' '.join(cmd)} timed out after {timeout}s:\n{out[-4000:]}")
+    if expect_failure:
+        assert proc.returncode != 0, f"{' '.join(cmd)} succeeded but should fail:\n{out[-6000:]}"
+        return out
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
     return out
 

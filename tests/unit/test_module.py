@@ -171,3 +171,20 @@ def test_distributed_checkpoint_settings_turn_on_selective_checkpointing():
     assert lm.model.config.checkpointing == "selective"
     assert lm.model.config.checkpoint_every_n_layers == 1
     assert LongDocumentLM(model={"preset": "tiny"}).model.config.checkpointing == "none"
+
+
+def test_resume_with_more_steps_stretches_the_schedule():
+    """A checkpoint's LR schedule does not override the resumed run's max_steps."""
+    old = LongDocumentLM(model=TINY, warmup_steps=2, max_steps=10)
+    opt_sched = old.configure_optimizers()
+    sched = opt_sched["lr_scheduler"]["scheduler"]
+    for _ in range(6):
+        opt_sched["optimizer"].step()
+        sched.step()
+    checkpoint = {"lr_schedulers": [sched.state_dict()]}
+    new = LongDocumentLM(model=TINY, warmup_steps=2, max_steps=100)
+    new.on_load_checkpoint(checkpoint)
+    resumed = new.configure_optimizers()["lr_scheduler"]["scheduler"]
+    resumed.load_state_dict(checkpoint["lr_schedulers"][0])
+    assert resumed.last_epoch == 6
+    assert resumed.lr_lambdas[0].max_steps == 100  # the new end, not the checkpoint's 10

@@ -1,0 +1,129 @@
+"""Callbacks that keep a long run trustworthy: non-finite steps, and a last checkpoint at the end.
+
+``NonFiniteGuard`` (``conf/callbacks/default.yaml``: ``non_finite``) watches every optimizer
+step of every variant. After backward the gradients are already averaged over all ranks,
+so every rank sees the same verdict and acts alike (nothing hangs, nobody trains on
+alone). The check stays on the device: a flag is folded into a device tensor each step and
+read on the host only every ``check_every_n_steps`` steps, before every checkpoint and at
+the end, so it adds no host synchronisation per step (``policy="skip"`` needs the verdict
+before the step, so it reads it every step). Policies:
+
+* ``stop`` (default): the run ends with an error naming the first bad step and the ranks
+  whose own loss was non-finite there; a checkpoint is never written from such a state,
+  so the kept checkpoints are the good ones before it.
+* ``skip``: a step with a non-finite gradient is dropped (every gradient set to None, so
+  the optimizer changes neither weights nor moments), at most ``max_skips`` times; then
+  it stops as above.
+
+``FinalCheckpoint`` writes ``last.ckpt`` when training ends at a step that no periodic
+checkpoint saved, so the summary's continue hint resumes from the final step.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+
+POLICIES = ("stop", "skip")
+_NEVER = 2**62  # "no bad step yet" in the device-side first-bad-step tensors
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient (see NonFiniteGuard)."""
+
+
+class NonFiniteGuard(pl.Callback):
+    def __init__(self, policy: str = "stop", max_skips: int = 10, check_every_n_steps: int = 50) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"callbacks.non_finite.policy={policy!r} is not valid; valid values: {POLICIES}")
+        if max_skips < 0 or check_every_n_steps < 1:
+            raise ValueError("callbacks.non_finite.max_skips must be >= 0 and check_every_n_steps >= 1")
+        self.policy, self.max_skips, self.check_every = policy, int(max_skips), int(check_every_n_steps)
+        self.skipped = 0
+        self._first_bad_grad: Optional[torch.Tensor] = None  # device: first step with a bad gradient
+        self._first_bad_loss: Optional[torch.Tensor] = None  # device: first step this rank's loss was bad
+
+    # ------------------------------------------------------------------ per step
+    def _flags(self, device) -> None:
+        if self._first_bad_grad is None or self._first_bad_grad.device != device:
+            self._first_bad_grad = torch.full((), _NEVER, dtype=torch.long, device=device)
+            self._first_bad_loss = torch.full((), _NEVER, dtype=torch.long, device=device)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        self._flags(grads[0].device)
+        total = torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum()  # inf/nan if any gradient is
+        bad = ~torch.isfinite(total)
+        step = trainer.global_step
+        if self.policy == "skip":
+            if bool(bad):  # the verdict is needed before the step: one read per step
+                self.skipped += 1
+                if self.skipped > self.max_skips:
+                    self._first_bad_grad.fill_(step)
+                    self._stop(trainer, f"more than max_skips={self.max_skips} steps were skipped")
+                for g in optimizer.param_groups:
+                    for p in g["params"]:
+                        p.grad = None  # AdamW leaves parameters without a gradient untouched
+                pl_module.log("train/skipped_steps", float(self.skipped), rank_zero_only=True)
+            return
+        self._first_bad_grad = torch.where(bad & (self._first_bad_grad == _NEVER),
+                                           torch.full_like(self._first_bad_grad, step), self._first_bad_grad)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._flags(loss.device)
+            bad = ~torch.isfinite(loss.detach()).all()
+            self._first_bad_loss = torch.where(bad & (self._first_bad_loss == _NEVER),
+                                               torch.full_like(self._first_bad_loss, trainer.global_step - 1),
+                                               self._first_bad_loss)
+        if trainer.global_step % self.check_every == 0:
+            self.check(trainer)
+
+    # ------------------------------------------------------------------ checks
+    def check(self, trainer) -> None:
+        """Read the device flags (a host sync); stop if a step went non-finite."""
+        if self.policy == "stop" and self._first_bad_grad is not None and int(self._first_bad_grad) != _NEVER:
+            self._stop(trainer, "the policy is stop")
+
+    def _stop(self, trainer, why: str) -> None:
+        step = int(self._first_bad_grad)
+        mine = int(self._first_bad_loss) if self._first_bad_loss is not None else _NEVER
+        ranks = trainer.strategy.all_gather(torch.tensor(mine, device=self._first_bad_grad.device))
+        ranks = ranks.reshape(-1).tolist() if isinstance(ranks, torch.Tensor) else [mine]
+        named = [r for r, s in enumerate(ranks) if s != _NEVER]
+        who = (f"the loss was non-finite on rank(s) {named}" if named
+               else "the loss was finite on every rank: a gradient overflowed")
+        raise NonFiniteError(
+            f"non-finite gradient at step {step} ({who}); stopping because {why}. No checkpoint was "
+            f"written from it: resume from the last one with a lower module.lr, gradient clipping "
+            f"(trainer.gradient_clip_val) or callbacks.non_finite.policy=skip for rare spikes.")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.check(trainer)  # raising here keeps the file from being written
+        checkpoint["non_finite_skipped"] = self.skipped
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.skipped = int(checkpoint.get("non_finite_skipped", 0))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.check(trainer)
+
+
+class FinalCheckpoint(pl.Callback):
+    """``last.ckpt`` of the final step, unless the periodic checkpoint already saved it."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        ckpt = trainer.checkpoint_callback
+        if ckpt is None or ckpt.dirpath is None or trainer.global_step == 0:
+            return
+        last = os.path.join(ckpt.dirpath, "last.ckpt")
+        saved_step = getattr(ckpt, "_last_global_step_saved", None)
+        if saved_step == trainer.global_step and os.path.exists(last):
+            return
+        trainer.save_checkpoint(last)

@@ -1,0 +1,56 @@
+"""Runs that survive (train.py, 2 CPU gloo processes): divergence stops or skips with the step
+and ranks named and never reaches a checkpoint; last.ckpt holds the final step."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from train_runner import RUN_TIMEOUT_S, final_metrics, run_train
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2 * RUN_TIMEOUT_S + 60)]
+SMALL = ["data.seq_len=256", "data.batch_size=2", "data.max_tokens=40000", "trainer.limit_val_batches=1",
+         "trainer.log_every_n_steps=1", "module.warmup_steps=1", "logger=csv"]
+
+
+def checkpoint_weights_are_finite(run_dir: Path) -> list:
+    """(file, all weights finite) of every checkpoint on disk."""
+    out = []
+    for f in sorted((run_dir / "checkpoints").glob("*.ckpt")):
+        state = torch.load(f, map_location="cpu", weights_only=False)["state_dict"]
+        out.append((f.name, all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())))
+    return out
+
+
+@pytest.mark.parametrize("variant", ["standard", "distributed"])
+def test_divergence_stops_naming_the_step_and_keeps_only_finite_checkpoints(tmp_path, data_cache, variant):
+    out = run_train([f"hydra.run.dir={tmp_path}", *SMALL, f"variant={variant}", "module.lr=1e6",
+                     "trainer.max_steps=12", "trainer.val_check_interval=12",
+                     "callbacks.model_checkpoint.every_n_train_steps=1"], data_cache, expect_failure=True)
+    # distributed's own gradient validation may name the module first; both stop the run
+    expected = "non-finite gradient at step" if variant == "standard" else "non-finite gradient"
+    assert expected in out, out[-3000:]
+    kept = checkpoint_weights_are_finite(tmp_path)
+    assert kept and all(ok for _, ok in kept), kept
+
+
+def test_skip_policy_drops_bad_steps_then_stops_past_its_limit(tmp_path, data_cache):
+    out = run_train([f"hydra.run.dir={tmp_path}", *SMALL, "module.lr=1e6", "trainer.max_steps=30",
+                     "trainer.val_check_interval=30", "callbacks.non_finite.policy=skip",
+                     "callbacks.non_finite.max_skips=2"], data_cache, expect_failure=True)
+    assert "more than max_skips=2 steps were skipped" in out, out[-3000:]
+    assert all(ok for _, ok in checkpoint_weights_are_finite(tmp_path))
+
+
+def test_last_checkpoint_holds_the_final_step(tmp_path, data_cache):
+    out = run_train([f"hydra.run.dir={tmp_path}", *SMALL, "trainer.max_steps=7", "trainer.val_check_interval=7",
+                     "callbacks.model_checkpoint.every_n_train_steps=5"], data_cache)
+    assert final_metrics(out)["step"] == 7
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 7
+    assert f"hydra.run.dir={tmp_path} resume=true trainer.max_steps=<more than 7>" in out
+
+
+def test_resume_without_checkpoint_says_so(tmp_path, data_cache):
+    out = run_train([f"hydra.run.dir={tmp_path}", *SMALL, "trainer.max_steps=1", "trainer.val_check_interval=1",
+                     "resume=true"], data_cache)
+    assert "resume=true: no checkpoint at" in out
