@@ -29,6 +29,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from ring_lightning.callbacks import newest_valid_checkpoint
 from ring_lightning.hydra_presets import register_model_presets
 
 CUDA_AVAILABLE = CUDAAccelerator.is_available()  # fork-safe: does not initialise CUDA
@@ -50,14 +51,21 @@ def launch_start_method(cfg: DictConfig) -> str:
 
 
 def resume_path(cfg: DictConfig) -> "str | None":
-    """`ckpt_path` if given; with `resume=true`, last.ckpt of this run dir when it exists."""
+    """`ckpt_path` if given; with `resume=true`, last.ckpt of this run dir, or the newest
+    readable checkpoint there when last.ckpt is damaged."""
     if cfg.ckpt_path:
         return cfg.ckpt_path
-    last = os.path.join(cfg.callbacks.model_checkpoint.dirpath, "last.ckpt")
-    if cfg.resume and not os.path.exists(last):
-        print(f"resume=true: no checkpoint at {last}; starting from step 0 (point hydra.run.dir at the "
-              f"run to continue)", flush=True)
-    return last if cfg.resume and os.path.exists(last) else None
+    if not cfg.resume:
+        return None
+    ckpt_dir = cfg.callbacks.model_checkpoint.dirpath
+    last = os.path.join(ckpt_dir, "last.ckpt")
+    chosen, damaged = newest_valid_checkpoint(ckpt_dir, preferred=last)
+    for path in damaged:
+        print(f"resume=true: {path} is damaged (not a complete checkpoint); skipping it", flush=True)
+    if chosen is None:
+        print(f"resume=true: no checkpoint to resume in {ckpt_dir}; starting from step 0 (point "
+              f"hydra.run.dir at the run to continue)", flush=True)
+    return chosen
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

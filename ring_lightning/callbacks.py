@@ -17,15 +17,23 @@ before the step, so it reads it every step). Policies:
 
 ``FinalCheckpoint`` writes ``last.ckpt`` when training ends at a step that no periodic
 checkpoint saved, so the summary's continue hint resumes from the final step.
+
+``AtomicCheckpointIO`` (``conf/trainer/default.yaml``: ``plugins``) writes each checkpoint
+to a temporary file and renames it into place, so a crash mid-write never leaves a
+truncated newest checkpoint; ``newest_valid_checkpoint`` picks the newest readable one
+when an older run's file is damaged anyway.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import zipfile
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 POLICIES = ("stop", "skip")
 _NEVER = 2**62  # "no bad step yet" in the device-side first-bad-step tensors
@@ -127,3 +135,34 @@ class FinalCheckpoint(pl.Callback):
         if saved_step == trainer.global_step and os.path.exists(last):
             return
         trainer.save_checkpoint(last)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint writer, made atomic: write ``<path>.tmp``, then rename."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        tmp = f"{path}.tmp"
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)  # atomic on one filesystem: readers see the old file or the new one
+
+
+def readable(path: str) -> bool:
+    """A complete torch checkpoint (a zip archive whose every member passes its CRC)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def newest_valid_checkpoint(dirpath: str, preferred: Optional[str] = None) -> tuple:
+    """(checkpoint to resume from or None, the damaged files skipped): ``preferred`` if it is
+    readable, else the newest readable ``*.ckpt`` of ``dirpath`` by modification time."""
+    candidates = ([preferred] if preferred and os.path.exists(preferred) else []) + sorted(
+        glob.glob(os.path.join(dirpath, "*.ckpt")), key=os.path.getmtime, reverse=True)
+    damaged = []
+    for path in dict.fromkeys(candidates):  # in order, once each
+        if readable(path):
+            return path, damaged
+        damaged.append(path)
+    return None, damaged

@@ -53,4 +53,17 @@ def test_last_checkpoint_holds_the_final_step(tmp_path, data_cache):
 def test_resume_without_checkpoint_says_so(tmp_path, data_cache):
     out = run_train([f"hydra.run.dir={tmp_path}", *SMALL, "trainer.max_steps=1", "trainer.val_check_interval=1",
                      "resume=true"], data_cache)
-    assert "resume=true: no checkpoint at" in out
+    assert "resume=true: no checkpoint to resume in" in out
+
+
+def test_damaged_newest_checkpoint_is_reported_and_an_older_one_resumed(tmp_path, data_cache):
+    run_train([f"hydra.run.dir={tmp_path}", *SMALL, "trainer.max_steps=4", "trainer.val_check_interval=4",
+               "callbacks.model_checkpoint.every_n_train_steps=2"], data_cache)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a write cut off half-way
+    out = run_train([f"hydra.run.dir={tmp_path}", *SMALL, "trainer.max_steps=6", "trainer.val_check_interval=6",
+                     "callbacks.model_checkpoint.every_n_train_steps=2", "resume=true"], data_cache)
+    assert f"{last} is damaged" in out
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step000004.ckpt'}" in out
+    assert final_metrics(out)["step"] == 6
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))  # atomic writes leave no temporaries

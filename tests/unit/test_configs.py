@@ -177,7 +177,7 @@ def test_resume_path_prefers_ckpt_path_then_last_checkpoint(tmp_path):
     assert TRAIN.resume_path(cfg) is None
     last = Path(cfg.callbacks.model_checkpoint.dirpath) / "last.ckpt"
     last.parent.mkdir(parents=True)
-    last.write_bytes(b"")
+    torch.save({"global_step": 1}, last)  # a complete checkpoint file (damaged ones are skipped)
     assert TRAIN.resume_path(cfg) is None  # resume=false: a fresh run
     cfg.resume = True
     assert TRAIN.resume_path(cfg) == str(last)
