@@ -29,7 +29,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from ring_lightning.callbacks import newest_valid_checkpoint
+from ring_lightning.callbacks import ConfigAgreement, config_fingerprint, newest_valid_checkpoint
 from ring_lightning.hydra_presets import register_model_presets
 
 CUDA_AVAILABLE = CUDAAccelerator.is_available()  # fork-safe: does not initialise CUDA
@@ -48,6 +48,21 @@ def launch_start_method(cfg: DictConfig) -> str:
     if HydraConfig.get().mode == RunMode.MULTIRUN and not external:
         return "spawn"
     return cfg.strategy.get("start_method", "popen")
+
+
+def flat_config(cfg: DictConfig) -> dict:
+    """The composed config as {"group.key": value}, without the per-run output paths."""
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                yield from walk(value, name + ".")
+            else:
+                yield name, value
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("paths", None)
+    return dict(walk(plain, ""))
 
 
 def resume_path(cfg: DictConfig) -> "str | None":
@@ -76,6 +91,7 @@ def main(cfg: DictConfig) -> dict:
     strategy = instantiate(cfg.strategy, start_method=launch_start_method(cfg))
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    callbacks.append(ConfigAgreement(config_fingerprint(flat_config(cfg))))
     trainer = instantiate(cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=callbacks)
 
     ckpt_path = resume_path(cfg)

@@ -18,6 +18,10 @@ before the step, so it reads it every step). Policies:
 ``FinalCheckpoint`` writes ``last.ckpt`` when training ends at a step that no periodic
 checkpoint saved, so the summary's continue hint resumes from the final step.
 
+``ConfigAgreement`` compares every rank's composed config (a hash per key) before the
+first step and stops with the keys that differ: a rank started with another ``module.lr``,
+``data.seed`` or ``compression`` would otherwise train apart or hang in a collective.
+
 ``AtomicCheckpointIO`` (``conf/trainer/default.yaml``: ``plugins``) writes each checkpoint
 to a temporary file and renames it into place, so a crash mid-write never leaves a
 truncated newest checkpoint; ``newest_valid_checkpoint`` picks the newest readable one
@@ -135,6 +139,38 @@ class FinalCheckpoint(pl.Callback):
         if saved_step == trainer.global_step and os.path.exists(last):
             return
         trainer.save_checkpoint(last)
+
+
+class ConfigAgreement(pl.Callback):
+    """Fail at start-up, naming the keys, when the ranks' configs differ.
+
+    ``fingerprint``: key -> hash of its value (``config_fingerprint`` of the composed config);
+    train.py builds it, keys that legitimately differ per rank (none by default) left out.
+    """
+
+    def __init__(self, fingerprint: dict) -> None:
+        self.fingerprint = dict(fingerprint)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, self.fingerprint)
+        mine = self.fingerprint
+        for rank, theirs in enumerate(everyone):
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            if diff:
+                raise ValueError(
+                    f"rank {torch.distributed.get_rank()} and rank {rank} were started with different configs: "
+                    f"{', '.join(diff[:10])}{' ...' if len(diff) > 10 else ''} differ. Every rank must compose "
+                    f"the same config: pass the same overrides (and environment) to every process.")
+
+
+def config_fingerprint(flat: dict) -> dict:
+    """key -> a short stable hash of its value (the values themselves may be long or private)."""
+    import hashlib
+
+    return {k: hashlib.blake2b(repr(v).encode(), digest_size=8).hexdigest() for k, v in flat.items()}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -67,3 +67,11 @@ def test_damaged_newest_checkpoint_is_reported_and_an_older_one_resumed(tmp_path
     assert f"resumed from {tmp_path / 'checkpoints' / 'step000004.ckpt'}" in out
     assert final_metrics(out)["step"] == 6
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_a_config_that_differs_on_one_rank_fails_at_start_up_naming_the_key(tmp_path, data_cache):
+    """Rank 1 (started by Lightning, LOCAL_RANK=1 in its environment) composes another run_name."""
+    out = run_train([f"hydra.run.dir={tmp_path}", *SMALL, "trainer.max_steps=2", "trainer.val_check_interval=2",
+                     "run_name=${oc.env:LOCAL_RANK,main}"], data_cache, expect_failure=True)
+    assert "were started with different configs: run_name differ" in out, out[-3000:]
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("*.ckpt"))
