@@ -11,7 +11,7 @@ from dataclasses import fields
 
 from hydra.core.config_store import ConfigStore
 
-from ring_lightning.model import PRESETS, ModelConfig
+from ring_lightning.model_config import PRESETS, ModelConfig
 
 
 def preset_node(name: str) -> dict:

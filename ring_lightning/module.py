@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import resource
 import time
 from dataclasses import asdict, is_dataclass
@@ -50,6 +49,7 @@ from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
 from ring_lightning.flops import attention_fraction
 from ring_lightning.attention.documents import document_position_ids
 from ring_lightning.model import LongDocTransformer, ModelConfig, default_position_ids
+from ring_lightning.schedule import WarmupCosine, keep_configured_schedule  # noqa: F401 (WarmupCosine re-exported)
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, for MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -67,24 +67,6 @@ def _plain(value: Any) -> Any:
     if is_dataclass(value) and not isinstance(value, type):
         return asdict(value)
     return value
-
-
-class WarmupCosine:
-    """LR multiplier: linear warm-up over ``warmup_steps``, cosine to ``min_ratio`` at ``max_steps``.
-
-    A callable object rather than a lambda so LambdaLR saves it in checkpoints.
-    """
-
-    def __init__(self, warmup_steps: int, max_steps: float, min_ratio: float):
-        self.warmup_steps, self.max_steps, self.min_ratio = warmup_steps, max_steps, min_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if not math.isfinite(self.max_steps):
-            return 1.0  # no known end: hold the peak
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
-        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class LongDocumentLM(pl.LightningModule):
@@ -337,11 +319,7 @@ class LongDocumentLM(pl.LightningModule):
             )
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        # The LR schedule follows THIS run's config, not the saved one: a resume with a larger
-        # trainer.max_steps stretches the cosine to the new end (the step count is restored).
-        for state in checkpoint.get("lr_schedulers", []):
-            if "lr_lambdas" in state:  # None: LambdaLR keeps the schedule it was built with
-                state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
+        keep_configured_schedule(checkpoint)  # a raised trainer.max_steps stretches the cosine
 
     def teardown(self, stage: str) -> None:
         if self._previous_sharding is not _NOT_SET:
