@@ -65,6 +65,8 @@ class NonFiniteGuard(pl.Callback):
             self._first_bad_loss = torch.full((), _NEVER, dtype=torch.long, device=device)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16: the GradScaler skips overflowing steps itself (its gradients are scaled)
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return
@@ -128,17 +130,22 @@ class NonFiniteGuard(pl.Callback):
 
 
 class FinalCheckpoint(pl.Callback):
-    """``last.ckpt`` of the final step, unless the periodic checkpoint already saved it."""
+    """``last.ckpt`` of the final step, unless the periodic checkpoint already saved it.
+
+    Lightning's ModelCheckpoint writes ``last`` at the end only if it never wrote one, so a
+    run ending between intervals left ``last.ckpt`` at an older step. This asks the same
+    ModelCheckpoint to save its ``last`` once more, so its bookkeeping (``last_model_path``,
+    file names, rank-0 file checks) stays its own. It runs before ModelCheckpoint's own
+    ``on_train_end`` (Lightning moves checkpoint callbacks last).
+    """
 
     def on_train_end(self, trainer, pl_module) -> None:
         ckpt = trainer.checkpoint_callback
-        if ckpt is None or ckpt.dirpath is None or trainer.global_step == 0:
+        if ckpt is None or not getattr(ckpt, "save_last", False) or trainer.global_step == 0:
             return
-        last = os.path.join(ckpt.dirpath, "last.ckpt")
-        saved_step = getattr(ckpt, "_last_global_step_saved", None)
-        if saved_step == trainer.global_step and os.path.exists(last):
+        if getattr(ckpt, "_last_global_step_saved", None) == trainer.global_step:
             return
-        trainer.save_checkpoint(last)
+        ckpt._save_last_checkpoint(trainer, ckpt._monitor_candidates(trainer))
 
 
 class ConfigAgreement(pl.Callback):

@@ -25,6 +25,7 @@ D head dim, C model dim (``config.dim``), V vocabulary.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Optional, Union
 
@@ -99,6 +100,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.core = core  # a submodule, so the strategy finds ring modules in model.modules()
+        self._core_takes_documents = _accepts(core, "document_ids")
 
     def qkv(self, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Projected, rotated q (B, T, H, D) and k, v (B, T, K, D)."""
@@ -114,8 +116,15 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The core: (B, T, H, D). ``document_ids`` only when given, so cores without it still fit."""
-        extra = {} if document_ids is None else {"document_ids": document_ids}
-        return self.core(q, k, v, is_causal=True, already_split=True, **extra)
+        if document_ids is None:
+            return self.core(q, k, v, is_causal=True, already_split=True)
+        if not self._core_takes_documents:
+            raise TypeError(
+                f"the attention core {type(self.core).__name__} does not accept document_ids, but the batch has "
+                f"document_ids (packed documents): add a document_ids=None argument to its forward and mask "
+                f"with it, or turn the mask off with module.document_mask=false "
+                f"(LongDocumentLM(document_mask=False))")
+        return self.core(q, k, v, is_causal=True, already_split=True, document_ids=document_ids)
 
     def forward(self, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -179,6 +188,15 @@ class Block(nn.Module):
         return post(x, self.attention.attend(q, k, v, document_ids))
 
 
+def _accepts(core: nn.Module, name: str) -> bool:
+    """Does ``core(...)`` take a keyword ``name`` (or **kwargs)?"""
+    try:
+        params = inspect.signature(core.forward if isinstance(core, nn.Module) else core).parameters.values()
+    except (TypeError, ValueError):
+        return True  # unknown: let the call say
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def _default_attention_factory(layer_idx: int) -> nn.Module:
     from ring_lightning.attention import create_ring_attention
 
@@ -191,7 +209,7 @@ class LongDocTransformer(nn.Module):
     Args:
         config: a ModelConfig (or a mapping of its fields, or ``{"preset": name, ...}``).
         attention_factory: ``layer_idx -> nn.Module`` building each layer's attention core,
-            called as ``core(q, k, v, is_causal=True, already_split=True)`` with q (B,T,H,D),
+            called as ``core(q, k, v, is_causal=True, already_split=True[, document_ids=ids])`` with q (B,T,H,D),
             k/v (B,T,K,D), returning (B,T,H,D). Default: ``create_ring_attention("standard")``.
     """
 

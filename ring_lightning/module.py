@@ -176,7 +176,8 @@ class LongDocumentLM(pl.LightningModule):
         """The attention core of layer ``layer_idx`` (called once per layer in ``__init__``).
 
         Returns:
-            A module called as ``core(q, k, v, is_causal=True, already_split=True)``;
+            A module called as ``core(q, k, v, is_causal=True, already_split=True)``, plus
+            ``document_ids=`` when the batch has packed documents (``document_mask``);
             by default ``create_ring_attention(variant, config)``.
         """
         from ring_lightning.attention import create_ring_attention
@@ -319,7 +320,7 @@ class LongDocumentLM(pl.LightningModule):
             )
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        keep_configured_schedule(checkpoint)  # a raised trainer.max_steps stretches the cosine
+        keep_configured_schedule(checkpoint, self.lr)  # a raised max_steps stretches the cosine
 
     def teardown(self, stage: str) -> None:
         if self._previous_sharding is not _NOT_SET:

@@ -144,11 +144,16 @@ class DocumentPlan:
 _last: Optional[tuple] = None
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """In-place change counter (-1 for inference tensors, which keep none and cannot change)."""
+    return -1 if t.is_inference() else t._version
+
+
 def documents_for(ids: torch.Tensor, group: Optional[dist.ProcessGroup], layout: str, world: int,
                   already_split: bool) -> Documents:
     """The call's Documents: ``ids`` as given (full sequence) or all-gathered from shards."""
     global _last
-    key = (ids._version, id(group), layout, world, already_split)
+    key = (tensor_version(ids), id(group), layout, world, already_split)
     if _last is not None and _last[0]() is ids and _last[1] == key:
         return _last[2]
     full = ids

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from .documents import tensor_version
+
 FLEX_BLOCK = 128  # FlexAttention's block (tokens) for the block masks built here
 
 _compiled = None
@@ -86,7 +88,7 @@ def block_mask_for(N: int, causal: bool, device, grid: Optional[tuple] = None,
         if key not in _grid_masks:
             _grid_masks[key] = _create(causal, grid[2](), bs, None, None, N, device)
         return _grid_masks[key]
-    key = (document_ids._version, N, causal, None if grid is None else grid[0])
+    key = (tensor_version(document_ids), N, causal, None if grid is None else grid[0])
     if _doc_masks is not None and _doc_masks[0]() is document_ids and _doc_masks[1] == key:
         return _doc_masks[2]
     blocks = grid[2]() if grid is not None else None

@@ -42,11 +42,16 @@ def test_skip_policy_drops_bad_steps_then_stops_past_its_limit(tmp_path, data_ca
 
 
 def test_last_checkpoint_holds_the_final_step(tmp_path, data_cache):
-    out = run_train([f"hydra.run.dir={tmp_path}", *SMALL, "trainer.max_steps=7", "trainer.val_check_interval=7",
-                     "callbacks.model_checkpoint.every_n_train_steps=5"], data_cache)
+    """Final steps between intervals (3, then 7 with interval 5): last.ckpt follows each end,
+    also across a resume, and no last-v1.ckpt appears beside it."""
+    common = [f"hydra.run.dir={tmp_path}", *SMALL, "callbacks.model_checkpoint.every_n_train_steps=5"]
+    run_train([*common, "trainer.max_steps=3", "trainer.val_check_interval=3"], data_cache)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3
+    out = run_train([*common, "trainer.max_steps=7", "trainer.val_check_interval=7", "resume=true"], data_cache)
     assert final_metrics(out)["step"] == 7
-    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert last["global_step"] == 7
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 7
+    assert not list((tmp_path / "checkpoints").glob("last-v*.ckpt"))
     assert f"hydra.run.dir={tmp_path} resume=true trainer.max_steps=<more than 7>" in out
 
 

@@ -103,3 +103,22 @@ def test_lm_passes_document_ids_unless_switched_off():
         assert all((d is not None) == expect for d in seen) and len(seen) == 2
     lm = LM(model={"preset": "tiny"}, restart_positions_per_document=True)
     assert lm.on_before_batch_transfer(dict(batch), 0)["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0, 1, 2]]
+
+
+def test_a_core_without_document_ids_is_told_how_to_fix_it():
+    class PlainCore(torch.nn.Module):
+        def forward(self, q, k, v, is_causal, already_split):
+            return q
+
+    model = LongDocTransformer(ModelConfig.preset("tiny"), lambda i: PlainCore())
+    x = torch.zeros(1, 8, dtype=torch.long)
+    model(x)  # no documents: the core is called as before
+    with pytest.raises(TypeError, match="module.document_mask=false"):
+        model(x, None, torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_document_ids_work_under_inference_mode():
+    attn = create_ring_attention("standard")
+    with torch.inference_mode():
+        q = torch.randn(1, 8, 2, 4)
+        assert attn(q, q, q, is_causal=True, document_ids=packed()[:, :8].clone()).shape == q.shape

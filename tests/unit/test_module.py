@@ -182,9 +182,13 @@ def test_resume_with_more_steps_stretches_the_schedule():
         opt_sched["optimizer"].step()
         sched.step()
     checkpoint = {"lr_schedulers": [sched.state_dict()]}
-    new = LongDocumentLM(model=TINY, warmup_steps=2, max_steps=100)
+    checkpoint["optimizer_states"] = [opt_sched["optimizer"].state_dict()]
+    new = LongDocumentLM(model=TINY, warmup_steps=2, max_steps=100, lr=1e-4)
     new.on_load_checkpoint(checkpoint)
     resumed = new.configure_optimizers()["lr_scheduler"]["scheduler"]
     resumed.load_state_dict(checkpoint["lr_schedulers"][0])
     assert resumed.last_epoch == 6
     assert resumed.lr_lambdas[0].max_steps == 100  # the new end, not the checkpoint's 10
+    assert resumed.base_lrs == [1e-4, 1e-4]  # the configured peak, not the checkpoint's 3e-4
+    groups = checkpoint["optimizer_states"][0]["param_groups"]
+    assert all(g["initial_lr"] == 1e-4 and g["lr"] <= 1e-4 for g in groups)
