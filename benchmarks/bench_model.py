@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ring_lightning.attention import create_ring_attention
-from ring_lightning.module import PEAK_BF16_FLOPS, LongDocumentLM
+from ring_lightning.flops import PEAK_BF16_FLOPS
+from ring_lightning.module import LongDocumentLM
 
 DEFAULT_CONFIGS = "350m:32768:selective,350m:131072:selective,1b:65536:selective,1b:131072:selective"
 

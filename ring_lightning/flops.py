@@ -36,6 +36,10 @@ import torch
 _CHUNK_ELEMENTS = 1 << 21
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, for MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
 def attention_pairs(
     seq_len: int,
     num_heads: int = 1,

@@ -46,14 +46,10 @@ from torch import nn
 
 from ring_lightning import sharding
 from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
-from ring_lightning.flops import attention_fraction
+from ring_lightning.flops import PEAK_BF16_FLOPS, attention_fraction
 from ring_lightning.attention.documents import document_position_ids
 from ring_lightning.model import LongDocTransformer, ModelConfig, default_position_ids
 from ring_lightning.schedule import WarmupCosine, keep_configured_schedule  # noqa: F401 (WarmupCosine re-exported)
-
-# Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, for MFU.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-
 
 def _plain(value: Any) -> Any:
     """Hydra DictConfig/ListConfig (or a dataclass) -> plain Python containers."""
