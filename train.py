@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from ring_lightning.callbacks import ConfigAgreement, config_fingerprint, newest_valid_checkpoint
@@ -95,7 +96,15 @@ def main(cfg: DictConfig) -> dict:
     trainer = instantiate(cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=callbacks)
 
     ckpt_path = resume_path(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        # Pre-emption (SLURM, scancel, kill): FinalCheckpoint saved last.ckpt of this step on the way out.
+        if trainer.is_global_zero:
+            print(f"\n== ring_lightning run interrupted by SIGTERM at step {trainer.global_step} ==\n"
+                  f"checkpoints  {cfg.callbacks.model_checkpoint.dirpath}/last.ckpt holds it (continue: the "
+                  f"same command + hydra.run.dir={cfg.paths.output_dir} resume=true)", flush=True)
+        raise SystemExit(128 + 15)  # the conventional status of a process ended by SIGTERM
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     summary = summarize(cfg, trainer, loggers, metrics, ckpt_path) if trainer.is_global_zero else None

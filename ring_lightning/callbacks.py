@@ -16,7 +16,10 @@ before the step, so it reads it every step). Policies:
   it stops as above.
 
 ``FinalCheckpoint`` writes ``last.ckpt`` when training ends at a step that no periodic
-checkpoint saved, so the summary's continue hint resumes from the final step.
+checkpoint saved, so the summary's continue hint resumes from the final step, and when a
+SIGTERM (pre-emption) interrupts the run. ``RandomState`` keeps every rank's random
+generators in the checkpoint, the data position lives in the training loader's own state
+(``ring_lightning.data.resumable``): together a resumed run repeats the uninterrupted one.
 
 ``ConfigAgreement`` compares every rank's composed config (a hash per key) before the
 first step and stops with the keys that differ: a rank started with another ``module.lr``,
@@ -38,6 +41,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 POLICIES = ("stop", "skip")
 _NEVER = 2**62  # "no bad step yet" in the device-side first-bad-step tensors
@@ -130,22 +134,84 @@ class NonFiniteGuard(pl.Callback):
 
 
 class FinalCheckpoint(pl.Callback):
-    """``last.ckpt`` of the final step, unless the periodic checkpoint already saved it.
+    """``last.ckpt`` of the final step: at the end of training, unless the periodic checkpoint
+    already saved that step, and when the run is interrupted cleanly (SIGTERM: SLURM
+    pre-emption, ``scancel``, ``kill``).
 
     Lightning's ModelCheckpoint writes ``last`` at the end only if it never wrote one, so a
     run ending between intervals left ``last.ckpt`` at an older step. This asks the same
     ModelCheckpoint to save its ``last`` once more, so its bookkeeping (``last_model_path``,
     file names, rank-0 file checks) stays its own. It runs before ModelCheckpoint's own
-    ``on_train_end`` (Lightning moves checkpoint callbacks last).
+    ``on_train_end`` (Lightning moves checkpoint callbacks last). On SIGTERM, Lightning
+    agrees across ranks to stop at the next batch boundary and raises ``SIGTERMException``
+    on every rank; the checkpoint is then written there (every rank takes part), at a step
+    boundary, so the resumed run continues with the next batch.
     """
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def _save_last(self, trainer) -> None:
         ckpt = trainer.checkpoint_callback
         if ckpt is None or not getattr(ckpt, "save_last", False) or trainer.global_step == 0:
             return
         if getattr(ckpt, "_last_global_step_saved", None) == trainer.global_step:
             return
         ckpt._save_last_checkpoint(trainer, ckpt._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save_last(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self._save_last(trainer)
+
+
+class RandomState(pl.Callback):
+    """Every rank's random generators (torch CPU and CUDA, Python, NumPy) in the checkpoint,
+    restored on resume, so dropout and any other sampling continue as if never stopped.
+
+    Saving gathers the states to every rank (all ranks write the checkpoint's contents; rank 0
+    writes the file); a resume on another number of ranks keeps the seeded generators.
+    """
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        mine = _random_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            everyone = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, mine)
+        else:
+            everyone = [mine]
+        checkpoint["random_states"] = everyone
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        states = checkpoint.get("random_states")
+        if states and len(states) == trainer.world_size:
+            _set_random_states(states[trainer.global_rank])
+
+
+def _random_states() -> dict:
+    import random
+
+    import numpy as np
+
+    # NumPy's key array as a tensor: checkpoints stay loadable with torch.load(weights_only=True)
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_random_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    name, key, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class ConfigAgreement(pl.Callback):

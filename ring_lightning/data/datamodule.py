@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ring_lightning.data.cache import default_cache_dir, load_windows, save_windows, window_cache_path
 from ring_lightning.data.packing import WindowDataset, pack_documents
+from ring_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoader
 from ring_lightning.data.sources import TEXT_SOURCES, text_source
 from ring_lightning.data.tasks import RetrievalTask
 from ring_lightning.data.tokenizers import load_tokenizer
@@ -184,21 +185,28 @@ class LongDocumentDataModule(pl.LightningDataModule):
         self.val_dataset = WindowDataset(table.select(range(n_train, len(table))), eos, self.return_document_ids)
 
     # ------------------------------------------------------------------ dataloaders
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _training_position(self) -> Tuple[int, int]:
+        """(epoch, batches the training loop has processed in it): the data position a
+        checkpoint keeps (``ResumableDataLoader``)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self) -> DataLoader:
         # No DistributedSampler here: Lightning inserts one with the strategy's
-        # distributed_sampler_kwargs (RingStrategy: over the dp axis only).
-        return DataLoader(
-            dataset,
+        # distributed_sampler_kwargs (RingStrategy: over the dp axis only), seeded by
+        # seed_everything; both orders depend only on (seed, epoch), which exact resume needs.
+        return ResumableDataLoader(
+            self.train_dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(self.train_dataset, self.seed),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            position=self._training_position,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
-
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)

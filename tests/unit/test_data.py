@@ -188,3 +188,59 @@ def test_hub_offline_error_says_what_to_do(monkeypatch, cache):
 def test_bad_arguments_raise_value_error_naming_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         LongDocumentDataModule(**kwargs)
+
+
+# ------------------------------------------------------------------ resumable loader
+from ring_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoader  # noqa: E402
+
+
+def _batches(loader):
+    return [b.tolist() for b in loader]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_resumable_loader_continues_at_the_saved_batch_once(num_workers):
+    """A loader restored 3 batches into epoch 1 yields that epoch's batches 3.. exactly, loads
+    no skipped sample, keeps its full length, and yields whole epochs afterwards."""
+    data = list(range(20))
+    position = {"now": (1, 3)}
+
+    def make():
+        return ResumableDataLoader(data, batch_size=4, sampler=EpochShuffleSampler(data, seed=7),
+                                   num_workers=num_workers, persistent_workers=num_workers > 0,
+                                   position=lambda: position["now"])
+
+    reference = make()
+    reference.sampler.set_epoch(1)
+    epoch1 = _batches(reference)
+    reference.sampler.set_epoch(2)
+    epoch2 = _batches(reference)
+    assert epoch1 != epoch2 and sorted(sum(epoch1, [])) == data  # a new order per epoch, every sample once
+
+    saved = reference.state_dict()
+    assert saved == {"epoch": 1, "batches": 3, "num_batches": 5}
+    resumed = make()
+    resumed.load_state_dict(saved)  # the loader sets its sampler's epoch: Lightning does so too late
+    assert len(resumed) == 5
+    assert _batches(resumed) == epoch1[3:]
+    resumed.sampler.set_epoch(2)
+    position["now"] = (2, 0)
+    assert _batches(resumed) == epoch2  # the skip applies to the resumed epoch only
+
+
+def test_resumable_loader_starts_the_next_epoch_whole_after_an_end_of_epoch_checkpoint():
+    data = list(range(8))
+    make = lambda: ResumableDataLoader(data, batch_size=2, sampler=EpochShuffleSampler(data), position=lambda: (0, 4))
+    reference = make()
+    reference.sampler.set_epoch(1)
+    loader = make()
+    loader.load_state_dict({"epoch": 0, "batches": 4, "num_batches": 4})
+    assert _batches(loader) == _batches(reference)  # epoch 1, whole, before Lightning sets the epoch
+
+
+def test_resumable_loader_warns_when_the_epoch_length_changed():
+    data = list(range(8))
+    loader = ResumableDataLoader(data, batch_size=2, sampler=EpochShuffleSampler(data), position=lambda: (0, 1))
+    loader.load_state_dict({"epoch": 0, "batches": 1, "num_batches": 8})
+    with pytest.warns(UserWarning, match="data.batch_size"):
+        assert len(_batches(loader)) == 4
