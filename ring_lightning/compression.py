@@ -13,8 +13,13 @@ the averaged bucket. Methods:
   from a generator seeded by (seed, step, bucket), so the values can be all-reduced and
   no indices travel: half the bytes of all-gathering values and indices, and the sum is
   a plain all-reduce. Not rescaled by ``1/ratio``: with error feedback the unsent part
-  arrives later instead of being amplified noise now. Both sparse methods send the
-  first step dense (see ``_dense_first_step``).
+  arrives later instead of being amplified noise now.
+* Both sparse methods choose their entries per parameter (``ratio`` of each parameter
+  within the bucket) and keep their error feedback per parameter name, so nothing depends
+  on how DDP groups parameters into buckets (it regroups them after the first step, and a
+  resumed run starts from the initial grouping): a checkpoint carries the memory and the
+  step counter (``compression_state`` / ``restore_compression_state``) and a resumed run
+  compresses exactly as the uninterrupted one.
 * ``powersgd``: torch's ``powerSGD_hook`` (Vogels et al. 2019), low-rank approximation
   of every matrix-shaped gradient, ``rank`` = matrix approximation rank.
 * ``bf16``: the bucket is cast to bfloat16, divided by the world size and all-reduced;
@@ -27,7 +32,7 @@ gradient (per rank payload, not counting the collective algorithm's own overhead
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -68,71 +73,81 @@ class SparseState:
 
     Attributes:
         process_group: group to average over (``None``: the default world group).
-        ratio: fraction of each bucket's entries sent, in ``(0, 1]``.
-        error_feedback: keep the unsent remainder per bucket and add it next step.
+        ratio: fraction of each parameter's entries sent, in ``(0, 1]``.
+        error_feedback: keep the unsent remainder per parameter and add it next step.
         seed: base seed of the shared random indices (``randomk``).
+        names: ``id(parameter)`` -> its name in the model (stable across runs and regroupings).
     """
 
     process_group: Optional[dist.ProcessGroup]
     ratio: float
     error_feedback: bool = True
     seed: int = 0
-    residuals: Dict[int, torch.Tensor] = field(default_factory=dict)  #: bucket index -> unsent remainder
+    names: Dict[int, str] = field(default_factory=dict)
+    residuals: Dict[str, torch.Tensor] = field(default_factory=dict)  #: parameter name -> unsent remainder
     stats: CompressionStats = field(default_factory=CompressionStats)
 
+    def __post_init__(self) -> None:
+        self.order = {name: i for i, name in enumerate(self.names.values())}  #: name -> place in the model
 
-def _dense_first_step(state: SparseState, bucket: dist.GradBucket) -> Optional[Future]:
-    """Plain all-reduce during the first step, a future for it; else ``None``.
+    def state_dict(self) -> Dict[str, Any]:
+        return {"steps": self.stats.steps, "residuals": {k: v.detach().cpu().clone() for k, v in self.residuals.items()}}
 
-    DDP rebuilds its buckets after the first backward (in the order gradients became
-    ready), so a residual kept in step 0 would be added to other parameters in step 1.
-    """
-    if state.stats.steps > 0:
-        return None
-    dense_bytes = bucket.buffer().numel() * bucket.buffer().element_size()
-    state.stats.record(bucket, sent=dense_bytes, dense=dense_bytes)
-    return default_hooks.allreduce_hook(state.process_group, bucket)
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.stats.steps = int(state["steps"])
+        self.residuals = dict(state["residuals"])  # moved to the gradients' device on first use
 
 
 def _num_kept(numel: int, ratio: float) -> int:
     return max(1, min(numel, math.ceil(ratio * numel)))
 
 
-def _with_residual(state: SparseState, bucket: dist.GradBucket) -> torch.Tensor:
+def _slices(state: SparseState, bucket: dist.GradBucket) -> List[Tuple[str, int, int]]:
+    """(parameter name, offset, length) of every parameter in the bucket's flat buffer."""
+    out, offset = [], 0
+    for p in bucket.parameters():
+        out.append((state.names[id(p)], offset, p.numel()))
+        offset += p.numel()
+    assert offset == bucket.buffer().numel(), "a DDP bucket holds its parameters' gradients back to back"
+    return out
+
+
+def _with_residual(state: SparseState, bucket: dist.GradBucket, slices) -> torch.Tensor:
     """The bucket's gradient plus what earlier steps did not send (a new tensor)."""
-    grad = bucket.buffer()
-    if not state.error_feedback:
-        return grad.clone()
-    residual = state.residuals.get(bucket.index())
-    if residual is None or residual.shape != grad.shape:  # defensive: a resized bucket starts afresh
-        return grad.clone()
-    return grad + residual
+    corrected = bucket.buffer().clone()
+    if state.error_feedback:
+        for name, offset, numel in slices:
+            residual = state.residuals.get(name)
+            if residual is not None:
+                corrected[offset:offset + numel] += residual.to(corrected.device)
+    return corrected
 
 
-def _keep_residual(state: SparseState, bucket: dist.GradBucket, corrected: torch.Tensor, idx: torch.Tensor) -> None:
+def _keep_residual(state: SparseState, corrected: torch.Tensor, idx: torch.Tensor, slices) -> None:
     if state.error_feedback:
         corrected[idx] = 0  # what was sent leaves the memory; the rest waits for the next step
-        state.residuals[bucket.index()] = corrected
+        for name, offset, numel in slices:
+            state.residuals[name] = corrected[offset:offset + numel]
 
 
 def _sparse_bucket(state: SparseState, bucket: dist.GradBucket):
-    """(group, world size, flat gradient, its length, entries to keep) of one bucket."""
+    """(group, world size, flat gradient, its length) of one bucket."""
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     buffer = bucket.buffer()
-    return group, dist.get_world_size(group), buffer, buffer.numel(), _num_kept(buffer.numel(), state.ratio)
+    return group, dist.get_world_size(group), buffer, buffer.numel()
 
 
 def topk_hook(state: SparseState, bucket: dist.GradBucket) -> Future:
     """Send the largest-magnitude ``ratio`` of entries (values + indices); average over the group."""
-    dense = _dense_first_step(state, bucket)
-    if dense is not None:
-        return dense
-    group, world, buffer, numel, k = _sparse_bucket(state, bucket)
-
-    corrected = _with_residual(state, bucket)
-    idx = corrected.abs().topk(k, sorted=False).indices
+    group, world, buffer, numel = _sparse_bucket(state, bucket)
+    slices = _slices(state, bucket)
+    corrected = _with_residual(state, bucket, slices)
+    magnitude = corrected.abs()
+    idx = torch.cat([magnitude[o:o + n].topk(_num_kept(n, state.ratio), sorted=False).indices + o
+                     for _, o, n in slices])
+    k = idx.numel()
     values = corrected[idx]
-    _keep_residual(state, bucket, corrected, idx)
+    _keep_residual(state, corrected, idx, slices)
 
     # One all_gather of a byte payload [int32 indices | values] per rank: a single future,
     # like torch's own hooks (chaining two NCCL futures with collect_all let the decode
@@ -157,20 +172,23 @@ def topk_hook(state: SparseState, bucket: dist.GradBucket) -> Future:
 
 def randomk_hook(state: SparseState, bucket: dist.GradBucket) -> Future:
     """Send a shared random ``ratio`` of entries (values only); average over the group."""
-    dense = _dense_first_step(state, bucket)
-    if dense is not None:
-        return dense
-    group, world, buffer, numel, k = _sparse_bucket(state, bucket)
+    group, world, buffer, numel = _sparse_bucket(state, bucket)
+    slices = _slices(state, bucket)
+    # Same seed on every rank (the step advances in lockstep under DDP; the parameter's
+    # place in the model is the same everywhere), so every rank picks the same indices
+    # without communicating them, whatever bucket the parameter landed in.
+    order = state.order
+    picked = []
+    for name, offset, n in slices:
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed((state.seed * 1_000_003 + state.stats.steps) * 65_537 + order[name])
+        picked.append(torch.randperm(n, generator=gen)[:_num_kept(n, state.ratio)] + offset)
+    idx = torch.cat(picked).to(buffer.device)
+    k = idx.numel()
 
-    # Same seed on every rank (step and bucket index advance in lockstep under DDP), so
-    # every rank picks the same indices without communicating them.
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed((state.seed * 1_000_003 + state.stats.steps) * 65_537 + bucket.index())
-    idx = torch.randperm(numel, generator=gen)[:k].to(buffer.device)
-
-    corrected = _with_residual(state, bucket)
+    corrected = _with_residual(state, bucket, slices)
     values = corrected[idx]
-    _keep_residual(state, bucket, corrected, idx)
+    _keep_residual(state, corrected, idx, slices)
     fut = dist.all_reduce(values, group=group, async_op=True).get_future()
     state.stats.record(bucket, sent=k * values.element_size(), dense=numel * buffer.element_size())
 
@@ -230,6 +248,15 @@ class PowerSGDHookState:
 
     inner: powersgd.PowerSGDState
     stats: CompressionStats = field(default_factory=CompressionStats)
+
+    def state_dict(self) -> Dict[str, Any]:
+        # torch keys PowerSGD's error and warm-start memories by DDP bucket index, which a
+        # resumed DDP assigns afresh: only the step counter carries over (the memories
+        # restart, so a resumed powersgd run is close to, not equal to, the uninterrupted one).
+        return {"steps": self.stats.steps, "iter": self.inner.iter}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.stats.steps, self.inner.iter = int(state["steps"]), int(state["iter"])
 
 
 def powersgd_hook(state: PowerSGDHookState, bucket: dist.GradBucket) -> Future:
@@ -294,7 +321,8 @@ def register_compression_hook(
     if method == "none":
         return None
     if method in ("topk", "randomk"):
-        state = SparseState(process_group, ratio, error_feedback, seed)
+        names = {id(p): name for name, p in ddp_model.module.named_parameters() if p.requires_grad}
+        state = SparseState(process_group, ratio, error_feedback, seed, names)
         hook = topk_hook if method == "topk" else randomk_hook
     elif method == "bf16":
         state = Bf16State(process_group, reduce_in_bf16=_backend_sums_bf16(process_group))
@@ -316,6 +344,37 @@ def register_compression_hook(
         state, hook = PowerSGDHookState(inner), powersgd_hook
     ddp_model.register_comm_hook(state, hook)
     return state
+
+
+# ------------------------------------------------------------------- checkpoints
+CHECKPOINT_KEY = "compression_states"  #: checkpoint entry: every rank's hook state, by rank
+
+
+def gather_compression_state(state: Any) -> Optional[List[Dict[str, Any]]]:
+    """Every rank's hook state (error feedback is each rank's own), gathered on rank 0 for its
+    checkpoint; ``None`` on the other ranks and for stateless hooks. A collective: every rank
+    calls it. Size: one copy of the parameters per rank for ``topk``/``randomk`` memories."""
+    if not hasattr(state, "state_dict"):
+        return None
+    mine = state.state_dict()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, everyone, dst=0)
+    return everyone
+
+
+def restore_compression_state(state: Any, saved: Optional[List[Dict[str, Any]]], rank: int) -> None:
+    """Give the hook this rank's saved state (a resumed run on the same number of ranks)."""
+    if state is None or not saved or not hasattr(state, "load_state_dict"):
+        return
+    if len(saved) != dist.get_world_size():
+        import warnings
+
+        warnings.warn(f"the checkpoint's gradient-compression state is from {len(saved)} ranks, this run has "
+                      f"{dist.get_world_size()}: the compression memory starts empty", stacklevel=2)
+        return
+    state.load_state_dict(saved[rank])
 
 
 # --------------------------------------------------------------- usage-guide forwarding

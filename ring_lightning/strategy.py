@@ -32,7 +32,7 @@ Letters: B batch, N global sequence length, T local sequence length (N / sp).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ring_lightning import loss_contract, sharding
 from ring_lightning.attention import ring_attention_modules
-from ring_lightning.compression import check_compression_args, register_compression_hook, resolve_compression
+from ring_lightning.compression import CHECKPOINT_KEY as COMPRESSION_CHECKPOINT_KEY
+from ring_lightning.compression import (check_compression_args, gather_compression_state, register_compression_hook,
+                                        resolve_compression, restore_compression_state)
 from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
 
 #: Mesh axes, outer to inner. Ranks ``[d*sp, (d+1)*sp)`` form sequence group ``d``.
@@ -155,6 +157,7 @@ class RingStrategy(DDPStrategy):
         self._batch_layout = "contiguous"  # of the last sharded batch, read by _batch_sharding()
         self._layout_by_len: Dict[int, str] = {}
         self._compression_state: Any = None
+        self._compression_resume: Optional[list] = None  # a checkpoint's hook states, until the hook exists
 
     # ------------------------------------------------------------------ mesh
 
@@ -385,6 +388,19 @@ class RingStrategy(DDPStrategy):
             error_feedback=error_feedback,
             powersgd_start_iter=self.powersgd_start_iter,
         )
+        restore_compression_state(self._compression_state, self._compression_resume, self.global_rank)
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        # Every rank's error feedback rides in the checkpoint, so a resume compresses as before.
+        gathered = gather_compression_state(self._compression_state)  # a collective: every rank is here
+        if gathered is not None:
+            checkpoint[COMPRESSION_CHECKPOINT_KEY] = gathered
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        # Restored before the DDP hooks exist (Lightning: weights first, then setup): kept until then.
+        self._compression_resume = checkpoint.get(COMPRESSION_CHECKPOINT_KEY)
+        super().load_model_state_dict(checkpoint, strict=strict)
 
     @property
     def compression_ratio(self) -> float:

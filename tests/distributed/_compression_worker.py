@@ -38,7 +38,7 @@ def run_hook(rank: int, world_size: int, method: str, ratio: float, error_feedba
     Returns:
         ``got``: per step, the hook's averaged gradient (flat); ``local``: per step, every
         rank's own gradient (flat, all-gathered); ``ratio``: per step, ``stats.ratio``;
-        ``residual``: the final error-feedback memory of bucket 0 (sparse hooks).
+        ``residual``: the final error-feedback memory of the weight (sparse hooks).
     """
     torch.manual_seed(0)
     model = nn.Linear(IN_FEATURES, OUT_FEATURES, bias=False)
@@ -59,11 +59,41 @@ def run_hook(rank: int, world_size: int, method: str, ratio: float, error_feedba
         out["got"].append(model.weight.grad.flatten().clone())
         out["local"].append(torch.stack(gathered))
         out["ratio"].append(1.0 if state is None else state.stats.ratio)
-    residuals = getattr(state, "residuals", {})
-    out["residual"] = [residuals[0].clone()] if 0 in residuals else []
+    residuals = getattr(state, "residuals", {})  # by parameter name
+    out["residual"] = [residuals["weight"].clone()] if "weight" in residuals else []
     return out
 
 
 def run_cases(rank: int, world_size: int, cases: List[tuple]) -> Dict[tuple, Dict[str, List]]:
     """``run_hook`` for each ``(method, ratio, error_feedback)``: one spawn for all of them."""
     return {case: run_hook(rank, world_size, *case) for case in cases}
+
+
+def run_resumed(rank: int, world_size: int, method: str) -> Dict[str, List]:
+    """Two parameters, 4 backward passes under ``method``: once straight through (one DDP
+    bucket), once as 2 passes, ``state_dict()``, a NEW DDP with one bucket per parameter and
+    the state loaded, 2 more passes. Returns the averaged gradients of both, per step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN_FEATURES, OUT_FEATURES, bias=False), nn.Linear(OUT_FEATURES, 4, bias=False))
+
+    def passes(ddp, state, steps):
+        grads = []
+        for step in steps:
+            x, y = _inputs(method, rank, step)
+            ddp.zero_grad(set_to_none=True)
+            (ddp(x) - y[:, :4]).pow(2).sum().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]).clone())
+        return grads
+
+    ddp = DistributedDataParallel(model)
+    state = register_compression_hook(ddp, method, ratio=0.25)
+    straight = passes(ddp, state, range(4))
+
+    ddp = DistributedDataParallel(model)
+    state = register_compression_hook(ddp, method, ratio=0.25)
+    first = passes(ddp, state, range(2))
+    saved = state.state_dict()
+    ddp = DistributedDataParallel(model, bucket_cap_mb=1e-6)  # one bucket per parameter now
+    state = register_compression_hook(ddp, method, ratio=0.25)
+    state.load_state_dict(saved)
+    return {"straight": straight, "resumed": first + passes(ddp, state, range(2, 4))}

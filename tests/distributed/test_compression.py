@@ -78,10 +78,7 @@ def _replay_topk(locals_per_step, ratio, error_feedback):
     k = max(1, math.ceil(ratio * NUMEL))
     residual = [torch.zeros(NUMEL) for _ in range(WORLD)]
     expected = []
-    for step, local in enumerate(locals_per_step):
-        if step == 0:  # the first step is sent dense (DDP rebuilds buckets after it)
-            expected.append(_mean(local))
-            continue
+    for local in locals_per_step:  # sparse from the first step: entries are chosen per parameter
         total = torch.zeros(NUMEL)
         for r in range(WORLD):
             corrected = local[r] + residual[r] if error_feedback else local[r].clone()
@@ -106,24 +103,22 @@ def test_topk_replays_selection_and_error_feedback(results, error_feedback):
         else:
             assert rank_out["residual"] == []
     k = math.ceil(TOPK_RATIO * NUMEL)
-    assert outs[0]["ratio"][0] == 1.0  # dense first step
-    assert outs[0]["ratio"][-1] == pytest.approx(k * 8 / (NUMEL * 4))  # values + int32 indices
+    assert outs[0]["ratio"] == [pytest.approx(k * 8 / (NUMEL * 4))] * W.NUM_STEPS  # values + int32 indices
 
 
 def test_randomk_shares_indices_and_conserves_gradient_mass(results):
     outs = results[("randomk", TOPK_RATIO, True)]
     k = math.ceil(TOPK_RATIO * NUMEL)
     for rank_out in outs:
-        torch.testing.assert_close(rank_out["got"][0], _mean(rank_out["local"][0]), atol=EXACT_TOL, rtol=0)
-        for got in rank_out["got"][1:]:
+        for got in rank_out["got"]:
             # Every rank picked the same k indices, so the average has at most k non-zeros.
             assert int((got != 0).sum()) <= k
         assert rank_out["ratio"][-1] == pytest.approx(k / NUMEL)
     # Error feedback loses nothing: what was sent plus what every rank still holds is the
-    # sum of all gradients since the dense first step.
-    sent = torch.stack(outs[0]["got"][1:]).sum(dim=0)
+    # sum of all gradients.
+    sent = torch.stack(outs[0]["got"]).sum(dim=0)
     held = torch.stack([o["residual"][0] for o in outs]).mean(dim=0)
-    true = torch.stack([_mean(local) for local in outs[0]["local"][1:]]).sum(dim=0)
+    true = torch.stack([_mean(local) for local in outs[0]["local"]]).sum(dim=0)
     torch.testing.assert_close(sent + held, true, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs[0]["got"][-1], outs[1]["got"][-1], atol=0, rtol=0)
 
@@ -136,3 +131,13 @@ def test_powersgd_rank1_is_exact_on_rank1_gradients(results):
         assert ratios[0] == 1.0  # plain all-reduce before start_iter
         # rank 1: P (8x1) and Q (16x1) instead of 8x16.
         assert ratios[-1] == pytest.approx((W.OUT_FEATURES + W.IN_FEATURES) / NUMEL)
+
+
+@pytest.mark.parametrize("method", ["topk", "randomk"])
+def test_sparse_state_resumes_exactly_under_another_bucket_grouping(run_distributed, method):
+    """Entries are chosen per parameter and the memory is kept by parameter name, so a resumed
+    DDP (which groups parameters into buckets afresh) continues exactly."""
+    per_rank = run_distributed(W.run_resumed, WORLD, method, timeout=120)
+    for out in per_rank:
+        for got, expected in zip(out["resumed"], out["straight"]):
+            torch.testing.assert_close(got, expected, atol=0, rtol=0)

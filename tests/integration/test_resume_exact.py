@@ -62,3 +62,13 @@ def test_sigterm_then_resume_repeats_the_uninterrupted_losses(tmp_path, data_cac
     reference = uninterrupted(tmp_path, data_cache, args, max_steps)
     resumed = interrupted_and_resumed(tmp_path, data_cache, args, stop_at, max_steps)
     assert_same_losses(resumed, reference, max_steps)
+
+
+def test_sigterm_then_resume_is_exact_under_dp2_sp2_with_topk_compression(tmp_path, data_cache):
+    """4 processes (dp=2 x sp=2): every dp rank's data position, every rank's error feedback."""
+    args = ["data.max_tokens=40000", "trainer.val_check_interval=6", "trainer.devices=4",
+            "strategy.sequence_parallel_size=2", "compression=topk"]
+    timeout = 2 * RUN_TIMEOUT_S
+    reference = uninterrupted(tmp_path, data_cache, args, 6, timeout=timeout)
+    resumed = interrupted_and_resumed(tmp_path, data_cache, args, 3, 6, timeout=timeout)
+    assert_same_losses(resumed, reference, 6)
