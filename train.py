@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from ring_lightning.callbacks import ConfigAgreement, config_fingerprint, newest_valid_checkpoint
+from ring_lightning.faults import lost_rank_message, peer_failure, stop_local_ranks
 from ring_lightning.hydra_presets import register_model_presets
 
 CUDA_AVAILABLE = CUDAAccelerator.is_available()  # fork-safe: does not initialise CUDA
@@ -105,6 +106,18 @@ def main(cfg: DictConfig) -> dict:
                   f"checkpoints  {cfg.callbacks.model_checkpoint.dirpath}/last.ckpt holds it (continue: the "
                   f"same command + hydra.run.dir={cfg.paths.output_dir} resume=true)", flush=True)
         raise SystemExit(128 + 15)  # the conventional status of a process ended by SIGTERM
+    except Exception as exc:
+        kind = peer_failure(exc)
+        if kind is None:
+            raise
+        # A lost or frozen rank: one message naming it instead of every rank's backend traceback,
+        # and no rank left behind waiting in a collective.
+        launcher = trainer.strategy.launcher
+        print("\n" + lost_rank_message(kind, trainer.global_rank, launcher, trainer.global_step), flush=True)
+        stop_local_ranks(launcher)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise SystemExit(1) from None
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     summary = summarize(cfg, trainer, loggers, metrics, ckpt_path) if trainer.is_global_zero else None

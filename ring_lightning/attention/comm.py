@@ -128,8 +128,14 @@ class RingComm:
         return dist.get_global_rank(self.group, group_rank)
 
     def error(self, peers, step, exc) -> RingCommunicationError:
+        from ring_lightning.faults import peer_failure  # the one reader of backend errors
+
         me = dist.get_rank()
         names = ", ".join(str(self._global(p)) for p in sorted(set(peers)))
+        if exc is not None and peer_failure(exc) == "connection":
+            return RingCommunicationError(
+                f"rank {me}: ring transfer of step {step} with rank(s) {names} failed: a peer's connection "
+                f"closed (the process ended: killed, out of memory or crashed; its log says why). Cause: {exc!r}")
         return RingCommunicationError(
             f"rank {me}: ring transfer of step {step} with rank(s) {names} did not complete within "
             f"{self.timeout_s:g}s (comm_timeout_s). A peer stopped taking part, crashed, or runs a "

@@ -15,3 +15,27 @@ class SigtermAtStep(pl.Callback):
         if trainer.is_global_zero and trainer.global_step == self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class KillRankAtStep(pl.Callback):
+    """Rank ``rank`` dies without a word (SIGKILL: out of memory, a lost node) at ``step``."""
+
+    def __init__(self, step: int, rank: int = 1) -> None:
+        self.step, self.rank = int(step), int(rank)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FreezeRankAtStep(pl.Callback):
+    """Rank ``rank`` stops taking part (a hung kernel, a deadlock) at ``step``: it sleeps."""
+
+    def __init__(self, step: int, rank: int = 1) -> None:
+        self.step, self.rank = int(step), int(rank)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            import time
+
+            time.sleep(3600)

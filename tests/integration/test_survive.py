@@ -1,6 +1,9 @@
 """Runs that survive (train.py, 2 CPU gloo processes): divergence stops or skips with the step
 and ranks named and never reaches a checkpoint; last.ckpt holds the final step."""
 
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +83,36 @@ def test_a_config_that_differs_on_one_rank_fails_at_start_up_naming_the_key(tmp_
                      "run_name=${oc.env:LOCAL_RANK,main}"], data_cache, expect_failure=True)
     assert "were started with different configs: run_name differ" in out, out[-3000:]
     assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("*.ckpt"))
+
+
+INTERRUPT_ENV = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_a_killed_rank_ends_the_job_naming_it_and_the_run_resumes(tmp_path, data_cache):
+    """Rank 1 is SIGKILLed after step 3: rank 0 names it and how it ended, the job ends well
+    within the timeout, and resume=true continues from the step-2 checkpoint to the end."""
+    common = [f"hydra.run.dir={tmp_path}", *SMALL, "trainer.max_steps=6", "trainer.val_check_interval=6",
+              "callbacks.model_checkpoint.every_n_train_steps=2"]
+    start = time.monotonic()
+    out = run_train([*common, "+callbacks.kill._target_=_interrupt.KillRankAtStep", "+callbacks.kill.step=3"],
+                    data_cache, expect_failure=True, extra_env=INTERRUPT_ENV)
+    assert "rank 0: lost rank 1 (pid" in out and "killed by SIGKILL" in out, out[-3000:]
+    assert time.monotonic() - start < RUN_TIMEOUT_S
+    out = run_train([*common, "resume=true"], data_cache)
+    assert f"resumed from {tmp_path / 'checkpoints' / 'last.ckpt'}" in out
+    assert final_metrics(out)["step"] == 6
+
+
+def test_a_frozen_rank_times_out_and_is_not_left_running(tmp_path, data_cache):
+    """Rank 1 stops answering after step 2: rank 0 reports a timeout within the configured
+    limits and ends rank 1 on the way out: no orphan keeps running. (The process-group timeout
+    must outlast the ranks' start-up; Lightning's per-step broadcast swallows its own timeout,
+    so the ring's 5 s is what reports.)"""
+    out = run_train([f"hydra.run.dir={tmp_path}", *SMALL, "trainer.max_steps=6", "trainer.val_check_interval=6",
+                     "+variant.comm_timeout_s=5", "+strategy.timeout._target_=datetime.timedelta",
+                     "+strategy.timeout.seconds=30", "+callbacks.freeze._target_=_interrupt.FreezeRankAtStep",
+                     "+callbacks.freeze.step=2"], data_cache, expect_failure=True, extra_env=INTERRUPT_ENV)
+    assert "stopped answering: a collective timed out" in out and "Training stopped at step 2" in out, out[-3000:]
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True).stdout
+    assert not left.strip(), f"processes of the run still running: {left}"

@@ -1,0 +1,97 @@
+"""What went wrong when a rank is lost: one clear message instead of a backend's traceback.
+
+A collective fails on the surviving ranks when a peer dies (its sockets close: gloo says
+"Connection closed by peer", NCCL reports a remote error) or stops answering (the backend's
+timeout). ``peer_failure`` tells the two apart; ``lost_rank_message`` names the lost rank
+where this process can know it: ranks started by Lightning's launcher are rank 0's children,
+so rank 0 reads their exit status, and a child sees that rank 0 is gone when its parent
+changes. Under torchrun or SLURM the agent names the failed rank itself.
+
+After a lost rank, the job must not leave orphans: ``stop_local_ranks`` ends the ranks rank 0
+started (a frozen one would otherwise wait in a collective for the backend's timeout, or
+forever). Lightning's own child observer also ends the job a few seconds after a child
+fails; this module only makes sure the user reads why (docs/ARCHITECTURE.md, "Runs that
+survive").
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import List, Optional
+
+_CONNECTION = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket closed",
+               "remote process exited", "connection refused", "ncclremoteerror")
+_TIMEOUT = ("timed out waiting", "application timeout caused pair closure", "did not complete within",
+            "watchdog caught collective operation timeout", "operation timed out")
+_PARENT = os.getppid()  # a rank Lightning started is a child of rank 0
+
+
+def peer_failure(exc: BaseException) -> Optional[str]:
+    """``"connection"`` (a peer process went away), ``"timeout"`` (a peer stopped answering),
+    or ``None`` (not a lost peer), read from the exception and its causes."""
+    seen = exc
+    while seen is not None:
+        text = str(seen).lower()
+        if any(marker in text for marker in _CONNECTION):
+            return "connection"
+        if any(marker in text for marker in _TIMEOUT):
+            return "timeout"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def describe_exit(returncode: int) -> str:
+    """How a process ended, in words (``killed by SIGKILL``, ``exited with status 1``)."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (the out-of-memory killer and `kill -9` send it)" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
+    return f"exited with status {returncode}"
+
+
+def _ended_children(launcher, wait_s: float) -> List[str]:
+    """``rank N (pid P) <how it ended>`` for each child rank that has ended, waiting up to ``wait_s``
+    for one to (a peer's death and our error arrive close together, in either order)."""
+    procs = list(getattr(launcher, "procs", None) or [])
+    deadline = time.monotonic() + wait_s
+    while True:
+        ended = [(rank, p) for rank, p in enumerate(procs, start=1) if p.poll() is not None and p.returncode != 0]
+        if ended or time.monotonic() >= deadline or not procs:
+            return [f"rank {rank} (pid {p.pid}) {describe_exit(p.returncode)}" for rank, p in ended]
+        time.sleep(0.1)
+
+
+def lost_rank_message(kind: str, global_rank: int, launcher, step: int) -> str:
+    """One paragraph: which rank was lost and how, as far as this rank can tell."""
+    if global_rank == 0:
+        ended = _ended_children(launcher, wait_s=3.0)
+        who = "; ".join(ended) if ended else "another rank"
+    elif os.getppid() != _PARENT:
+        who = "rank 0 (the process that started this one)"
+    else:
+        who = "another rank"
+    if kind == "timeout":
+        what = (f"{who} stopped answering: a collective timed out (a rank is frozen, or much slower than the "
+                f"others; the ring waits variant.comm_timeout_s, other collectives the strategy's timeout)")
+    else:
+        what = f"lost {who}: its connection closed (the process ended: see its own log for why)"
+    return (f"rank {global_rank}: {what}. Training stopped at step {step}; every rank is being stopped. "
+            f"Continue from the last checkpoint with the same command + resume=true (and the same hydra.run.dir).")
+
+
+def stop_local_ranks(launcher, grace_s: float = 5.0) -> None:
+    """End the ranks this process started (SIGTERM, then SIGKILL after ``grace_s``): no orphans."""
+    procs = [p for p in (getattr(launcher, "procs", None) or []) if p.poll() is None]
+    for p in procs:
+        p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception:  # still running: a rank frozen in a collective ignores SIGTERM
+            p.kill()
