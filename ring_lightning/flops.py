@@ -123,7 +123,8 @@ def grid_window_pairs(grid_shape: Sequence[int], radius: Sequence[int], num_head
     symmetric, so causal (raster order) is exactly half, in this module's convention.
     """
     if len(grid_shape) != len(radius):
-        raise ValueError(f"radius needs one entry per grid dim, got grid_shape={list(grid_shape)}, radius={list(radius)}")
+        raise ValueError(f"radius needs one entry per grid dim, got grid_shape={list(grid_shape)}, "
+                         f"radius={list(radius)}")
     pairs = float(num_heads)
     for n, r in zip(grid_shape, radius):
         i = torch.arange(int(n), dtype=torch.float64)
