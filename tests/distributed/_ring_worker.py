@@ -70,23 +70,14 @@ def module_for(case: dict):
     return create_ring_attention(case.get("variant", "standard"), **fields)
 
 
-def grid_window_mask(shape, radius, causal: bool) -> torch.Tensor:
-    """(N, N) neighbourhood mask from its definition, raster order: |cell difference| <= radius
-    in every grid dim (and key position <= query position if causal). Shares no code with grids.py."""
-    idx = torch.arange(int(torch.tensor(shape).prod()))
-    cells = torch.stack(torch.unravel_index(idx, tuple(shape)), dim=-1)  # (N, d)
-    ok = ((cells[:, None] - cells[None]).abs() <= torch.tensor(radius)).all(-1)
-    return ok & (idx[None, :] <= idx[:, None]) if causal else ok
-
-
 def reference_for(attn, case, q, k, v, grad):
     qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
     cfg = attn.config
     kwargs = {}
     if hasattr(attn, "block_mask"):
         kwargs = dict(block_mask=attn.block_mask(case["N"]), block_size=cfg.block_size)
-    if cfg.grid_shape is not None:  # a token mask is a block mask of 1-token blocks
-        kwargs = dict(block_mask=grid_window_mask(cfg.grid_shape, cfg.grid_window, case["causal"]), block_size=1)
+    if cfg.grid_shape is not None:
+        kwargs = dict(grid_shape=cfg.grid_shape, grid_window=cfg.grid_window)
     out, lse = reference_attention(qr, kr, vr, case["causal"], cfg.segment_lengths, cfg.dilation_rates,
                                    cfg.scale, document_ids=document_ids_for(case), **kwargs)
     dq, dk, dv = torch.autograd.grad(out, (qr, kr, vr), grad.double())

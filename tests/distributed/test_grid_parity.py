@@ -3,8 +3,8 @@ same neighbourhood mask, in every token order (curve, frames, raster), on 1, 2 a
 
 Tiny grids (8x8 and 2x4x4), causal and not, both layouts, already_split both ways, GQA;
 outputs, lse and input gradients, float32 against float64 at 1e-5. The reference builds
-the mask from its definition in raster order (``_ring_worker.grid_window_mask``), so the
-curve's permutation, its inverse and the per-tile masks are all checked. Plus: pieces
+the mask from its definition in raster order (``reference.grid_window_mask``, no code shared
+with grids.py), so the curve's permutation, its inverse and the per-tile masks are all checked. Plus: pieces
 out of the window's reach send nothing.
 """
 

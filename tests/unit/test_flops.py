@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from ring_lightning.attention.reference import block_to_token_mask, pattern_mask
+from ring_lightning.attention.reference import block_to_token_mask, grid_window_mask, pattern_mask
 from ring_lightning.flops import (
     attention_fraction, attention_pairs, causal_document_pairs_per_rank, flops_from_pairs, grid_window_pairs,
 )
@@ -101,8 +101,7 @@ def _causal_weight(n):
 @pytest.mark.parametrize("causal", [False, True])
 def test_grid_window_pairs_match_brute_force(shape, radius, causal):
     n = math.prod(shape)
-    cells = torch.stack(torch.unravel_index(torch.arange(n), tuple(shape)), dim=-1)
-    mask = ((cells[:, None] - cells[None]).abs() <= torch.tensor(radius)).all(-1).double()
+    mask = grid_window_mask(shape, radius).double()
     brute = float((mask * _causal_weight(n)).sum() if causal else mask.sum())
     assert grid_window_pairs(shape, radius, 3, causal=causal) == 3 * brute
 

@@ -15,6 +15,7 @@ import torch
 from ring_lightning.attention import RingAttentionConfig, create_ring_attention, reference_attention
 from ring_lightning.attention.grids import TokenGrid, gilbert_cells, kernel_positions, window_block_masks
 from ring_lightning.attention.hilbert import hilbert_cell
+from ring_lightning.attention.reference import grid_window_mask
 
 FLOAT64_REL_TOL = 1e-12
 
@@ -79,8 +80,7 @@ def test_grid_must_hold_the_sequence_and_takes_no_documents():
 # ---------------------------------------------------------------------------- block masks
 def brute_block_masks(grid, seq, bs, causal):
     """(kept, full) by evaluating every token pair of the sequence ``seq`` (raster positions)."""
-    cells = grid.coords(seq)
-    ok = ((cells[:, None] - cells[None]).abs() <= torch.tensor(grid.radius)).all(-1)
+    ok = grid_window_mask(grid.shape, grid.radius)[seq][:, seq]  # (N, N) in sequence order
     if causal:
         ok &= seq[None, :] <= seq[:, None]
     n = seq.numel()
@@ -132,8 +132,7 @@ def test_portable_kernel_skips_the_tiles_the_curve_empties():
     blocks), with the same result."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1024, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    cells = TokenGrid((32, 32), (4, 4), "raster").coords(torch.arange(1024))
-    ref, _ = reference_attention(q, k, v, block_mask=((cells[:, None] - cells[None]).abs() <= 4).all(-1), block_size=1)
+    ref, _ = reference_attention(q, k, v, grid_shape=(32, 32), grid_window=(4, 4))
     tiles = {}
     for order in ("hilbert", "raster"):
         attn = create_ring_attention("hilbert", grid_shape=[32, 32], grid_window=4, grid_order=order,
@@ -167,7 +166,5 @@ def test_flex_grid_mask_equals_create_block_mask_and_the_reference(order, causal
     perm = (lambda x: x) if order_idx is None else (lambda x: x.index_select(1, order_idx))
     out = flex.flex_attention(*(perm(x).transpose(1, 2) for x in (q, k, v)), block_mask=mask).transpose(1, 2)
     out = out if back is None else out.index_select(1, back)
-    cells = grid.coords(torch.arange(n))
-    tm = ((cells[:, None] - cells[None]).abs() <= torch.tensor(grid.radius)).all(-1)
-    ref, _ = reference_attention(q, k, v, causal, block_mask=tm, block_size=1)
+    ref, _ = reference_attention(q, k, v, causal, grid_shape=grid.shape, grid_window=grid.radius)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
