@@ -7,7 +7,9 @@ additionally keeps keys at raster positions <= the query's). In raster order suc
 is ``2 r_0 + 1`` short runs of keys per query row, spread over many key blocks; laid along
 the generalised Hilbert curve of the grid (Cervený's "gilbert", any sizes, 2-D and 3-D),
 a block of consecutive tokens is a compact patch, so the window of a query block touches
-few key blocks and most of them are full (docs/ARCHITECTURE.md, "Token grids").
+few key blocks, some of them full (docs/ARCHITECTURE.md, "Token grids", has the counts).
+``frames`` (3-D) keeps frames in time order, each along its 2-D curve: better for windows
+short in time and wide in space.
 
 This file owns the grid maths; the hilbert variant (hilbert.py) uses it to order each
 task's tokens and mask them, and ``flex_grid_mask`` is its one-GPU FlexAttention mask.

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 import math
+import warnings
 from functools import lru_cache
 from typing import Dict, Optional, Tuple
 
@@ -198,6 +199,9 @@ class HilbertRingAttention(RingAttentionBase):
     def __init__(self, config=None, **fields) -> None:
         super().__init__(config, **fields)
         self._grid = TokenGrid.from_config(self.config)
+        if self._grid is not None and self.config.hilbert_curve_level != type(self.config).hilbert_curve_level:
+            warnings.warn("RingAttentionConfig.hilbert_curve_level has no effect with grid_shape: the curve "
+                          "runs over the token grid", UserWarning, stacklevel=2)
 
     def forward(self, q, k, v, is_causal: bool = False, already_split: bool = False,
                 return_lse: bool = False, document_ids: Optional[torch.Tensor] = None):

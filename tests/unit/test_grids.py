@@ -65,6 +65,8 @@ def test_grid_fields_normalise_and_warn_outside_hilbert():
     assert cfg.grid_shape == [2, 4, 4] and cfg.grid_window == [1, 1, 1]
     with pytest.warns(UserWarning, match="grid_shape.*no effect in the 'standard'"):
         create_ring_attention("standard", grid_shape=[8, 8], grid_window=1)
+    with pytest.warns(UserWarning, match="hilbert_curve_level has no effect with grid_shape"):
+        create_ring_attention("hilbert", grid_shape=[8, 8], grid_window=1, hilbert_curve_level=3)
 
 
 def test_grid_must_hold_the_sequence_and_takes_no_documents():
