@@ -2,6 +2,7 @@
 block_sparse, hilbert).
 
     python benchmarks/bench_masks.py                 # one GPU
+    python benchmarks/bench_masks.py --only grids,balance --out-name bench_grids   # token grids only
     python benchmarks/bench_masks.py --dry-run       # CPU smoke test (tiny sizes)
 
 Causal bf16 self-attention, B=1, H=32, D=128, forward + backward (``autograd.grad`` of the
@@ -18,6 +19,10 @@ output), no process group. Rows at each N:
                          ids/step" builds that mask in every step, as training does),
                          the ring's per-task varlen path (kernel="flash"), and flex-docs, a
                          compiled FlexAttention call with the same document mask
+  grids ...              token grids (64K patches, box windows), hilbert vs raster order, against
+                         FlexAttention with the same window (benchmarks/mask_grids.py)
+  balance ...            causal packed documents: exact work per rank, sp = 2, 4, 8, per layout
+                         (a separate table: counts, no timing)
 
 Validation: every ring_lightning row's output and gradients against its peer (SDPA for
 dense, FlexAttention for masks, standard for hilbert) from the same inputs, relative L2
@@ -37,8 +42,13 @@ import time
 import torch
 
 from _common import env_info, import_engine, rel_err, short_error, write_table
+from mask_grids import balance_rows, balance_table, document_lengths, grid_rows
 
 attention, flops = import_engine("attention", "flops")
+# the rows of the loop over --ns: skipped as a whole when --only names none of them
+NS_ROWS = ("sdpa-cudnn", "standard dense", "hilbert dense", "standard dilated", "hilbert dilated", "flex-block",
+           "block_sparse", "flex-docs", "docs default (flex)", "docs default, new ids/step", "docs ring varlen",
+           "docs hilbert")
 
 
 def timed(step, repeats: int, cuda: bool):
@@ -66,11 +76,8 @@ def _graphs() -> int:
 
 
 def doc_ids(n: int, mean: int, device, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    lengths = []
-    while sum(lengths) < n:
-        lengths.append(max(1, int(torch.empty(1).exponential_(1.0 / mean, generator=g))))
-    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[:n]
+    lengths = document_lengths(n, mean, seed=seed)
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     return ids.unsqueeze(0).to(device)  # (1, N)
 
 
@@ -87,7 +94,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=400)
     ap.add_argument("--only", default="", help="comma-separated substrings: run only rows whose name has one")
+    ap.add_argument("--out-name", default="bench_masks", help="files written: $OUT/<out-name>.{json,md}")
     args = ap.parse_args()
+    only = [part for part in args.only.split(",") if part]
+
+    def wanted(name: str) -> bool:
+        return not only or any(part in name for part in only)
+
     cuda = torch.cuda.is_available() and not args.dry_run
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -100,7 +113,7 @@ def main() -> None:
 
     def row(name, n, step, pairs, peer=None, **extra):
         rec = dict(name=name, n=n, **extra)
-        if args.only and not any(part in name for part in args.only.split(",")):
+        if not wanted(name):
             return None
         if time.monotonic() - t_start > args.budget_s:
             rec["error"] = "skipped: time budget"
@@ -120,7 +133,7 @@ def main() -> None:
               f"(graphs built while timing: {rec.get('graphs_built_while_timing')})", flush=True)
         return rec.get("_result")
 
-    for n in ns:
+    for n in ns if any(wanted(name) for name in NS_ROWS) else ():
         g = torch.Generator().manual_seed(0)
         q, k, v, dout = (torch.randn(1, n, H, D, generator=g).to(dev, dtype) for _ in range(4))
         q, k, v = (x.requires_grad_() for x in (q, k, v))
@@ -182,6 +195,8 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
 
+    grid_rows(row, wanted, cuda, dev, dtype, H, D)
+    balance = [r for r in balance_rows(cuda) if wanted(r["name"])]
     for r in rows:
         r.pop("_result", None)
     by = {(r["name"], r["n"]): r for r in rows}
@@ -192,19 +207,25 @@ def main() -> None:
     for r in rows:
         peer = peers.get(r["name"]) or (r["name"].replace("block_sparse", "flex-block")
                                         if r["name"].startswith("block_sparse") else None)
+        if r["name"].startswith("grids") and not r["name"].endswith(("flex raster", "sdpa dense")):
+            peer = r["name"].rsplit(" ", 1)[0] + " flex raster"
         p = by.get((peer, r["n"]))
         if peer and p and "ms" in p and "ms" in r:
             r["peer"], r["speed_vs_peer"] = peer, p["ms"] / r["ms"]
     device = env_info(dev).get("device_name", dev.type)
-    lines = [f"# Masks at kernel speed: {device}, causal {dtype}, B=1 H={H} D={D}, fwd+bwd", "",
-             "| row | N | ms | TFLOP/s (allowed pairs) | peer | speed / peer | err vs peer | first call s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"# Masks at kernel speed: {device}, {dtype}, B=1 H={H} D={D}, fwd+bwd (causal; grids: not)", "",
+             "| row | N | ms | TFLOP/s (allowed pairs) | peer | speed / peer | err vs peer | kept blocks | "
+             "first call s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['n']} | {round(r['ms'], 2) if 'ms' in r else r.get('error')} | "
                      f"{round(r['tflops'], 1) if 'tflops' in r else '-'} | {r.get('peer', '-')} | "
                      f"{round(r['speed_vs_peer'], 3) if 'speed_vs_peer' in r else '-'} | "
-                     f"{'%.2g' % r['err_vs_peer'] if 'err_vs_peer' in r else '-'} | {r.get('first_call_s', '-')} |")
-    write_table("bench_masks", "\n".join(lines), dev, rows)
+                     f"{'%.2g' % r['err_vs_peer'] if 'err_vs_peer' in r else '-'} | "
+                     f"{r.get('kept_blocks', r.get('kept_causal_blocks', '-'))} | {r.get('first_call_s', '-')} |")
+    if balance:
+        lines += balance_table(balance)
+    write_table(args.out_name, "\n".join(lines), dev, rows + balance)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,62 @@ def flops_from_pairs(pairs: float, head_dim: int, batch: int = 1, *, backward: b
     return forward * (1.0 + (2.5 if recompute else 2.0))
 
 
+def grid_window_pairs(grid_shape: Sequence[int], radius: Sequence[int], num_heads: int = 1, *,
+                      causal: bool = False) -> float:
+    """Pairs a box window on a token grid allows (``RingAttentionConfig.grid_window``), summed
+    over query heads: a query sees the cells within ``radius[d]`` of its own in every dim d.
+
+    The window is a box, so the pairs are the product over dims of the pairs of a line of
+    ``n`` cells within ``r``: ``sum_i (min(i + r, n - 1) - max(i - r, 0) + 1)``. The pattern is
+    symmetric, so causal (raster order) is exactly half, in this module's convention.
+    """
+    if len(grid_shape) != len(radius):
+        raise ValueError(f"radius needs one entry per grid dim, got grid_shape={list(grid_shape)}, "
+                         f"radius={list(radius)}")
+    pairs = float(num_heads)
+    for n, r in zip(grid_shape, radius):
+        i = torch.arange(int(n), dtype=torch.float64)
+        pairs *= float(((i + r).clamp(max=n - 1) - (i - r).clamp(min=0) + 1).sum())
+    return pairs / 2 if causal else pairs
+
+
+PER_DOCUMENT = "per_document"  # PyTorch's per-document head-tail balancer (not a layout of sharding.py)
+
+
+def causal_document_pairs_per_rank(document_lengths: Sequence[int], group_size: int, layout: str,
+                                   num_heads: int = 1) -> List[float]:
+    """Causal attention work of packed documents on each rank of a sequence-parallel group.
+
+    A query at index ``j`` of its document sees ``j + 1/2`` keys (itself counting 1/2, as
+    everywhere here), and counts on the rank that holds it. ``layout``: ``contiguous`` or
+    ``zigzag`` (sharding.py, over the whole packed row), or ``per_document``: every document
+    cut into ``2W`` chunks, rank ``r`` taking chunks ``r`` and ``2W-1-r`` of each, as PyTorch's
+    ``_PerDocumentHeadTailLoadBalancer`` does (every length a multiple of ``2W``).
+
+    Returns:
+        ``W`` floats: allowed pairs of each rank's queries, summed over ``num_heads`` heads.
+    """
+    from .sharding import sequence_positions
+
+    lengths = torch.tensor([int(n) for n in document_lengths], dtype=torch.int64)
+    N, W = int(lengths.sum()), group_size
+    starts = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)  # (N,) its document's start
+    t = torch.arange(N)
+    j = t - starts  # index inside the document
+    if layout == PER_DOCUMENT:
+        if bool((lengths % (2 * W)).any()):
+            raise ValueError(f"the per-document balance cuts every document into 2W = {2 * W} chunks; "
+                             f"document lengths must be multiples of {2 * W}")
+        chunk = j // (torch.repeat_interleave(lengths, lengths) // (2 * W))
+        rank = torch.where(chunk < W, chunk, 2 * W - 1 - chunk)
+    else:  # the layouts of sharding.py: invert each rank's positions
+        rank = torch.empty(N, dtype=torch.int64)
+        for r in range(W):
+            rank[sequence_positions(N, W, r, layout)] = r
+    work = torch.zeros(W, dtype=torch.float64).index_add_(0, rank, j.double() + 0.5)
+    return [num_heads * float(x) for x in work]
+
+
 # ----------------------------------------------------------------------------- helpers
 def _patterns(seq_len: int, segment_lengths, dilation_rates) -> List[Tuple[int, int]]:
     """The (segment, rate) pairs, segments clamped to ``seq_len``, checked like the config."""

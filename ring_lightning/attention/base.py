@@ -162,6 +162,10 @@ class RingAttentionBase(nn.Module):
         """Variant hook: (block_size, pattern, ratio, seed) of a block mask the plan must honour."""
         return None
 
+    def _restrict_plan(self, plan):
+        """Variant hook: the plan without the tasks its mask empties (their K/V are not sent)."""
+        return plan
+
     def _comm_blocking(self) -> Optional[bool]:
         return None  # gloo: blocking with timeout; NCCL: stream-ordered waits
 
@@ -224,6 +228,7 @@ class RingAttentionBase(nn.Module):
                 return self._single_device_flex(q, k, v, is_causal, seq_len, document_ids)
         H, K = q.shape[2], k.shape[2]
         plan = get_plan(seq_len, world, layout, patterns, bool(is_causal), H, K, self._sparse_key())
+        plan = self._restrict_plan(plan)
         comm = None
         if world > 1:
             if self._comm is None or self._comm.group is not group:
@@ -353,12 +358,13 @@ class RingAttentionBase(nn.Module):
         sig = (tuple(q.shape), tuple(k.shape), str(q.dtype), layout, bool(is_causal), bool(already_split),
                self.variant, tuple(cfg.patterns(seq_len)), cfg.block_size, cfg.sparsity_ratio,
                cfg.sparse_pattern, cfg.sparse_seed, tuple(cfg.custom_ring_order or ()),
-               cfg.async_ring_communication, cfg.scale, cfg.dropout, bool(documents))
+               cfg.async_ring_communication, cfg.scale, cfg.dropout, bool(documents),
+               (tuple(cfg.grid_shape or ()), tuple(cfg.grid_window or ()), cfg.grid_order))
         if sig in self._verified:
             return
         names = ["shape q", "shape k", "dtype", "layout", "is_causal", "already_split", "variant",
                  "patterns", "block_size", "sparsity_ratio", "sparse_pattern", "sparse_seed",
-                 "custom_ring_order", "async_ring_communication", "scale", "dropout", "document_ids given"]
+                 "custom_ring_order", "async_ring_communication", "scale", "dropout", "document_ids given", "grid"]
         codes = torch.tensor([_stable_hash(x) for x in sig], dtype=torch.int64,
                              device=q.device if comm.backend == "nccl" else "cpu")
         gathered = [torch.empty_like(codes) for _ in range(comm.world)]

@@ -16,6 +16,7 @@ import torch
 VARIANTS = ("standard", "hilbert", "distributed", "block_sparse")
 LAYOUT_CHOICES = ("auto", "contiguous", "zigzag")
 SPARSE_PATTERNS = ("local_window", "dilated", "global_local", "random")
+GRID_ORDERS = ("hilbert", "frames", "raster")
 COMPRESSION_METHODS = ("none", "topk", "randomk", "powersgd", "bf16")
 KERNELS = ("auto", "math", "flash", "cudnn", "efficient")
 _DTYPES = {
@@ -28,6 +29,9 @@ _DTYPES = {
 FIELD_VARIANTS = {
     "use_hilbert": ("hilbert",),
     "hilbert_curve_level": ("hilbert",),
+    "grid_shape": ("hilbert",),
+    "grid_window": ("hilbert",),
+    "grid_order": ("hilbert",),
     "block_size": ("block_sparse",),
     "sparsity_ratio": ("block_sparse",),
     "sparse_pattern": ("block_sparse",),
@@ -108,7 +112,21 @@ class RingAttentionConfig:
     builds the hilbert variant (with a warning); inert, with a warning, in distributed and
     block_sparse; the hilbert variant always uses the curve (registry.py)."""
     hilbert_curve_level: int = 8
-    """Curve level L: positions are laid on a 2^L x 2^L grid."""
+    """Curve level L of the 1-D tile schedule: tiles are visited along a 2^L x 2^L curve
+    (no effect with ``grid_shape``, where the curve runs over the token grid instead)."""
+    grid_shape: Optional[List[int]] = None
+    """Token grid ``[H, W]`` or ``[T, H, W]`` (image or video patches, raster order: last dim
+    fastest); prod(grid_shape) must equal the sequence length. Needs ``grid_window``: a query
+    then sees only the keys in its box neighbourhood on the grid (grids.py)."""
+    grid_window: Optional[List[int]] = None
+    """Radius of that neighbourhood per grid dim, in cells (one int: every dim): a query at cell
+    c sees the keys at cells c' with ``|c_d - c'_d| <= grid_window[d]`` for every d."""
+    grid_order: str = "hilbert"
+    """hilbert | frames | raster: the token order the kernels see. ``hilbert`` lays the tokens
+    along the generalised Hilbert curve of the whole grid, so a neighbourhood is a few dense
+    blocks; ``frames`` (3-D grids) keeps frames in time order, each along its 2-D curve (better
+    when the window is much shorter in time than in space); ``raster`` keeps the caller's order
+    (the same mask, for comparison). Outputs are always in the caller's order."""
 
     # --- block_sparse variant -------------------------------------------------------------
     block_size: int = 64
@@ -195,6 +213,7 @@ class RingAttentionConfig:
             raise ValueError(f"compute_block_size must be >= 1, got {self.compute_block_size}")
         if not 1 <= self.hilbert_curve_level <= 16:
             raise ValueError(f"hilbert_curve_level must be in 1..16, got {self.hilbert_curve_level}")
+        self._check_grid()
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if not 0.0 < self.sparsity_ratio <= 1.0:
@@ -216,6 +235,37 @@ class RingAttentionConfig:
         self.attention_dtype = resolve_dtype(self.attention_dtype)
         if self.max_buffer_size_mb <= 0:
             raise ValueError(f"max_buffer_size_mb must be positive, got {self.max_buffer_size_mb}")
+
+    def _check_grid(self) -> None:
+        """grid_shape / grid_window / grid_order: shapes and radii that make a neighbourhood mask."""
+        if self.grid_order not in GRID_ORDERS:
+            raise ValueError(f"grid_order={self.grid_order!r} is not valid; valid values: {GRID_ORDERS}")
+        if self.grid_shape is None and self.grid_window is None:
+            return
+        if self.grid_shape is None or self.grid_window is None:
+            raise ValueError(
+                f"grid_shape and grid_window go together (a token grid and the neighbourhood radius on it), "
+                f"got grid_shape={self.grid_shape!r}, grid_window={self.grid_window!r}")
+        self.grid_shape = _as_int_list("grid_shape", self.grid_shape)
+        if len(self.grid_shape) not in (2, 3):
+            raise ValueError(f"grid_shape must be [H, W] or [T, H, W], got {self.grid_shape}")
+        window = [self.grid_window] if isinstance(self.grid_window, int) else self.grid_window
+        try:
+            window = [int(r) for r in window]
+        except (TypeError, ValueError):
+            raise ValueError(f"grid_window must be an int or a list of ints, got {self.grid_window!r}") from None
+        if len(window) == 1:
+            window = window * len(self.grid_shape)
+        if len(window) != len(self.grid_shape) or any(r < 0 for r in window):
+            raise ValueError(f"grid_window must be one non-negative int or one per grid dim "
+                             f"({len(self.grid_shape)} for grid_shape={self.grid_shape}), got {self.grid_window!r}")
+        self.grid_window = window
+        if self.grid_order == "frames" and len(self.grid_shape) != 3:
+            raise ValueError(f"grid_order='frames' orders the frames of a [T, H, W] grid; grid_shape={self.grid_shape} "
+                             f"is 2-D: use grid_order='hilbert' or 'raster'")
+        if self.segment_lengths is not None:
+            raise ValueError("grid_shape needs segment_lengths=None: the grid window is the attention "
+                             f"pattern (got segment_lengths={self.segment_lengths})")
 
     @classmethod
     def field_names(cls) -> List[str]:

@@ -27,13 +27,13 @@ tokens of a task.
 from __future__ import annotations
 
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from ..sharding import Piece, unshard_sequence
-from .plan import Item, RingPlan, Task
+from .plan import FilteredPlan, Item, RingPlan, Task
 from .varlen import document_sequences
 
 
@@ -113,24 +113,12 @@ class Documents:
         return self._keeps[key]
 
 
-class DocumentPlan:
+class DocumentPlan(FilteredPlan):
     """A RingPlan whose tasks (and so its transfers) skip pairs of pieces sharing no document."""
 
     def __init__(self, plan: RingPlan, documents: Documents) -> None:
-        self._plan, self.documents = plan, documents
-        self._tasks: Dict[Tuple[int, int], List[Task]] = {}
-
-    def __getattr__(self, name):  # everything else is the static plan's
-        return getattr(self._plan, name)
-
-    def tasks(self, dst: int, src: int) -> List[Task]:
-        if (dst, src) not in self._tasks:
-            self._tasks[(dst, src)] = [t for t in self._plan.tasks(dst, src)
-                                       if self.documents.keeps(self._plan, dst, t, src)]
-        return self._tasks[(dst, src)]
-
-    def items(self, src: int, dst: int) -> List[Item]:
-        return RingPlan.items(self, src, dst)  # derived from the filtered tasks
+        super().__init__(plan, documents.keeps)
+        self.documents = documents
 
     def skipped_items(self, src: int, dst: int) -> List[Item]:
         """Slices the static plan would send from ``src`` to ``dst`` that no kept task reads."""

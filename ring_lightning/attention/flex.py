@@ -112,8 +112,6 @@ def packed_document_mask(ids: torch.Tensor, causal: bool):
     O((N/128)^2) work instead of O(N^2): 43 ms a step at 128K tokens on an H200 (measured,
     benchmarks/bench_masks.py) becomes about a millisecond.
     """
-    from torch.nn.attention.flex_attention import BlockMask
-
     B, N = ids.shape
     nb = N // FLEX_BLOCK
     blk = ids.view(B, nb, FLEX_BLOCK)  # (B, N) -> (B, blocks, 128)
@@ -125,7 +123,14 @@ def packed_document_mask(ids: torch.Tensor, causal: bool):
         i = torch.arange(nb, device=ids.device)
         meet &= i[None, :] <= i[:, None]
         full &= i[None, :] < i[:, None]
-    partial = meet & ~full
+    return block_mask_from_blocks(meet & ~full, full, _mask_mod(causal, None, 1, ids))
+
+
+def block_mask_from_blocks(partial: torch.Tensor, full: torch.Tensor, mask_mod, seq_len: Optional[int] = None):
+    """A FlexAttention BlockMask of FLEX_BLOCK blocks from its (B, nq, nk) bool grids: ``partial``
+    blocks run ``mask_mod``, ``full`` ones run unmasked, the rest are skipped. ``seq_len``: the
+    length when it is not a whole number of blocks."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     def indexed(sel):  # (B, nq, nk) bool -> counts (B, 1, nq) and kept columns first (B, 1, nq, nk)
         order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)
@@ -133,8 +138,8 @@ def packed_document_mask(ids: torch.Tensor, causal: bool):
 
     kv_num, kv_idx = indexed(partial)
     full_num, full_idx = indexed(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK,
-                                    mask_mod=_mask_mod(causal, None, 1, ids))
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=None if seq_len is None else (seq_len, seq_len))
 
 
 def flex_attention(q, k, v, scale: float, block_mask) -> torch.Tensor:

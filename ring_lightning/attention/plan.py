@@ -221,6 +221,28 @@ class RingPlan:
         return (batch, tokens, len(self.kv_heads(item.pattern, item.offset)[0]), head_dim)
 
 
+class FilteredPlan:
+    """A plan whose tasks (and so its transfers) are the static plan's that ``keeps(plan, dst,
+    task, src)`` accepts: a mask that empties whole tasks (packed documents, token-grid
+    windows). ``keeps`` must give every rank the same answer, so that a receiver and its
+    sender agree on what travels. Everything else is the wrapped plan's."""
+
+    def __init__(self, plan, keeps) -> None:
+        self._plan, self._keeps = plan, keeps
+        self._tasks: dict = {}
+
+    def __getattr__(self, name):
+        return getattr(self._plan, name)
+
+    def tasks(self, dst: int, src: int) -> List[Task]:
+        if (dst, src) not in self._tasks:
+            self._tasks[(dst, src)] = [t for t in self._plan.tasks(dst, src) if self._keeps(self._plan, dst, t, src)]
+        return self._tasks[(dst, src)]
+
+    def items(self, src: int, dst: int) -> List[Item]:
+        return RingPlan.items(self, src, dst)  # derived from the filtered tasks
+
+
 @lru_cache(maxsize=64)
 def get_plan(seq_len, group_size, layout, patterns, is_causal, num_heads, num_kv_heads, sparse=None) -> RingPlan:
     return RingPlan(seq_len, group_size, layout, patterns, is_causal, num_heads, num_kv_heads, sparse)

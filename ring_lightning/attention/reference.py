@@ -38,6 +38,14 @@ def block_to_token_mask(block_mask: torch.Tensor, block_size: int) -> torch.Tens
     return block_mask.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
 
 
+def grid_window_mask(grid_shape: Sequence[int], radius: Sequence[int], device=None) -> torch.Tensor:
+    """(N, N) box-neighbourhood mask of a token grid in raster order (last dim fastest): True
+    where the two tokens' cells differ by at most ``radius[d]`` in every dim d."""
+    idx = torch.arange(math.prod(grid_shape), device=device)
+    cells = torch.stack(torch.unravel_index(idx, tuple(grid_shape)), dim=-1)  # (N, d)
+    return ((cells[:, None] - cells[None]).abs() <= torch.tensor(list(radius), device=device)).all(-1)
+
+
 def reference_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -50,6 +58,8 @@ def reference_attention(
     block_size: Optional[int] = None,
     dtype: torch.dtype = torch.float64,
     document_ids: Optional[torch.Tensor] = None,
+    grid_shape: Optional[Sequence[int]] = None,
+    grid_window: Optional[Sequence[int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over the full sequence.
 
@@ -60,6 +70,8 @@ def reference_attention(
             than N are clamped to N.
         block_mask: optional (N/block_size, N/block_size) boolean mask ANDed into every pattern.
         document_ids: optional (B, N) ids: a query sees only keys with its id (every pattern).
+        grid_shape, grid_window: optional token grid and box radius (``grid_window_mask``),
+            ANDed into every pattern.
     Returns:
         out (B, N, H, D) and lse (B, N, H), in ``dtype``. Rows with no key: out 0, lse -inf.
     """
@@ -78,6 +90,9 @@ def reference_attention(
     extra = None
     if block_mask is not None:
         extra = block_to_token_mask(block_mask.to(q.device), block_size)[None]  # (1, N, N)
+    if grid_shape is not None:
+        window = grid_window_mask(grid_shape, grid_window, q.device)[None]  # (1, N, N)
+        extra = window if extra is None else extra & window
     same_doc = None
     if document_ids is not None:
         ids = document_ids.to(q.device)

@@ -76,6 +76,8 @@ def reference_for(attn, case, q, k, v, grad):
     kwargs = {}
     if hasattr(attn, "block_mask"):
         kwargs = dict(block_mask=attn.block_mask(case["N"]), block_size=cfg.block_size)
+    if cfg.grid_shape is not None:
+        kwargs = dict(grid_shape=cfg.grid_shape, grid_window=cfg.grid_window)
     out, lse = reference_attention(qr, kr, vr, case["causal"], cfg.segment_lengths, cfg.dilation_rates,
                                    cfg.scale, document_ids=document_ids_for(case), **kwargs)
     dq, dk, dv = torch.autograd.grad(out, (qr, kr, vr), grad.double())

@@ -115,6 +115,24 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     return [outputs[r] for r in range(world_size)]
 
 
+def run_parity_cases(world: int, cases: list, timeout: float = 600) -> List[dict]:
+    """``_ring_worker.run_cases`` on ``world`` ranks (one rank: in this process): per-rank results."""
+    import _ring_worker as worker
+
+    if world == 1:
+        return [worker.run_cases(0, 1, cases)]
+    return run_distributed(worker.run_cases, world, cases, timeout=timeout)
+
+
+def assert_matches_reference(per_rank: List[dict], case_id: str, tol: float) -> None:
+    """Every rank's relative errors of ``case_id`` (outputs, lse, input gradients) within ``tol``."""
+    for rank, res in enumerate(per_rank):
+        r = res[case_id]
+        assert "error" not in r, f"rank {rank}:\n{r.get('error')}"
+        for key in ("out", "lse", "dq", "dk", "dv"):
+            assert r[key] <= tol, f"rank {rank} {key}: relative error {r[key]:.3g}"
+
+
 @pytest.fixture(name="run_distributed", scope="session")
 def _run_distributed_fixture() -> Callable[..., List[Any]]:
     """The :func:`run_distributed` helper as a fixture."""

@@ -47,11 +47,7 @@ _cache = {}
 
 def results_for(world: int):
     if world not in _cache:
-        cases = build_cases(world)
-        if world == 1:
-            _cache[world] = [worker.run_cases(0, 1, cases)]
-        else:
-            _cache[world] = conftest.run_distributed(worker.run_cases, world, cases, timeout=600)
+        _cache[world] = conftest.run_parity_cases(world, build_cases(world))
     return _cache[world]
 
 
@@ -60,11 +56,7 @@ PARAMS = [(w, c["id"]) for w in (1, 2, 3, 4) for c in build_cases(w)]
 
 @pytest.mark.parametrize("world,case_id", PARAMS, ids=[p[1] for p in PARAMS])
 def test_documents_match_reference(world, case_id):
-    for rank, res in enumerate(results_for(world)):
-        r = res[case_id]
-        assert "error" not in r, f"rank {rank}:\n{r.get('error')}"
-        for key in ("out", "lse", "dq", "dk", "dv"):
-            assert r[key] <= FLOAT32_REL_TOL, f"rank {rank} {key}: relative error {r[key]:.3g}"
+    conftest.assert_matches_reference(results_for(world), case_id, FLOAT32_REL_TOL)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -60,11 +60,7 @@ _cache = {}
 def results_for(world: int, variant: str):
     key = (world, variant)
     if key not in _cache:
-        cases = build_cases(world, variant)
-        if world == 1:
-            _cache[key] = [worker.run_cases(0, 1, cases)]
-        else:
-            _cache[key] = conftest.run_distributed(worker.run_cases, world, cases, timeout=600)
+        _cache[key] = conftest.run_parity_cases(world, build_cases(world, variant))
     return _cache[key]
 
 
@@ -73,12 +69,7 @@ PARAMS = [(w, v, c["id"]) for w in (1, 2, 3, 4) for v in VARIANTS for c in build
 
 @pytest.mark.parametrize("world,variant,case_id", PARAMS, ids=[p[2] for p in PARAMS])
 def test_matches_reference_outputs_lse_and_grads(world, variant, case_id):
-    per_rank = results_for(world, variant)
-    for rank, res in enumerate(per_rank):
-        r = res[case_id]
-        assert "error" not in r, f"rank {rank}:\n{r.get('error')}"
-        for key in ("out", "lse", "dq", "dk", "dv"):
-            assert r[key] <= FLOAT32_REL_TOL, f"rank {rank} {key}: relative error {r[key]:.3g}"
+    conftest.assert_matches_reference(results_for(world, variant), case_id, FLOAT32_REL_TOL)
 
 
 def test_ring_actually_communicates_for_dense():

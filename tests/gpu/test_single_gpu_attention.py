@@ -68,6 +68,11 @@ CASES = {  # name -> (variant, fields, documents): which one-GPU path each takes
     "block_sparse-documents-flex": ("block_sparse", {"block_size": 128, "sparsity_ratio": 0.25,
                                                      "sparse_pattern": "random"}, True),
     "hilbert-dense": ("hilbert", {}, False),
+    # token grids (32x32 and 4x16x16 = N): FlexAttention under the window's block mask, curve order
+    "grid-hilbert-flex": ("hilbert", {"grid_shape": [32, 32], "grid_window": [4, 2]}, False),
+    "grid-raster-flex": ("hilbert", {"grid_shape": [32, 32], "grid_window": [4, 2], "grid_order": "raster"}, False),
+    "grid-3d-frames-flex": ("hilbert", {"grid_shape": [4, 16, 16], "grid_window": [1, 3, 3], "grid_order": "frames"},
+                            False),
 }
 
 
@@ -84,6 +89,8 @@ def test_one_gpu_masks_bf16_match_float64_reference(case, is_causal):
     extra = {}
     if variant == "block_sparse":
         extra = dict(block_mask=attn.block_mask(N), block_size=fields["block_size"])
+    if "grid_shape" in fields:
+        extra = dict(grid_shape=fields["grid_shape"], grid_window=attn.config.grid_window)
     ref, _ = reference_attention(q64, k64, v64, is_causal, attn.config.segment_lengths, attn.config.dilation_rates,
                                  document_ids=ids, **extra)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())

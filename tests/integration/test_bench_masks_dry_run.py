@@ -24,3 +24,11 @@ def test_masks_benchmark_dry_run(tmp_path):
         assert rows[name].get("ms", 0) > 0, rows[name]
     for name in ("standard dense", "hilbert dense", "hilbert dilated"):  # peers that run on CPU
         assert rows[name]["valid"], rows[name]
+    # token grids: the curve rows against raster order (CPU FlexAttention has no backward)
+    for name in ("grids 32x32 r4x4 hilbert", "grids 4x16x16 r1x2x2 hilbert", "grids 4x16x16 r1x2x2 frames"):
+        assert rows[name].get("ms", 0) > 0 and rows[name]["valid"], rows[name]
+        assert 0 < rows[name]["kept_blocks"] <= 1, rows[name]
+    balance = [r for r in rows.values() if r["name"].startswith("balance")]
+    assert {(r["sp"], r["layout"]) for r in balance} == {(w, lay) for w in (2, 4, 8)
+                                                         for lay in ("contiguous", "zigzag", "per_document")}
+    assert all(r["max_over_mean"] == 1.0 for r in balance if r["layout"] == "per_document")

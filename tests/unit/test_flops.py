@@ -7,11 +7,15 @@ query counts 1, the query's own position 1/2.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from ring_lightning.attention.reference import block_to_token_mask, pattern_mask
-from ring_lightning.flops import attention_fraction, attention_pairs, flops_from_pairs
+from ring_lightning.attention.reference import block_to_token_mask, grid_window_mask, pattern_mask
+from ring_lightning.flops import (
+    attention_fraction, attention_pairs, causal_document_pairs_per_rank, flops_from_pairs, grid_window_pairs,
+)
 
 
 def brute_pairs(n, heads, causal, segments=None, rates=None, block_mask=None, block_size=None):
@@ -84,3 +88,59 @@ def test_fraction_and_flops():
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         attention_pairs(128, 2, **kwargs)
+
+
+# ------------------------------------------------------------------- grids and load balance
+def _causal_weight(n):
+    """(N, N) weights of the causal convention: key before the query 1, itself 1/2."""
+    t = torch.arange(n)
+    return (t[None, :] < t[:, None]).double() + (t[None, :] == t[:, None]).double() / 2
+
+
+@pytest.mark.parametrize("shape,radius", [([8, 8], [1, 2]), ([5, 7], [2, 0]), ([2, 4, 4], [1, 1, 1]), ([3, 4, 5], [0, 2, 9])])
+@pytest.mark.parametrize("causal", [False, True])
+def test_grid_window_pairs_match_brute_force(shape, radius, causal):
+    n = math.prod(shape)
+    mask = grid_window_mask(shape, radius).double()
+    brute = float((mask * _causal_weight(n)).sum() if causal else mask.sum())
+    assert grid_window_pairs(shape, radius, 3, causal=causal) == 3 * brute
+
+
+def test_document_work_per_rank_by_hand():
+    # documents of 16, 32, 16 tokens (16 = 2W for W = 8): a document of L tokens is L^2/2 pairs
+    lengths = [16, 32, 16]
+    assert causal_document_pairs_per_rank(lengths, 2, "contiguous") == [256.0, 512.0]
+    assert causal_document_pairs_per_rank(lengths, 2, "per_document") == [384.0, 384.0]
+    assert causal_document_pairs_per_rank(lengths, 2, "zigzag") == [256.0, 512.0]  # chunks 0+3 vs 1+2
+
+
+# 32 short packed documents (64 tokens, a multiple of 2W for W <= 8), then longer ones, N = 4096:
+# the exact causal work of each rank (pairs, one head). The row-level layouts leave the long
+# documents' work on a few ranks (max/mean 1.83 / 2.74 / 4.11 contiguous, 1.45 / 2.14 / 2.48
+# zigzag at W = 2 / 4 / 8); PyTorch's per-document head-tail balance gives equal shares.
+BALANCE_LENGTHS = [64] * 32 + [1024, 512, 256, 128, 64, 64]
+BALANCE = {
+    2: {"contiguous": [65536.0, 700416.0], "zigzag": [208896.0, 557056.0]},
+    4: {"contiguous": [32768.0, 32768.0, 524288.0, 176128.0], "zigzag": [61440.0, 147456.0, 409600.0, 147456.0]},
+    8: {"contiguous": [16384.0] * 4 + [131072.0, 393216.0, 131072.0, 45056.0],
+        "zigzag": [20480.0, 40960.0, 106496.0, 40960.0, 237568.0, 172032.0, 106496.0, 40960.0]},
+}
+
+
+def test_document_work_per_rank_matches_brute_force_and_pins_the_imbalance():
+    from ring_lightning.sharding import sequence_positions
+
+    n = sum(BALANCE_LENGTHS)
+    ids = torch.repeat_interleave(torch.arange(len(BALANCE_LENGTHS)), torch.tensor(BALANCE_LENGTHS))
+    per_query = ((ids[:, None] == ids[None, :]).double() * _causal_weight(n)).sum(1)  # (N,)
+    for world in (2, 4, 8):
+        for layout in ("contiguous", "zigzag"):
+            brute = [float(per_query[sequence_positions(n, world, r, layout)].sum()) for r in range(world)]
+            assert causal_document_pairs_per_rank(BALANCE_LENGTHS, world, layout) == brute
+        balanced = causal_document_pairs_per_rank(BALANCE_LENGTHS, world, "per_document")
+        assert balanced == [float(per_query.sum()) / world] * world
+    for world, by_layout in BALANCE.items():
+        for layout, expected in by_layout.items():
+            assert causal_document_pairs_per_rank(BALANCE_LENGTHS, world, layout) == expected, (world, layout)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        causal_document_pairs_per_rank([8, 16], 8, "per_document")
