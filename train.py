@@ -29,6 +29,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from ring_lightning import preflight
 from ring_lightning.callbacks import ConfigAgreement, config_fingerprint, newest_valid_checkpoint
 from ring_lightning.hydra_presets import register_model_presets
 
@@ -85,10 +86,20 @@ def resume_path(cfg: DictConfig) -> "str | None":
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
+    # Pre-flight (ring_lightning/preflight.py): every user error is reported here, once, before
+    # any process, process group or logger exists.
+    with preflight.user_errors(cfg, "data"):
+        datamodule = instantiate(cfg.data)
+    with preflight.user_errors(cfg):
+        notes = preflight.check_config(cfg)
+        preflight.check_data_source(datamodule)
+    with preflight.user_errors(cfg, "module"):
+        module = instantiate(cfg.module, _convert_="all")
+    with preflight.user_errors(cfg, "strategy"):
+        strategy = instantiate(cfg.strategy, start_method=launch_start_method(cfg))
+    if preflight.is_launching_process():
+        print("\n".join(notes), flush=True) if notes else None
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.module, _convert_="all")
-    strategy = instantiate(cfg.strategy, start_method=launch_start_method(cfg))
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     callbacks.append(ConfigAgreement(config_fingerprint(flat_config(cfg))))

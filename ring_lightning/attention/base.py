@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..sharding import active_sequence_sharding, check_divisible, rank_pieces, shard_sequence, unshard_sequence
+from ..lengths import check_length
+from ..sharding import active_sequence_sharding, rank_pieces, shard_sequence, unshard_sequence
 from .comm import BufferPool, RingComm
 from .config import RingAttentionConfig
 from .documents import DocumentPlan, check_document_ids, documents_for
@@ -213,7 +214,8 @@ class RingAttentionBase(nn.Module):
             seq_len = q.shape[1]
             layout = self.preferred_layout(seq_len, world, is_causal)
             rank = dist.get_rank(group)
-            check_divisible(seq_len, world, layout)
+        # every rule on the length at once (layout, segments, block mask): one message, lengths.py
+        check_length(seq_len, cfg.length_rules(world, layout, self.variant))
         patterns = tuple(cfg.patterns(seq_len))
         if document_ids is not None:
             check_document_ids(document_ids, q)

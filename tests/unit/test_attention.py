@@ -266,7 +266,7 @@ def test_shard_unshard_round_trip_and_positions(layout):
 
 def test_pad_to_multiple_and_indivisible_length_message():
     assert pad_to_multiple(torch.ones(1, 10), 8).shape == (1, 16)
-    with pytest.raises(ValueError, match="Pad 2 more"):
+    with pytest.raises(ValueError, match="pad 2 more"):
         shard_sequence(torch.ones(1, 10), 2, 0, "zigzag")
 
 
