@@ -22,7 +22,7 @@ METRICS_FILE, PLOT_FILE = "metrics.jsonl", "metrics.png"
 PANELS = (
     ("loss", "cross-entropy (nats/token)", ("train/loss", "val/loss")),
     ("throughput", "tokens / s (all ranks)", ("perf/tokens_per_s",)),
-    ("memory", "peak MiB", ("perf/peak_memory_mb_rank*",)),
+    ("memory", "peak MiB per rank (CUDA allocated; CPU max RSS)", ("perf/peak_memory_mb_rank*",)),
 )
 
 

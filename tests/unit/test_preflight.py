@@ -13,7 +13,7 @@ from ring_lightning import preflight
 from ring_lightning.attention import create_ring_attention
 from ring_lightning.data import LongDocumentDataModule
 from ring_lightning.lengths import LengthRules, check_length, length_multiple
-from test_configs import CONF, TRAIN  # noqa: F401 (TRAIN registers train.py's resolvers)
+from test_configs import CONF, RECIPE_NAMES, TRAIN, compose_cfg as compose_recipe  # noqa: F401 (TRAIN: resolvers)
 
 
 def compose_cfg(tmp_path, *overrides):
@@ -85,6 +85,13 @@ def test_validation_interval_is_clamped_to_a_shortened_run(tmp_path):
     assert preflight.check_config(compose_cfg(tmp_path)) == []
 
 
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
+def test_every_recipe_shortened_on_the_command_line_still_validates(tmp_path, recipe):
+    cfg = compose_recipe(tmp_path, ["trainer.max_steps=7"], recipe=recipe)  # below every recipe's interval
+    preflight.clamp_schedule(cfg)
+    assert cfg.trainer.val_check_interval <= 7 and cfg.trainer.limit_val_batches != 0
+
+
 def test_offline_hub_is_refused_before_anything_starts(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = compose_cfg(tmp_path, "data=hub", f"data.cache_dir={tmp_path}")
@@ -107,3 +114,19 @@ def test_user_errors_print_once_without_traceback_and_exit_2(tmp_path, capsys, m
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # the traceback on request
     with pytest.raises(ValueError), preflight.user_errors(cfg, "data"):
         LongDocumentDataModule(batch_size=0)
+
+
+def test_data_module_checks_its_length_against_the_trainers_attention_at_setup():
+    """Plain Lightning users (no train.py): the data module's setup refuses seq_len before any batch."""
+    from types import SimpleNamespace
+
+    from ring_lightning.module import LongDocumentLM
+
+    lm = LongDocumentLM(model={"preset": "tiny"}, attention={"variant": "standard", "segment_lengths": [128, 512]})
+    data = LongDocumentDataModule(source="retrieval", seq_len=500, batch_size=2)
+    data.trainer = SimpleNamespace(strategy=SimpleNamespace(sequence_parallel_size=2, layout="auto"),
+                                   lightning_module=lm)
+    with pytest.raises(ValueError, match=r"segment length 128 must divide it\. Set seq_len=512"):
+        data.setup("fit")
+    data.seq_len = 512
+    data.setup("fit")
