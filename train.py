@@ -143,9 +143,12 @@ def summarize(cfg, trainer, loggers, metrics, ckpt_path) -> str:
                 lines.append(f"plot         {lg.plot_path}  (loss, tokens/s, peak memory)")
         elif isinstance(lg, WandbLogger):
             run_dir = os.path.dirname(lg.experiment.dir)  # .../wandb/offline-run-<time>-<id>
-            mode = (f"offline: view with `wandb leet {run_dir}`, upload with `wandb sync {run_dir}`"
-                    if lg.experiment.offline else "online")
-            lines.append(f"wandb        {run_dir}  ({mode})")
+            if lg.experiment.offline:
+                lines += [f"wandb        {run_dir}  (offline)",
+                          f"             view: wandb leet {run_dir}",
+                          f"             upload: wandb sync {run_dir}"]
+            else:
+                lines.append(f"wandb        {run_dir}  (online)")
         elif getattr(lg, "log_dir", None):
             lines.append(f"{type(lg).__name__:<12} {lg.log_dir}")
     shown = [k for k in ("train/loss", "val/loss", "val/ppl", "val/retrieval_acc") if k in metrics]

@@ -22,7 +22,7 @@ METRICS_FILE, PLOT_FILE = "metrics.jsonl", "metrics.png"
 PANELS = (
     ("loss", "cross-entropy (nats/token)", ("train/loss", "val/loss")),
     ("throughput", "tokens / s (all ranks)", ("perf/tokens_per_s",)),
-    ("memory", "peak MiB per rank (CUDA allocated; CPU max RSS)", ("perf/peak_memory_mb_rank*",)),
+    ("memory", "peak MiB per rank (CUDA alloc. / CPU RSS)", ("perf/peak_memory_mb_rank*",)),
 )
 
 
@@ -66,7 +66,8 @@ class MetricsFile(Logger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         if self.plot and os.path.isfile(self.path):
-            plot_metrics(self.path, self.plot_path, title=f"{os.path.basename(self._save_dir)} ({status})")
+            run = os.path.join(*os.path.normpath(os.path.abspath(self._save_dir)).split(os.sep)[-2:])
+            plot_metrics(self.path, self.plot_path, title=f"{run} ({status})")
 
 
 def read_metrics(path: str) -> List[Dict[str, float]]:

@@ -120,7 +120,7 @@ def test_default_logger_writes_an_offline_wandb_run(tmp_path, data_cache):
     assert f"wandb sync {runs[0]}" in out and f"wandb leet {runs[0]}" in out
     assert (tmp_path / "metrics.png").is_file() and f"plot         {tmp_path / 'metrics.png'}" in out
     # quiet by default: no third-party deprecations, tips or terminal control codes in a log
-    for noise in ("deprecated", "Tip:", "\x1b[", "\r", "anonymous setting"):
+    for noise in ("deprecated", "Tip:", "\x1b[", "\r", "anonymous setting", "Run history"):
         assert noise not in out, noise
 
 
