@@ -13,11 +13,17 @@
     python train.py -cd recipes -cn slurm_multinode -m hydra/launcher=slurm   # SLURM (submitit)
 
 Outputs go to hydra's run dir (outputs/<date>/<time>, or multirun/... under -m):
-checkpoints/, the offline wandb run (upload later with `wandb sync`), the composed config.
+metrics.jsonl and metrics.png (every logged value; loss, tokens/s, memory), checkpoints/, the
+offline wandb run (view it with `wandb leet <dir>`, upload it with `wandb sync <dir>`), the
+composed config; a sweep adds sweep_summary.md/.csv/.png to its multirun dir.
 Under torchrun every rank composes its own config: fix hydra.run.dir so they agree.
 """
 
 import os
+
+from ring_lightning.console import quiet_third_party, quiet_wandb
+
+quiet_third_party()  # before the imports that warn; ranks Lightning starts re-run this file
 
 import hydra
 import lightning.pytorch as pl
@@ -30,9 +36,11 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from ring_lightning import preflight
 from ring_lightning.callbacks import ConfigAgreement, config_fingerprint, newest_valid_checkpoint
 from ring_lightning.faults import lost_rank_message, peer_failure, stop_local_ranks
 from ring_lightning.hydra_presets import register_model_presets
+from ring_lightning.run_report import MetricsFile
 
 CUDA_AVAILABLE = CUDAAccelerator.is_available()  # fork-safe: does not initialise CUDA
 # ${if_cuda:a,b} is a when CUDA is available, else b: conf/trainer/default.yaml uses it so the
@@ -87,11 +95,23 @@ def resume_path(cfg: DictConfig) -> "str | None":
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
+    # Pre-flight (ring_lightning/preflight.py): every user error is reported here, once, before
+    # any process, process group or logger exists.
+    with preflight.user_errors(cfg, "data"):
+        datamodule = instantiate(cfg.data)
+    with preflight.user_errors(cfg):
+        notes = preflight.check_config(cfg)
+        preflight.check_data_source(datamodule)
+    with preflight.user_errors(cfg, "module"):
+        module = instantiate(cfg.module, _convert_="all")
+    with preflight.user_errors(cfg, "strategy"):
+        strategy = instantiate(cfg.strategy, start_method=launch_start_method(cfg))
+    if preflight.is_launching_process():
+        print("\n".join(notes), flush=True) if notes else None
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.module, _convert_="all")
-    strategy = instantiate(cfg.strategy, start_method=launch_start_method(cfg))
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    loggers = [quiet_wandb(instantiate(c)) for c in (cfg.logger or {}).values() if c is not None]
+    if cfg.get("metrics_file"):
+        loggers.append(instantiate(cfg.metrics_file))  # last: wandb / CSV stay the trainer's logger
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     callbacks.append(ConfigAgreement(config_fingerprint(flat_config(cfg))))
     trainer = instantiate(cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=callbacks)
@@ -139,10 +159,18 @@ def summarize(cfg, trainer, loggers, metrics, ckpt_path) -> str:
     if ckpt_path:
         lines.append(f"resumed from {ckpt_path}")
     for lg in loggers:
-        if isinstance(lg, WandbLogger):
+        if isinstance(lg, MetricsFile):
+            lines.append(f"metrics      {lg.path}  (every logged value, JSON lines)")
+            if os.path.isfile(lg.plot_path):
+                lines.append(f"plot         {lg.plot_path}  (loss, tokens/s, peak memory)")
+        elif isinstance(lg, WandbLogger):
             run_dir = os.path.dirname(lg.experiment.dir)  # .../wandb/offline-run-<time>-<id>
-            mode = f"offline: upload with `wandb sync {run_dir}`" if lg.experiment.offline else "online"
-            lines.append(f"wandb        {run_dir}  ({mode})")
+            if lg.experiment.offline:
+                lines += [f"wandb        {run_dir}  (offline)",
+                          f"             view: wandb leet {run_dir}",
+                          f"             upload: wandb sync {run_dir}"]
+            else:
+                lines.append(f"wandb        {run_dir}  (online)")
         elif getattr(lg, "log_dir", None):
             lines.append(f"{type(lg).__name__:<12} {lg.log_dir}")
     shown = [k for k in ("train/loss", "val/loss", "val/ppl", "val/retrieval_acc") if k in metrics]

@@ -171,25 +171,10 @@ def causal_document_pairs_per_rank(document_lengths: Sequence[int], group_size: 
 
 # ----------------------------------------------------------------------------- helpers
 def _patterns(seq_len: int, segment_lengths, dilation_rates) -> List[Tuple[int, int]]:
-    """The (segment, rate) pairs, segments clamped to ``seq_len``, checked like the config."""
-    if segment_lengths is None:
-        if dilation_rates is not None and any(r != 1 for r in dilation_rates):
-            raise ValueError("dilation_rates needs segment_lengths (one segment length per rate)")
-        return [(seq_len, 1)]
-    rates = [1] * len(segment_lengths) if dilation_rates is None else list(dilation_rates)
-    if len(rates) != len(segment_lengths):
-        raise ValueError(f"segment_lengths and dilation_rates must have the same length, got "
-                         f"{len(segment_lengths)} and {len(rates)}")
-    out = []
-    for w, r in zip(segment_lengths, rates):
-        if int(w) <= 0 or int(r) <= 0:
-            raise ValueError(f"segment lengths and dilation rates must be positive, got ({w}, {r})")
-        w = min(int(w), seq_len)
-        if seq_len % w:
-            raise ValueError(f"seq_len {seq_len} is not a multiple of segment length {w}; pad "
-                             f"{(-seq_len) % w} more positions (ring_lightning.sharding.pad_to_multiple)")
-        out.append((w, int(r)))
-    return out
+    """The (segment, rate) pairs, segments clamped to ``seq_len``: the attention config's own."""
+    from ring_lightning.attention.config import RingAttentionConfig
+
+    return RingAttentionConfig(segment_lengths=segment_lengths, dilation_rates=dilation_rates).patterns(seq_len)
 
 
 def _block_mask(seq_len: int, block_mask, block_size) -> Tuple[torch.Tensor, int]:

@@ -23,6 +23,8 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .lengths import LengthRules, check_length
+
 LAYOUTS = ("contiguous", "zigzag")
 
 
@@ -41,18 +43,9 @@ def _check_layout(layout: str) -> None:
 
 
 def check_divisible(seq_len: int, group_size: int, layout: str) -> None:
-    """Raise a ValueError saying how much padding is needed if the layout cannot split."""
+    """Raise a ValueError saying which length works if the layout cannot split (lengths.py)."""
     _check_layout(layout)
-    parts = group_size * (2 if layout == "zigzag" else 1)
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if seq_len % parts != 0:
-        pad = parts - seq_len % parts
-        raise ValueError(
-            f"sequence length {seq_len} cannot be split by the {layout!r} layout over "
-            f"{group_size} ranks: it must be a multiple of {parts}. Pad {pad} more "
-            f"positions (ring_lightning.sharding.pad_to_multiple(x, {parts}))."
-        )
+    check_length(seq_len, LengthRules(group_size=group_size, layout=layout))
 
 
 def rank_pieces(seq_len: int, group_size: int, rank: int, layout: str) -> List[Piece]:
@@ -121,7 +114,8 @@ def gather_sequence(
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int, dim: int = 1, value: float = 0) -> torch.Tensor:
-    """Pad ``x`` along ``dim`` at the end so its length is a multiple of ``multiple``."""
+    """Pad ``x`` along ``dim`` at the end so its length is a multiple of ``multiple``
+    (``ring_lightning.lengths.length_multiple`` gives one every rule of an attention accepts)."""
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
     length = x.shape[dim]
@@ -132,19 +126,6 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, dim: int = 1, value: float =
     shape[dim] = pad
     filler = torch.full(shape, value, dtype=x.dtype, device=x.device)
     return torch.cat([x, filler], dim=dim)
-
-
-def required_multiple(
-    segment_lengths: Optional[List[int]], group_size: int, layout: str
-) -> int:
-    """Smallest length unit that every layout piece and every segment divides."""
-    import math
-
-    parts = group_size * (2 if layout == "zigzag" else 1)
-    unit = parts
-    for w in segment_lengths or []:
-        unit = math.lcm(unit, w)
-    return unit
 
 
 # --------------------------------------------------------------- the active sharding

@@ -21,11 +21,11 @@ def data_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("data_cache"))
 
 
-def run_train(args, data_cache, timeout=RUN_TIMEOUT_S, expect_failure=False, extra_env=None) -> str:
+def run_train(args, data_cache, timeout=RUN_TIMEOUT_S, expect_failure=False, env=None) -> str:
     """Run `python train.py *args` from the repo root; return its output, fail with it
-    (``expect_failure``: the run must exit non-zero instead)."""
+    (``expect_failure``: the run must exit non-zero instead; ``env``: variables to change)."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1",
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [sys.executable, "train.py", *args, f"data.cache_dir={data_cache}"]
     # Own process group: on a timeout the ranks Lightning started die with rank 0.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

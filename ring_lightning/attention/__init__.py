@@ -31,7 +31,7 @@ def create_ring_attention(variant: str = "standard", config: Optional[RingAttent
         variant: one of ``standard``, ``hilbert``, ``distributed``, ``block_sparse``.
         config: a RingAttentionConfig; keyword ``fields`` override or replace it.
         embed_dim, num_heads: given together, return a MultiheadRingAttention (with
-            projections; ``num_kv_heads`` and ``bias`` may be passed in ``fields``).
+            projections; ``num_kv_heads``, ``bias`` and ``batch_first`` may be passed in ``fields``).
     Raises:
         ValueError: unknown variant (lists the valid ones). TypeError: unknown field.
     """
@@ -39,7 +39,7 @@ def create_ring_attention(variant: str = "standard", config: Optional[RingAttent
     if embed_dim is not None or num_heads is not None:
         if embed_dim is None or num_heads is None:
             raise ValueError("embed_dim and num_heads must be given together for a multihead module")
-        extra = {k: fields.pop(k) for k in ("num_kv_heads", "bias") if k in fields}
+        extra = {k: fields.pop(k) for k in ("num_kv_heads", "bias", "batch_first") if k in fields}
         check_fields(fields)
         return MultiheadRingAttention(embed_dim, num_heads, variant=variant, config=config, **extra, **fields)
     return build_variant(variant, config, **fields)

@@ -25,11 +25,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..sharding import active_sequence_sharding, check_divisible, rank_pieces, shard_sequence, unshard_sequence
+from ..lengths import check_length
+from ..sharding import active_sequence_sharding, rank_pieces, shard_sequence, unshard_sequence
 from .comm import BufferPool, RingComm
 from .config import RingAttentionConfig
 from .documents import DocumentPlan, check_document_ids, documents_for
 from .flex import block_mask_for as flex_block_mask, flex_attention, flex_supported
+from .inputs import check_qkv, to_bthd
 from .tasks import TaskPath
 from .plan import get_plan
 from .profiling import RingProfiler
@@ -42,7 +44,6 @@ _UNSET = object()
 def _stable_hash(x) -> int:
     """Same value in every process (Python's str hash is salted per process)."""
     return int.from_bytes(hashlib.blake2b(repr(x).encode(), digest_size=7).digest(), "little")
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -171,11 +172,13 @@ class RingAttentionBase(nn.Module):
 
     # ----------------------------------------------------------------------- forward
     def forward(self, q, k, v, is_causal: bool = False, already_split: bool = False,
-                return_lse: bool = False, document_ids: Optional[torch.Tensor] = None):
+                return_lse: bool = False, document_ids: Optional[torch.Tensor] = None,
+                qkv_layout: Optional[str] = None):
         """Attention of this rank's queries over the whole sequence.
 
         Args:
-            q: (B, T, H, D); k, v: (B, T, K, D) with H % K == 0.
+            q: (B, T, H, D); k, v: (B, T, K, D) with H % K == 0 (or (B, H, T, D) with
+                ``qkv_layout="bhtd"``).
             is_causal: keys at global positions <= the query's only.
             already_split: True if each rank passes its own shard (layout: ``config.layout``,
                 else the one the strategy set, else contiguous); False if every rank passes
@@ -183,9 +186,19 @@ class RingAttentionBase(nn.Module):
             return_lse: also return the log-sum-exp (B, T, H), float32.
             document_ids: (B, T) integers laid out like q: a query attends only to keys with
                 its id (packed documents, documents.py). None: one document per row.
+            qkv_layout: "bthd", "bhtd" (scaled_dot_product_attention's; out and lse come back
+                heads-first too), or None: "bthd", refusing a likely "bhtd" (inputs.py).
         Raises:
             ValueError / TypeError on inconsistent inputs, with what to change.
         """
+        q, k, v, heads_first = to_bthd(q, k, v, qkv_layout)
+        result = self._attend(q, k, v, is_causal, already_split, return_lse, document_ids)
+        if not heads_first:
+            return result
+        return tuple(x.transpose(1, 2) for x in result) if return_lse else result.transpose(1, 2)
+
+    def _attend(self, q, k, v, is_causal, already_split, return_lse, document_ids):
+        """forward() on (B, T, H, D) inputs."""
         self._check_inputs(q, k, v)
         cfg = self.config
         group, active_layout = self._sharding()
@@ -217,7 +230,8 @@ class RingAttentionBase(nn.Module):
             seq_len = q.shape[1]
             layout = self.preferred_layout(seq_len, world, is_causal)
             rank = dist.get_rank(group)
-            check_divisible(seq_len, world, layout)
+        # every rule on the length at once (layout, segments, block mask): one message, lengths.py
+        check_length(seq_len, cfg.length_rules(world, layout, self.variant))
         patterns = tuple(cfg.patterns(seq_len))
         if document_ids is not None:
             check_document_ids(document_ids, q)
@@ -327,30 +341,7 @@ class RingAttentionBase(nn.Module):
 
     # ---------------------------------------------------------------------- checks
     def _check_inputs(self, q, k, v) -> None:
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-            if x.dim() != 4:
-                raise ValueError(f"{name} must have shape (batch, seq, heads, head_dim), got {tuple(x.shape)}")
-            if x.dtype not in _SUPPORTED_DTYPES:
-                raise TypeError(f"{name} has dtype {x.dtype}; supported: {_SUPPORTED_DTYPES}")
-        if not (q.dtype == k.dtype == v.dtype):
-            raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-        if not (q.device == k.device == v.device):
-            raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-        if k.shape != v.shape:
-            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-        B, T, H, D = q.shape
-        if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
-            raise ValueError(
-                f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, seq or head_dim"
-            )
-        if k.shape[2] < 1 or H % k.shape[2] != 0:
-            raise ValueError(
-                f"query heads ({H}) must be a multiple of kv heads ({k.shape[2]}) for grouped-query attention"
-            )
-        if T == 0:
-            raise ValueError("sequence length must be positive")
+        check_qkv(q, k, v)
 
     def _verify_across_ranks(self, comm, q, k, seq_len, layout, is_causal, already_split, documents) -> None:
         """Once per input signature: every rank of the group must agree (one all_gather)."""

@@ -13,6 +13,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from ..lengths import LengthRules, check_length
+
 VARIANTS = ("standard", "hilbert", "distributed", "block_sparse")
 LAYOUT_CHOICES = ("auto", "contiguous", "zigzag")
 SPARSE_PATTERNS = ("local_window", "dilated", "global_local", "random")
@@ -275,22 +277,17 @@ class RingAttentionConfig:
         """The (segment_length, dilation_rate) pairs for a sequence of ``seq_len``.
 
         Segments longer than the sequence are clamped to it; the sequence must be a
-        multiple of every clamped segment (ValueError with the padding needed).
+        multiple of every clamped segment (ValueError with the length that works, lengths.py).
         """
         if self.segment_lengths is None:
             return [(seq_len, 1)]
-        out = []
-        for w, r in zip(self.segment_lengths, self.dilation_rates):
-            w = min(w, seq_len)
-            if seq_len % w != 0:
-                pad = (-seq_len) % w
-                raise ValueError(
-                    f"sequence length {seq_len} is not a multiple of segment length {w} "
-                    f"(segment_lengths={self.segment_lengths}); pad {pad} more positions, "
-                    f"e.g. ring_lightning.sharding.pad_to_multiple(x, {w})"
-                )
-            out.append((w, r))
-        return out
+        check_length(seq_len, self.length_rules())
+        return [(min(w, seq_len), r) for w, r in zip(self.segment_lengths, self.dilation_rates)]
+
+    def length_rules(self, group_size: int = 1, layout: str = "contiguous", variant: str = "standard") -> LengthRules:
+        """What this config asks of the sequence length over ``group_size`` ranks (lengths.py)."""
+        block = self.block_size if variant in FIELD_VARIANTS["block_size"] else None
+        return LengthRules(self.segment_lengths, self.dilation_rates, group_size, layout, block)
 
     def warn_inert_fields(self, variant: str) -> None:
         """Warn once per field that is set but has no effect in ``variant``."""

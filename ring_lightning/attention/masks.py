@@ -6,6 +6,8 @@ from functools import lru_cache
 
 import torch
 
+from ..lengths import LengthRules, check_length
+
 
 def _band(n: int, half_width: int) -> torch.Tensor:
     i = torch.arange(n)
@@ -49,12 +51,7 @@ def build_block_mask(num_blocks: int, pattern: str, ratio: float, seed: int) -> 
 
 
 def block_mask_for(seq_len: int, block_size: int, pattern: str, ratio: float, seed: int) -> torch.Tensor:
-    """The (N/block_size, N/block_size) mask of a sequence; ValueError with the padding needed
-    when ``seq_len`` is not a multiple of ``block_size``."""
-    if seq_len % block_size != 0:
-        raise ValueError(
-            f"sequence length {seq_len} is not a multiple of block_size {block_size}; pad "
-            f"{(-seq_len) % block_size} more positions "
-            f"(ring_lightning.sharding.pad_to_multiple(x, {block_size}))"
-        )
+    """The (N/block_size, N/block_size) mask of a sequence; ValueError with the length that
+    works when ``seq_len`` is not a multiple of ``block_size``."""
+    check_length(seq_len, LengthRules(block_size=block_size))
     return build_block_mask(seq_len // block_size, pattern, ratio, seed)

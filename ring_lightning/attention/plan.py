@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ..lengths import LengthRules, check_length
 from ..sharding import Piece, rank_pieces
 from .masks import block_mask_for
 
@@ -81,6 +82,9 @@ class RingPlan:
         self.seq_len, self.group_size, self.layout = seq_len, group_size, layout
         self.is_causal = is_causal
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        # the geometry (pieces, segments, spanning dilations): one message with the length that works
+        check_length(seq_len, LengthRules(tuple(w for w, _ in patterns), tuple(r for _, r in patterns),
+                                          group_size, layout, sparse[0] if sparse else None))
         self.pieces: List[List[Piece]] = [
             rank_pieces(seq_len, group_size, r, layout) for r in range(group_size)
         ]
@@ -88,24 +92,8 @@ class RingPlan:
         self.piece_len = piece_len
         self.patterns: List[Pattern] = []
         for i, (w, r) in enumerate(patterns):
-            if piece_len % w == 0:
-                spans = False
-            elif w % piece_len == 0:
-                if piece_len % r != 0:
-                    raise ValueError(
-                        f"dilation rate {r} (segment {w}) must divide the per-rank piece length "
-                        f"{piece_len} (sequence {seq_len}, {group_size} ranks, layout {layout!r}); "
-                        f"use a sequence length whose piece length is a multiple of {r}"
-                    )
-                spans = True
-            else:
-                raise ValueError(
-                    f"segment length {w} must divide or be a multiple of the per-rank piece length "
-                    f"{piece_len} (sequence {seq_len} over {group_size} ranks, layout {layout!r}). "
-                    f"Choose segment_lengths that are powers of two, or a sequence length that is a "
-                    f"multiple of {group_size} * max(segment_lengths)"
-                )
-            self.patterns.append(Pattern(i, w, r, spans))
+            # local (w divides the piece) or spanning (a multiple of it): check_length above
+            self.patterns.append(Pattern(i, w, r, spans=piece_len % w != 0))
         self._tasks = {}
         self.blocks = None
         if sparse is not None:  # block_sparse: (block_size, pattern, ratio, seed)

@@ -26,6 +26,7 @@ from ring_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoad
 from ring_lightning.data.sources import TEXT_SOURCES, text_source
 from ring_lightning.data.tasks import RetrievalTask
 from ring_lightning.data.tokenizers import load_tokenizer
+from ring_lightning.lengths import check_trainer_length
 
 SOURCES = TEXT_SOURCES + ("retrieval",)
 
@@ -169,6 +170,8 @@ class LongDocumentDataModule(pl.LightningDataModule):
                 self._build(path)
 
     def setup(self, stage: Optional[str] = None) -> None:
+        if self.trainer is not None:  # the model's attention and the strategy's split accept seq_len?
+            check_trainer_length(self.seq_len, self.trainer, override="seq_len")
         if self.train_dataset is not None:
             return
         if self.task is not None:

@@ -24,6 +24,11 @@ from typing import Any, Iterator, List, Optional, Sequence, Union
 
 #: Valid values of ``source=`` that read text (the retrieval task is generated instead).
 TEXT_SOURCES = ("stdlib", "files", "hub")
+#: What to do when the hub cannot be reached (read by train.py's pre-flight check too).
+HUB_OFFLINE_ADVICE = (
+    "If this machine is offline: build the cache once on a machine with internet (the packed windows are "
+    "cached under cache_dir and reused offline), or download the data and use source='files' with "
+    "paths=... (train.py: data=files \"data.paths=[...]\"), or use source='stdlib' (data=stdlib, no download).")
 
 
 def stdlib_files() -> List[str]:
@@ -113,6 +118,25 @@ class HubSource:
     def fingerprint(self) -> Any:
         return [self.name, self.config, self.split, self.column]
 
+    def check_reachable(self, timeout_s: float = 10.0) -> None:
+        """Ask the hub about the dataset once (a second at most when offline), before any
+        process starts; raise ConnectionError with what to do instead.
+
+        Honours ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` (no request at all then).
+        """
+        from huggingface_hub import HfApi
+
+        if os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            err: Any = "HF_DATASETS_OFFLINE is set"
+        else:
+            try:
+                HfApi().dataset_info(self.name, timeout=timeout_s)
+                return
+            except Exception as exc:  # offline, unknown name, no access: one message
+                err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise ConnectionError(f"data=hub: cannot reach hub dataset data.hub_name={self.name!r} ({err}), and its "
+                              f"windows are not cached yet. {HUB_OFFLINE_ADVICE}")
+
     def texts(self, seed: int) -> Iterator[str]:
         # A stream has no cheap shuffle: the seed is unused and the hub's order is kept.
         import datasets
@@ -122,10 +146,7 @@ class HubSource:
         except Exception as err:  # connection, auth, unknown name: one actionable message
             raise RuntimeError(
                 f"could not load hub dataset hub_name={self.name!r} (hub_config={self.config!r}, "
-                f"hub_split={self.split!r}): {err}\n"
-                "If this machine is offline: build the cache once on a machine with internet (the packed "
-                "windows are cached under cache_dir and reused offline), or download the data and use "
-                "source='files' with paths=..., or use source='stdlib' (no download)."
+                f"hub_split={self.split!r}): {err}\n{HUB_OFFLINE_ADVICE}"
             ) from err
         for row in stream:
             if self.column not in row:

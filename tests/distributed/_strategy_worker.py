@@ -66,7 +66,7 @@ class TinyRingLM(LightningModule):
         self.pos = nn.Embedding(SEQ, EMBED)
         self.attention_kind = attention
         if attention == "multihead":
-            self.attn = MultiheadRingAttention(EMBED, HEADS)
+            self.attn = MultiheadRingAttention(EMBED, HEADS, batch_first=True)
         else:
             self.qkv = nn.Linear(EMBED, 3 * EMBED)
             self.core = create_ring_attention("standard")
@@ -77,7 +77,7 @@ class TinyRingLM(LightningModule):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         x = self.tok(input_ids) + self.pos(position_ids)  # (B, T, E)
         if self.attention_kind == "multihead":
-            a = self.attn(x, is_causal=True, already_split=True)
+            a, _ = self.attn(x, x, x, need_weights=False, is_causal=True, already_split=True)
         else:
             B, T, _ = x.shape
             q, k, v = self.qkv(x).view(B, T, 3, HEADS, EMBED // HEADS).unbind(2)  # each (B, T, H, D)
@@ -253,8 +253,8 @@ class TwoLayoutLM(TinyRingLM):
 
     def __init__(self) -> None:
         super().__init__("multihead")
-        self.attn = MultiheadRingAttention(EMBED, HEADS, layout="zigzag")
-        self.attn2 = MultiheadRingAttention(EMBED, HEADS, layout="contiguous")
+        self.attn = MultiheadRingAttention(EMBED, HEADS, batch_first=True, layout="zigzag")
+        self.attn2 = MultiheadRingAttention(EMBED, HEADS, batch_first=True, layout="contiguous")
 
 
 class ShortData(TokenData):

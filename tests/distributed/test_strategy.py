@@ -112,7 +112,7 @@ def test_shard_batch_keeps_given_positions_and_adds_them_with_sp1():
 
 def test_shard_batch_rejects_unsplittable_and_inconsistent_lengths():
     s = _strategy_at(0, 2, sequence_parallel_size=2, layout="zigzag")
-    with pytest.raises(ValueError, match=r"sequence length 14 .* multiple of 4\. Pad 2"):
+    with pytest.raises(ValueError, match=r"sequence length 14 .*pad 2 more.*multiple of 4"):
         s.shard_batch(_batch(14))
     with pytest.raises(ValueError, match="disagree on the length"):
         s.shard_batch(dict(_batch(), labels=torch.zeros(2, 8, dtype=torch.long)))
@@ -224,7 +224,7 @@ def test_bad_configurations_fail_before_the_first_step(run_distributed, tmp_path
         assert "sequence_parallel_size=2" in res["no_ring_attention"]["error"]
         # 15 tokens: dense causal attention cannot use zigzag (needs a multiple of 4), so
         # contiguous is chosen, which needs a multiple of 2.
-        assert re.search(r"sequence length 15 .* Pad 1 more", res["unsplittable_length"]["error"])
+        assert re.search(r"sequence length 15 .*pad 1 more", res["unsplittable_length"]["error"])
         assert "prefer different layouts ['contiguous', 'zigzag']" in res["modules_disagree_on_layout"]["error"]
 
 

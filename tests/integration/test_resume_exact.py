@@ -31,7 +31,7 @@ def interrupted_and_resumed(tmp_path, data_cache, args, stop_at, max_steps, **kw
     env = {"PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
     common = [f"hydra.run.dir={run_dir}", *COMMON, *args, f"trainer.max_steps={max_steps}"]
     out = run_train([*common, "+callbacks.sigterm._target_=_interrupt.SigtermAtStep",
-                     f"+callbacks.sigterm.step={stop_at}"], data_cache, expect_failure=True, extra_env=env, **kw)
+                     f"+callbacks.sigterm.step={stop_at}"], data_cache, expect_failure=True, env=env, **kw)
     assert f"interrupted by SIGTERM at step {stop_at}" in out, out[-4000:]
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     out = run_train([*common, "resume=true"], data_cache, **kw)

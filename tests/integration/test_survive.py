@@ -95,7 +95,7 @@ def test_a_killed_rank_ends_the_job_naming_it_and_the_run_resumes(tmp_path, data
               "callbacks.model_checkpoint.every_n_train_steps=2"]
     start = time.monotonic()
     out = run_train([*common, "+callbacks.kill._target_=_interrupt.KillRankAtStep", "+callbacks.kill.step=3"],
-                    data_cache, expect_failure=True, extra_env=INTERRUPT_ENV)
+                    data_cache, expect_failure=True, env=INTERRUPT_ENV)
     assert "rank 0: lost rank 1 (pid" in out and "killed by SIGKILL" in out, out[-3000:]
     assert time.monotonic() - start < RUN_TIMEOUT_S
     out = run_train([*common, "resume=true"], data_cache)
@@ -111,7 +111,7 @@ def test_a_frozen_rank_times_out_and_is_not_left_running(tmp_path, data_cache):
     out = run_train([f"hydra.run.dir={tmp_path}", *SMALL, "trainer.max_steps=6", "trainer.val_check_interval=6",
                      "+variant.comm_timeout_s=5", "+strategy.timeout._target_=datetime.timedelta",
                      "+strategy.timeout.seconds=30", "+callbacks.freeze._target_=_interrupt.FreezeRankAtStep",
-                     "+callbacks.freeze.step=2"], data_cache, expect_failure=True, extra_env=INTERRUPT_ENV)
+                     "+callbacks.freeze.step=2"], data_cache, expect_failure=True, env=INTERRUPT_ENV)
     assert "stopped answering: a collective timed out" in out and "Training stopped at step 2" in out, out[-3000:]
     time.sleep(1)
     left = subprocess.run(["pgrep", "-f", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True).stdout

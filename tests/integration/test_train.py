@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from train_runner import RUN_TIMEOUT_S, final_metrics, run_train
 
+from ring_lightning.run_report import final_metrics as run_final, read_metrics
+
 SWEEP_TIMEOUT_S = 420
 # pytest-timeout's limit per test, above the subprocess limits (a test runs up to 2 of them).
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2 * RUN_TIMEOUT_S + 60)]
@@ -31,6 +33,21 @@ def check_run(out: str, run_dir: Path) -> None:
     assert metrics["step"] == 4
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "csv" / "version_0" / "metrics.csv").is_file()
+    check_metrics_file(out, run_dir)
+
+
+def check_metrics_file(out: str, run_dir: Path) -> None:
+    """metrics.jsonl holds exactly what the CSV logger got (same steps, same values); the summary
+    names it and metrics.png, a real PNG."""
+    with open(run_dir / "csv" / "version_0" / "metrics.csv") as f:
+        logged = {(int(r["step"]), k): float(v) for r in csv.DictReader(f) for k, v in r.items() if v and k != "step"}
+    rows = read_metrics(str(run_dir / "metrics.jsonl"))
+    ours = {(r["step"], k): v for r in rows for k, v in r.items() if k != "step"}
+    assert ours == logged and any(k == "train/loss" for _, k in ours) and any(k == "val/loss" for _, k in ours)
+    assert run_final(str(run_dir / "metrics.jsonl"))["val/loss"] == pytest.approx(final_metrics(out)["val/loss"],
+                                                                                  abs=1e-4)
+    assert (run_dir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"metrics      {run_dir / 'metrics.jsonl'}" in out and f"plot         {run_dir / 'metrics.png'}" in out
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -80,16 +97,31 @@ def test_multirun_sweep_runs_each_job_with_spawned_ranks(tmp_path, data_cache):
     out = run_train(["-m", "variant=standard,hilbert", f"hydra.sweep.dir={tmp_path}", *TINY], data_cache,
                     timeout=SWEEP_TIMEOUT_S)
     assert out.count("== ring_lightning run finished ==") == 2
-    for job in ("0", "1"):
+    summaries = out.split("== ring_lightning run finished ==")[1:]  # one per job, in job order
+    for job, summary in zip(("0", "1"), summaries):
         assert (tmp_path / job / "checkpoints" / "last.ckpt").is_file()
+        check_metrics_file(summary, tmp_path / job)
     assert not (tmp_path / "2").exists()  # no job re-launched the sweep
+    # the sweep's table: one row per job with its overrides and final metrics (conf: hydra.callbacks)
+    with open(tmp_path / "sweep_summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["overrides"].split()[0] for r in table] == ["variant=standard", "variant=hilbert"]
+    for job, row in zip(("0", "1"), table):
+        assert float(row["val/loss"]) == run_final(str(tmp_path / job / "metrics.jsonl"))["val/loss"]
+    assert "| job | overrides | step |" in (tmp_path / "sweep_summary.md").read_text()
+    assert (tmp_path / "sweep_summary.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"table {tmp_path / 'sweep_summary.md'}" in out
 
 
 def test_default_logger_writes_an_offline_wandb_run(tmp_path, data_cache):
     out = run_train([f"hydra.run.dir={tmp_path}", *TINY, "logger=wandb"], data_cache)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, out[-3000:]
-    assert f"wandb sync {runs[0]}" in out
+    assert f"wandb sync {runs[0]}" in out and f"wandb leet {runs[0]}" in out
+    assert (tmp_path / "metrics.png").is_file() and f"plot         {tmp_path / 'metrics.png'}" in out
+    # quiet by default: no third-party deprecations, tips or terminal control codes in a log
+    for noise in ("deprecated", "Tip:", "\x1b[", "\r", "anonymous setting", "Run history"):
+        assert noise not in out, noise
 
 
 @pytest.mark.integration

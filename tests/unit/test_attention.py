@@ -174,9 +174,11 @@ def test_validate_gradients_raises_naming_rank_and_module():
 def test_usage_guide_calls_work():
     cfg = RingAttentionConfig(segment_lengths=[2048, 4096], dilation_rates=[1, 2], dropout=0.1)
     assert create_ring_attention("hilbert", config=cfg).config.dropout == 0.1
-    m = create_ring_attention("standard", embed_dim=32, num_heads=4, segment_lengths=[8, 16], dilation_rates=[1, 2])
+    m = create_ring_attention("standard", embed_dim=32, num_heads=4, segment_lengths=[8, 16], dilation_rates=[1, 2],
+                              batch_first=True)
     assert isinstance(m, MultiheadRingAttention)
-    assert m(torch.randn(2, 16, 32), is_causal=True).shape == (2, 16, 32)
+    out, weights = m(torch.randn(2, 16, 32), need_weights=False, is_causal=True)
+    assert out.shape == (2, 16, 32) and weights is None
     attn = create_ring_attention("standard", enable_profiling=True)
     attn(*qkv(N=8)[:3])
     assert STATS_KEYS <= set(attn.get_profiling_stats())
@@ -266,7 +268,7 @@ def test_shard_unshard_round_trip_and_positions(layout):
 
 def test_pad_to_multiple_and_indivisible_length_message():
     assert pad_to_multiple(torch.ones(1, 10), 8).shape == (1, 16)
-    with pytest.raises(ValueError, match="Pad 2 more"):
+    with pytest.raises(ValueError, match="pad 2 more"):
         shard_sequence(torch.ones(1, 10), 2, 0, "zigzag")
 
 

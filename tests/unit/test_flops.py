@@ -77,7 +77,7 @@ def test_fraction_and_flops():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(segment_lengths=[48]), "multiple of segment length"),
+        (dict(segment_lengths=[48]), "segment length 48 must divide it"),
         (dict(segment_lengths=[32, 64], dilation_rates=[1]), "same length"),
         (dict(dilation_rates=[2]), "needs segment_lengths"),
         (dict(block_size=16), "only used with block_mask"),

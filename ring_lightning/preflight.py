@@ -1,0 +1,188 @@
+"""Pre-flight: the composed Hydra config checked before any process, process group or logger starts.
+
+``train.py`` calls these between composing the config and ``trainer.fit``. A user error found
+here is printed once, by the launching process, as one message naming the override to change
+and a value that works (``data.seq_len=8192``), and every process exits with status 2 without
+a traceback (``HYDRA_FULL_ERROR=1`` shows one). What is checked:
+
+* devices: an accelerator that exists here, no more GPUs than are visible;
+* the sequence-parallel size against the world size (``RingStrategy``'s own check);
+* the sequence length against everything that constrains it (``ring_lightning.lengths``:
+  ranks and layout, segments, dilations, block size);
+* the data source (``data=hub``: the hub is asked once, unless the windows are cached);
+* the schedule: a validation interval past ``trainer.max_steps`` is clamped to it, so a run
+  shortened on the command line still validates (a note says so).
+
+Constructor errors (``ValueError`` from the data module, the LM, the strategy) are user errors
+too; :func:`user_errors` prefixes the field they name with its config group (``data.batch_size``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from ring_lightning.lengths import length_error
+
+EXIT_CONFIG_ERROR = 2
+_RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK")  # torchrun, SLURM, Lightning's own launcher
+
+
+class ConfigError(ValueError):
+    """The composed config cannot run; the message names the override to change."""
+
+
+def is_launching_process() -> bool:
+    """True in the process a user started (or rank 0 when a launcher started every rank)."""
+    for name in _RANK_VARIABLES:
+        if os.environ.get(name, "0") not in ("", "0"):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------- user errors
+def _with_group(message: str, groups: Sequence[Tuple[str, Any]]) -> str:
+    """``batch_size must be ...`` -> ``data.batch_size must be ...``: the override to type."""
+    for prefix, group in (("ModelConfig.", "model."), ("attention.", "variant."),
+                          ("RingAttentionConfig.", "variant."), ("callbacks.", "callbacks.")):
+        if message.startswith(prefix):
+            return group + message[len(prefix):]
+    word = re.match(r"[A-Za-z_][A-Za-z_0-9]*", message)
+    for group, node in groups:
+        if word and isinstance(node, DictConfig) and word.group(0) in node:
+            return f"{group}.{message}"
+    return message
+
+
+@contextmanager
+def user_errors(cfg: DictConfig, group: Optional[str] = None) -> Iterator[None]:
+    """Turn a ValueError/TypeError raised inside (directly or through Hydra's instantiate) into
+    one printed message and ``sys.exit(2)``; ``group`` names the config group being built."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - filtered below, everything else re-raised
+        cause = exc
+        while type(cause).__name__ == "InstantiationException" and cause.__cause__ is not None:
+            cause = cause.__cause__  # hydra wraps the constructor's own error
+        if not isinstance(cause, (ValueError, TypeError, ConnectionError)) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        if isinstance(cause, ConfigError):
+            fail(str(cause))  # names its override already
+        groups = [(g, cfg.get(g)) for g in ([group] if group else []) + ["variant", "model", "module", "data",
+                                                                          "strategy", "trainer"]]
+        fail(_with_group(str(cause), groups))
+
+
+def fail(message: str) -> None:
+    """Print ``message`` once (launching process only) and exit every process with status 2."""
+    if is_launching_process():
+        print(f"\nring_lightning: this configuration cannot run; nothing was started.\n  {message}\n"
+              f"(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
+    sys.exit(EXIT_CONFIG_ERROR)
+
+
+# ---------------------------------------------------------------------- the checks
+def _visible_gpus() -> int:
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    return CUDAAccelerator.auto_device_count() if CUDAAccelerator.is_available() else 0
+
+
+def devices_per_node(trainer: DictConfig) -> int:
+    """Processes Lightning starts on one node for ``trainer.accelerator`` / ``trainer.devices``."""
+    accelerator, devices = str(trainer.get("accelerator", "auto")), trainer.get("devices", "auto")
+    gpus = _visible_gpus()
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus > 0)
+    if accelerator in ("gpu", "cuda") and gpus == 0:
+        raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA device is visible here; "
+                          f"run on CPU with trainer=cpu (2 processes) or trainer.accelerator=cpu")
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if devices in ("auto", -1):
+        return gpus if on_gpu else 1
+    count = len(devices) if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)) else devices
+    if not isinstance(count, int) or count < 1:
+        raise ConfigError(f"trainer.devices={devices!r} is not valid; valid values: a number >= 1, a list of "
+                          f"device indices, or auto")
+    if on_gpu and count > gpus:
+        raise ConfigError(f"trainer.devices={devices} but {gpus} CUDA device(s) are visible; set "
+                          f"trainer.devices={gpus} (or auto)")
+    return count
+
+
+def _sequence_parallel(cfg: DictConfig, per_node: int) -> Tuple[int, str]:
+    """(sp, layout) the strategy will use; (1, contiguous) for a strategy that splits nothing."""
+    strategy = cfg.get("strategy") or {}
+    if not str(strategy.get("_target_", "")).endswith("RingStrategy"):
+        return 1, "contiguous"
+    sp = strategy.get("sequence_parallel_size", "auto")
+    world = per_node * int(cfg.trainer.get("num_nodes", 1) or 1)
+    if sp == "auto":
+        sp = per_node
+    elif isinstance(sp, int) and not isinstance(sp, bool) and sp >= 1 and world % sp:
+        valid = [k for k in range(1, world + 1) if world % k == 0]
+        raise ConfigError(f"strategy.sequence_parallel_size={sp} does not divide the world size {world} "
+                          f"(trainer.num_nodes x trainer.devices); valid values: {valid} or auto, or launch "
+                          f"more processes with trainer.devices=...")
+    return (sp if isinstance(sp, int) else 1), str(strategy.get("layout", "auto"))
+
+
+def check_sequence_length(cfg: DictConfig, per_node: int) -> None:
+    """``data.seq_len`` against every rule of the attention (lengths.py), as one message."""
+    from ring_lightning.attention.config import RingAttentionConfig
+
+    seq_len = cfg.data.get("seq_len")
+    attention = OmegaConf.to_container(cfg.module.get("attention") or {}, resolve=True)
+    if not isinstance(seq_len, int) or not isinstance(attention, dict):
+        return  # the data module / LM report a malformed value themselves
+    variant = attention.pop("variant", "standard")
+    try:
+        config = RingAttentionConfig(**attention)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(_with_group(str(exc), [("variant", cfg.get("variant"))])) from exc
+    sp, layout = _sequence_parallel(cfg, per_node)
+    if layout == "auto":
+        layout = config.layout
+    rules = config.length_rules(sp, layout, variant)
+    message = length_error(seq_len, rules, override="data.seq_len")
+    if message is None:
+        return
+    if rules.block_size and seq_len % rules.block_size:
+        message += f"; or variant.block_size={math.gcd(seq_len, rules.block_size)}"
+    raise ConfigError(message)
+
+
+def clamp_schedule(cfg: DictConfig) -> List[str]:
+    """A validation interval past ``trainer.max_steps`` becomes ``max_steps`` (so a shortened run
+    validates, at its end); returns the notes to print."""
+    trainer = cfg.trainer
+    interval, max_steps = trainer.get("val_check_interval"), trainer.get("max_steps")
+    if isinstance(interval, int) and isinstance(max_steps, int) and 0 < max_steps < interval:
+        trainer.val_check_interval = max_steps
+        return [f"note: trainer.val_check_interval={interval} is past trainer.max_steps={max_steps}: "
+                f"validating at step {max_steps} instead"]
+    return []
+
+
+def check_config(cfg: DictConfig) -> List[str]:
+    """Every check that needs only the composed config. Returns notes to print; raises ConfigError."""
+    per_node = devices_per_node(cfg.trainer)
+    _sequence_parallel(cfg, per_node)
+    check_sequence_length(cfg, per_node)
+    return clamp_schedule(cfg)
+
+
+def check_data_source(datamodule: Any) -> None:
+    """A source that must be fetched (``data=hub``) and is not cached yet: ask it once now."""
+    source = getattr(datamodule, "text_source", None)
+    if not hasattr(source, "check_reachable"):
+        return
+    if os.path.isdir(datamodule._cache_path()):
+        return  # packed windows from an earlier run: no network needed
+    source.check_reachable()
