@@ -95,6 +95,7 @@ def resume_path(cfg: DictConfig) -> "str | None":
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
+    pl.seed_everything(cfg.seed, workers=True)  # first: the model's initial weights depend on it
     # Pre-flight (ring_lightning/preflight.py): every user error is reported here, once, before
     # any process, process group or logger exists.
     with preflight.user_errors(cfg, "data"):
@@ -108,7 +109,6 @@ def main(cfg: DictConfig) -> dict:
         strategy = instantiate(cfg.strategy, start_method=launch_start_method(cfg))
     if preflight.is_launching_process():
         print("\n".join(notes), flush=True) if notes else None
-    pl.seed_everything(cfg.seed, workers=True)
     loggers = [quiet_wandb(instantiate(c)) for c in (cfg.logger or {}).values() if c is not None]
     if cfg.get("metrics_file"):
         loggers.append(instantiate(cfg.metrics_file))  # last: wandb / CSV stay the trainer's logger
