@@ -3,7 +3,9 @@
 Compute time is the time of the block kernels; communication time is the time the
 compute stream (CUDA) or the host (CPU) stood waiting for a transfer, i.e. the transfer
 time that the overlap did not hide. Events are resolved lazily, when stats are read, so
-recording them costs no synchronisation on the hot path.
+recording them costs no synchronisation on the hot path. The hybrid's all-to-all over heads
+(ulysses.py) is counted apart: ``all_to_all_bytes`` (sent to the other ranks of the group)
+and ``all_to_all_time_ms`` (the exchanges and their layout copies; not overlapped).
 """
 
 from __future__ import annotations
