@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from ..sharding import (SequenceSharding, all_to_all_chunk_order, check_divisible, rank_pieces,
                         sequence_sharding)
-from .comm import RingCommunicationError
+from .comm import RingCommunicationError, communication_error
 from .documents import LastTensorCache, check_document_ids
 from .profiling import RingProfiler
 
@@ -64,11 +64,7 @@ class UlyssesComm:
 
     def error(self, peers, step, exc) -> RingCommunicationError:
         names = ", ".join(str(dist.get_global_rank(self.group, p)) for p in sorted(set(peers)))
-        return RingCommunicationError(
-            f"rank {dist.get_rank()}: the all-to-all over heads with rank(s) {names} did not complete within "
-            f"{self.timeout_s:g}s (comm_timeout_s). A peer stopped taking part, crashed, or runs a "
-            f"different configuration. Cause: {exc!r}"
-        )
+        return communication_error("the all-to-all over heads", names, self.timeout_s, exc)
 
     def _wait(self, work) -> None:
         try:  # gloo: block with the timeout; NCCL: order the compute stream after the exchange

@@ -8,6 +8,7 @@ maximum over ranks.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -186,16 +187,18 @@ def mismatched_lengths(rank: int, world: int):
     return None
 
 
-def silent_peer(rank: int, world: int):
-    """Rank 1 never calls attention; rank 0 must raise within the timeout, not hang."""
+def silent_peer(rank: int, world: int, variant: str = "distributed", sharding=contextlib.nullcontext):
+    """Rank 1 never calls attention; rank 0 must raise within the timeout, not hang.
+    ``sharding()``: the context rank 0 calls in (the hybrid tests' all-to-all)."""
     if rank == 1:
         time.sleep(8)
         return "idle"
-    attn = create_ring_attention("distributed", comm_timeout_s=2.0)
+    attn = create_ring_attention(variant, comm_timeout_s=2.0)
     q = torch.randn(1, 8, 2, 4)
     t0 = time.monotonic()
     try:
-        attn(q, q, q, already_split=True)
+        with sharding():
+            attn(q, q, q, already_split=True)
     except Exception as exc:
         return (type(exc).__name__, str(exc), time.monotonic() - t0)
     return None

@@ -88,3 +88,10 @@ def run_all(rank: int, world: int, cases: list, byte_cases: list, ulysses_sizes)
     return {"parity": run_hybrid_cases(rank, world, cases),
             "bytes": [all_to_all_bytes(rank, world, c, ulysses_sizes) for c in byte_cases],
             "heads_error": heads_not_divisible(rank, world)}
+
+
+
+def silent_peer(rank: int, world: int):
+    """``_ring_worker.silent_peer`` inside the all-to-all over heads (U = world)."""
+    groups = _groups(world, {(world, world)})  # collective: before rank 1 goes silent
+    return R.silent_peer(rank, world, "standard", lambda: _sharding(groups[(world, world)], "contiguous"))

@@ -4,7 +4,7 @@ K=4 with U in {1, 2, 4} (U=1: the plain ring; U=4: pure Ulysses) and K=2 with U=
 sequence groups, dp=2), all from ONE 4-process spawn: outputs, lse and dq/dk/dv on every
 rank, dense and dilated (dilation offsets follow the global head index: with H/U=1 every
 rank's one head has its own offset), causal, GQA with U dividing the kv heads and not
-(replicated kv heads), both layouts, packed documents, and every variant.
+(replicated kv heads), both layouts, packed documents, every variant, and hilbert's token grids.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ FLOAT32_REL_TOL = 1e-5  # as test_ring_parity: float32 inputs and accumulation, 
 WORLD, SEQ = 4, 64
 CONFIGS = ((4, 1), (4, 2), (4, 4), (2, 2))  # (K = sequence_parallel_size, U = ulysses_size)
 PATTERNS = {"dense": {}, "dilated": dict(segment_lengths=[8, 16, SEQ], dilation_rates=[1, 2, 4])}
+GRID = dict(grid_shape=[8, 8], grid_window=[1, 2], grid_order="hilbert", compute_block_size=4)  # hilbert's grids
 HEADS = ((4, 2), (4, 1))  # (H, kv heads): U | K for U <= 2, replicated kv heads otherwise
 
 
@@ -30,7 +31,7 @@ def _case(sp, u, name, fields, causal, layout, heads, variant="standard", docs=N
     cid = f"K{sp}U{u}-{variant}-{name}-{'causal' if causal else 'full'}-{layout}-H{heads[0]}K{heads[1]}"
     cid += f"-docs_{docs}" if docs else ""
     extra = {"block_sparse": dict(block_size=8, sparsity_ratio=0.5, sparse_pattern="random", sparse_seed=3),
-             "hilbert": dict(hilbert_curve_level=3)}.get(variant, {})
+             "hilbert": {} if "grid_shape" in fields else dict(hilbert_curve_level=3)}.get(variant, {})
     return dict(id=cid, sp=sp, U=u, B=2, N=SEQ, H=heads[0], K=heads[1], D=4, causal=causal, split=True,
                 variant=variant, docs=docs, fields={"layout": layout, **fields, **extra})
 
@@ -46,6 +47,7 @@ def build_cases():
         cases.append(_case(sp, u, "dilated", PATTERNS["dilated"], True, "zigzag", (4, 1), docs="unpacked"))
         for variant in ("hilbert", "block_sparse", "distributed"):
             cases.append(_case(sp, u, "dense", {}, True, "zigzag", (4, 2), variant=variant))
+        cases.append(_case(sp, u, "grid8x8", GRID, True, "zigzag", (4, 2), variant="hilbert"))
     return cases
 
 
@@ -111,3 +113,9 @@ def test_heads_not_divisible_by_ulysses_size_name_the_field_and_valid_values():
     for res in results():
         msg = res["heads_error"]
         assert "strategy.ulysses_size=2" in msg and "(3)" in msg and "[1]" in msg, msg
+
+
+def test_silent_peer_in_the_all_to_all_raises_naming_it_within_timeout():
+    name, msg, elapsed = conftest.run_distributed(worker.silent_peer, 2, timeout=120)[0]
+    assert name == "RingCommunicationError" and "all-to-all over heads with rank(s) 1" in msg, msg
+    assert elapsed < 10
