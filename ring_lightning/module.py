@@ -25,7 +25,7 @@ Example (tested in tests/unit/test_module.py)::
 
 Logged: train/loss, train/ppl, val/loss, val/ppl (token-weighted over all ranks), lr,
 perf/tokens_per_s (global), perf/peak_memory_mb (max over ranks, and per rank), on CUDA
-perf/tflops_per_gpu and perf/mfu, ring/{total,compute,comm}_ms and ring/comm_volume_mb
+perf/tflops_per_gpu and perf/mfu, ring/{total,compute,comm}_ms, ring/{comm,all_to_all}_volume_mb
 (first ring attention module, last call), ring/compression_ratio, and val/<task metric>
 (val/retrieval_acc for the retrieval task).
 """
@@ -370,8 +370,8 @@ class LongDocumentLM(pl.LightningModule):
         if not self._ring_modules:
             return
         stats = self._ring_modules[0].get_profiling_stats()
-        for key, name in (("total_time_ms", "total_ms"), ("compute_time_ms", "compute_ms"),
-                          ("comm_time_ms", "comm_ms"), ("comm_volume_mb", "comm_volume_mb")):
+        for key, name in (("total_time_ms", "total_ms"), ("compute_time_ms", "compute_ms"), ("comm_time_ms", "comm_ms"),
+                          ("comm_volume_mb", "comm_volume_mb"), ("all_to_all_volume_mb", "all_to_all_volume_mb")):
             if isinstance(stats.get(key), (int, float)):
                 self.log(f"ring/{name}", float(stats[key]))
 

@@ -16,6 +16,7 @@ Letters: B batch, N global sequence length, T local length (N/W), W group size.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Iterator, List, Optional, Tuple
@@ -113,6 +114,36 @@ def gather_sequence(
     return unshard_sequence(shards, layout, dim)
 
 
+@lru_cache(maxsize=64)
+def all_to_all_chunk_order(seq_len: int, group_size: int, ulysses_size: int, ring_rank: int,
+                           layout: str) -> Tuple[Tuple[int, int], ...]:
+    """Where the ring's shard comes from after the all-to-all over heads (hybrid parallelism).
+
+    The ``ulysses_size`` consecutive ranks ``ring_rank * U + u`` of a ``group_size``-rank group
+    each hold their ``layout`` shard; together they hold exactly ring rank ``ring_rank``'s
+    shard of the same layout over ``group_size / U`` ranks (for zigzag too: chunks ``rU..rU+U-1``
+    and their mirrors), in another order. Returns, for each chunk of that ring shard in local
+    order (chunks of one piece's length), ``(u, piece index on rank u)`` it is copied from.
+
+    Raises:
+        ValueError: U does not divide the group, or the layouts do not tile (a new layout).
+    """
+    if ulysses_size < 1 or group_size % ulysses_size != 0:
+        raise ValueError(f"ulysses_size={ulysses_size} must divide the group size {group_size}")
+    ring = rank_pieces(seq_len, group_size // ulysses_size, ring_rank, layout)
+    chunk = rank_pieces(seq_len, group_size, 0, layout)[0].length
+    order: List[Optional[Tuple[int, int]]] = [None] * (sum(p.length for p in ring) // chunk)
+    for u in range(ulysses_size):
+        for i, p in enumerate(rank_pieces(seq_len, group_size, ring_rank * ulysses_size + u, layout)):
+            home = [r for r in ring if r.start <= p.start and p.start + p.length <= r.start + r.length]
+            if len(home) != 1 or (p.start - home[0].start) % chunk:
+                raise ValueError(f"layout {layout!r}: rank {ring_rank * ulysses_size + u}'s piece {p} is not a "
+                                 f"chunk of ring rank {ring_rank}'s shard {ring}")
+            order[(home[0].local_offset + p.start - home[0].start) // chunk] = (u, i)
+    assert all(o is not None for o in order), (layout, order)  # U shards of T fill the ring's U*T
+    return tuple(order)  # type: ignore[arg-type]
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int, dim: int = 1, value: float = 0) -> torch.Tensor:
     """Pad ``x`` along ``dim`` at the end so its length is a multiple of ``multiple``
     (``ring_lightning.lengths.length_multiple`` gives one every rule of an attention accepts)."""
@@ -136,13 +167,24 @@ class SequenceSharding:
     ``group=None`` means nothing is split (one device, or data parallelism only). Ring
     attention called with ``already_split=True`` inside :func:`sequence_sharding` takes its
     group and layout from here; nothing is stored in the attention modules.
+
+    Hybrid sequence parallelism (docs/ARCHITECTURE.md, "Hybrid sequence parallelism"):
+    ``ulysses_group`` (U consecutive ranks of ``group``) trades sequence for heads with an
+    all-to-all, then the ring runs over ``ring_group`` (the K/U ranks at stride U); both or
+    neither. ``head_offset`` is the global index of the first head a call holds: the ring
+    call behind the all-to-all sets it, so dilation offsets follow the model's heads.
     """
 
     group: Optional["dist.ProcessGroup"] = None
     layout: str = "contiguous"
+    ulysses_group: Optional["dist.ProcessGroup"] = None
+    ring_group: Optional["dist.ProcessGroup"] = None
+    head_offset: int = 0
 
     def __post_init__(self) -> None:
         _check_layout(self.layout)
+        if (self.ulysses_group is None) != (self.ring_group is None):
+            raise ValueError("a hybrid sequence sharding needs both ulysses_group and ring_group (or neither)")
 
 
 # A process-wide slot, not a ContextVar: autograd runs backward (and with it the
@@ -156,17 +198,21 @@ _default: Optional[SequenceSharding] = None
 
 
 @contextmanager
-def sequence_sharding(group: Optional["dist.ProcessGroup"], layout: str = "contiguous") -> Iterator[SequenceSharding]:
+def sequence_sharding(group: Optional["dist.ProcessGroup"], layout: str = "contiguous",
+                      ulysses_group: Optional["dist.ProcessGroup"] = None,
+                      ring_group: Optional["dist.ProcessGroup"] = None,
+                      head_offset: int = 0) -> Iterator[SequenceSharding]:
     """Make ``(group, layout)`` the sharding of every ring attention call inside the block.
 
     ``RingStrategy`` enters it around each step (forward and backward) with the batch's
-    sequence group and layout; a hand-written loop does the same::
+    sequence group and layout (and its hybrid groups, :class:`SequenceSharding`); a
+    hand-written loop does the same::
 
         with sequence_sharding(sp_group, "zigzag"):
             loss = model(shard_of_batch).backward()
     """
     global _active
-    previous, _active = _active, SequenceSharding(group, layout)
+    previous, _active = _active, SequenceSharding(group, layout, ulysses_group, ring_group, head_offset)
     try:
         yield _active
     finally:

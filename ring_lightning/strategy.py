@@ -20,6 +20,7 @@ Usage::
 
     trainer = Trainer(strategy=RingStrategy(sequence_parallel_size=2), devices=4)  # dp=2 x sp=2
     trainer = Trainer(strategy="ring", devices=8)  # "auto": every device of a node in one group
+    RingStrategy(sequence_parallel_size=8, ulysses_size=4)  # all-to-all over heads x a ring of 2
 
 The name ``"ring"`` is registered when this module is imported (``from ring_lightning
 import RingStrategy`` does it).
@@ -40,7 +41,7 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ring_lightning import loss_contract, sharding
+from ring_lightning import loss_contract, sharding, sequence_groups
 from ring_lightning.attention import ring_attention_modules
 from ring_lightning.compression import CHECKPOINT_KEY as COMPRESSION_CHECKPOINT_KEY
 from ring_lightning.compression import (check_compression_args, gather_compression_state, register_compression_hook,
@@ -84,6 +85,9 @@ class RingStrategy(DDPStrategy):
         powersgd_start_iter: plain all-reduce steps before PowerSGD starts (>= 2).
         layout: ``"auto"`` (ask the attention modules, per sequence length) or a fixed
             ``"contiguous"`` / ``"zigzag"``.
+        ulysses_size: U, ranks of a sequence group that trade sequence for heads with an
+            all-to-all before the ring (``sequence_groups``); divides ``sequence_parallel_size``
+            and the heads. 1 (default): the ring alone; ``sequence_parallel_size``: Ulysses alone.
         loss_reduction: what the module's ``training_step`` returns, so the strategy can
             make the gradient equal ``sp=1`` (``ring_lightning.loss_contract``): ``"mean"``
             (per-token mean over labels != ``ignore_index``, the default), ``"sum"`` (sum of
@@ -115,6 +119,7 @@ class RingStrategy(DDPStrategy):
         error_feedback: bool = True,
         powersgd_start_iter: int = 2,
         layout: str = "auto",
+        ulysses_size: int = 1,
         loss_reduction: str = "mean",
         shift_labels: Optional[bool] = None,
         label_key: str = "labels",
@@ -135,6 +140,7 @@ class RingStrategy(DDPStrategy):
         if shift_labels not in (None, True, False):
             raise ValueError(f"shift_labels must be None, True or False, got {shift_labels!r}")
         check_compression_args(compression, compression_ratio, powersgd_rank)
+        sequence_groups.check_ulysses_size(ulysses_size, sequence_parallel_size)
         if layout not in LAYOUT_CHOICES:
             raise ValueError(f"layout={layout!r} is not valid; valid values: {LAYOUT_CHOICES}")
         if compression != "none" and kwargs.get("ddp_comm_hook") is not None:
@@ -151,8 +157,9 @@ class RingStrategy(DDPStrategy):
         self.powersgd_rank = powersgd_rank
         self.error_feedback = error_feedback
         self.powersgd_start_iter = powersgd_start_iter
-        self.layout = layout
+        self.layout, self.ulysses_size = layout, ulysses_size
         self._device_mesh: Optional[DeviceMesh] = None
+        self._hybrid: Optional[sequence_groups.HybridGroups] = None  # built with the mesh when U > 1
         self._ring_modules: List[nn.Module] = []
         self._batch_layout = "contiguous"  # of the last sharded batch, read by _batch_sharding()
         self._layout_by_len: Dict[int, str] = {}
@@ -209,27 +216,20 @@ class RingStrategy(DDPStrategy):
         """
         return self.device_mesh.get_group(DP_AXIS)
 
-    def _check_world_size(self, world_size: int) -> None:
-        if world_size % self.sequence_parallel_size != 0:
-            valid = [k for k in range(1, world_size + 1) if world_size % k == 0]
-            raise ValueError(
-                f"sequence_parallel_size={self.sequence_parallel_size} does not divide the world size "
-                f"{world_size} (num_nodes x devices); valid values for this world: {valid}, or 'auto' "
-                f"(train.py: strategy.sequence_parallel_size=auto, or trainer.devices=... to launch more)"
-            )
-
     def setup_distributed(self) -> None:
         # Check before init_process_group: every rank fails the same way, nobody waits.
-        self._check_world_size(self.num_nodes * self.num_processes)
+        sp = self.sequence_parallel_size
+        sequence_groups.check_world_size(self.num_nodes * self.num_processes, sp)
+        sequence_groups.check_ulysses_size(self.ulysses_size, sp)  # sp known now, also under "auto"
         super().setup_distributed()
         world = dist.get_world_size()
-        self._check_world_size(world)
-        sp = self.sequence_parallel_size
+        sequence_groups.check_world_size(world, sp)
         # init_device_mesh lays ranks out row-major: row d of the (dp, sp) grid is ranks
         # [d*sp, (d+1)*sp), so a sequence group is consecutive ranks (one node, fast links).
         self._device_mesh = init_device_mesh(self.root_device.type, (world // sp, sp), mesh_dim_names=MESH_AXES)
         assert self._device_mesh[SP_AXIS].get_local_rank() == self.sp_rank
         assert self._device_mesh[DP_AXIS].get_local_rank() == self.dp_rank
+        self._hybrid = sequence_groups.build_hybrid_groups(world, sp, self.ulysses_size)
 
     def setup_environment(self) -> None:
         super().setup_environment()
@@ -276,7 +276,8 @@ class RingStrategy(DDPStrategy):
     def _batch_sharding(self):
         """The sharding every ring attention call of this step reads (``sharding.sequence_sharding``)."""
         group = self.sp_group if self.sequence_parallel_size > 1 else None
-        return sharding.sequence_sharding(group, self._batch_layout)
+        hybrid = () if self._hybrid is None else (self._hybrid.ulysses, self._hybrid.ring)
+        return sharding.sequence_sharding(group, self._batch_layout, *hybrid)
 
     # Forward and backward of each step run inside the batch's sharding (backward too, see
     # backward(): activation checkpointing calls attention again while recomputing).
@@ -291,10 +292,8 @@ class RingStrategy(DDPStrategy):
             return self.layout
         if seq_len not in self._layout_by_len:
             is_causal = getattr(self.lightning_module, "is_causal", True)
-            prefs = {
-                m.preferred_layout(seq_len, self.sequence_parallel_size, is_causal=is_causal)
-                for m in self._ring_modules
-            }
+            ring = self.sequence_parallel_size // self.ulysses_size  # the ranks the ring runs over
+            prefs = {m.preferred_layout(seq_len, ring, is_causal=is_causal) for m in self._ring_modules}
             if len(prefs) > 1:
                 raise ValueError(
                     f"the ring attention modules prefer different layouts {sorted(prefs)} for sequence "

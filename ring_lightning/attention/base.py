@@ -36,6 +36,7 @@ from .tasks import TaskPath
 from .plan import get_plan
 from .profiling import RingProfiler
 from .ring import RingAttentionFunction, RingContext
+from .ulysses import ulysses_attention
 
 log = logging.getLogger(__name__)
 _UNSET = object()
@@ -200,6 +201,9 @@ class RingAttentionBase(nn.Module):
     def _attend(self, q, k, v, is_causal, already_split, return_lse, document_ids):
         """forward() on (B, T, H, D) inputs."""
         self._check_inputs(q, k, v)
+        active = active_sequence_sharding()
+        if already_split and active is not None and active.ulysses_group is not None:
+            return ulysses_attention(self, q, k, v, active, is_causal, return_lse, document_ids)  # hybrid
         cfg = self.config
         group, active_layout = self._sharding()
         world = 1 if group is None else dist.get_world_size(group)
@@ -241,7 +245,8 @@ class RingAttentionBase(nn.Module):
             if self._flex_single_device(q, patterns, seq_len, is_causal, document_ids is not None):
                 return self._single_device_flex(q, k, v, is_causal, seq_len, document_ids)
         H, K = q.shape[2], k.shape[2]
-        plan = get_plan(seq_len, world, layout, patterns, bool(is_causal), H, K, self._sparse_key())
+        plan = get_plan(seq_len, world, layout, patterns, bool(is_causal), H, K, self._sparse_key(),
+                        active.head_offset if active is not None else 0)  # global heads (ulysses.py)
         plan = self._restrict_plan(plan)
         comm = None
         if world > 1:

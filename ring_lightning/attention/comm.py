@@ -38,6 +38,23 @@ class RingCommunicationError(RuntimeError):
     """A ring transfer did not complete: names this rank and the peers it waited for."""
 
 
+def communication_error(what: str, peer_names: str, timeout_s: float, exc) -> RingCommunicationError:
+    """The one message of a transfer that did not complete (the ring's, the all-to-all's): a
+    peer's closed connection, or the timeout."""
+    from ring_lightning.faults import peer_failure  # the one reader of backend errors
+
+    me = dist.get_rank()
+    if exc is not None and peer_failure(exc) == "connection":
+        return RingCommunicationError(
+            f"rank {me}: {what} with rank(s) {peer_names} failed: a peer's connection "
+            f"closed (the process ended: killed, out of memory or crashed; its log says why). Cause: {exc!r}")
+    return RingCommunicationError(
+        f"rank {me}: {what} with rank(s) {peer_names} did not complete within "
+        f"{timeout_s:g}s (comm_timeout_s). A peer stopped taking part, crashed, or runs a "
+        f"different configuration. Cause: {exc!r}"
+    )
+
+
 class BufferPool:
     """Reusable receive buffers, keyed by (numel, dtype, device), capped in bytes."""
 
@@ -128,19 +145,8 @@ class RingComm:
         return dist.get_global_rank(self.group, group_rank)
 
     def error(self, peers, step, exc) -> RingCommunicationError:
-        from ring_lightning.faults import peer_failure  # the one reader of backend errors
-
-        me = dist.get_rank()
         names = ", ".join(str(self._global(p)) for p in sorted(set(peers)))
-        if exc is not None and peer_failure(exc) == "connection":
-            return RingCommunicationError(
-                f"rank {me}: ring transfer of step {step} with rank(s) {names} failed: a peer's connection "
-                f"closed (the process ended: killed, out of memory or crashed; its log says why). Cause: {exc!r}")
-        return RingCommunicationError(
-            f"rank {me}: ring transfer of step {step} with rank(s) {names} did not complete within "
-            f"{self.timeout_s:g}s (comm_timeout_s). A peer stopped taking part, crashed, or runs a "
-            f"different configuration. Cause: {exc!r}"
-        )
+        return communication_error(f"ring transfer of step {step}", names, self.timeout_s, exc)
 
     def exchange(
         self,

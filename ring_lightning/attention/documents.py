@@ -126,32 +126,50 @@ class DocumentPlan(FilteredPlan):
         return [it for it in self._plan.items(src, dst) if it not in kept]
 
 
-# One entry: the layers of a model call attention with the same ids tensor in one step, so
-# the all-gather and the CPU copy happen once per step, not once per layer. A weak
-# reference, so a new batch's tensor (possibly at the same address) is never mistaken for it.
-_last: Optional[tuple] = None
-
-
 def tensor_version(t: torch.Tensor) -> int:
     """In-place change counter (-1 for inference tensors, which keep none and cannot change)."""
     return -1 if t.is_inference() else t._version
 
 
+class LastTensorCache:
+    """One value derived from one tensor, kept until another tensor (or key) comes.
+
+    The layers of a model call attention with the same ids tensor in one step, so what is
+    derived from it (an all-gather, a CPU copy) happens once per step, not once per layer.
+    The tensor is held by a weak reference and its in-place version is part of the key, so a
+    new batch's tensor (possibly at the same address) or a changed one is never mistaken for it.
+    """
+
+    def __init__(self) -> None:
+        self._entry: Optional[tuple] = None
+
+    def get(self, t: torch.Tensor, key: tuple):
+        entry = self._entry
+        if entry is not None and entry[0]() is t and entry[1] == (tensor_version(t), key):
+            return entry[2]
+        return None
+
+    def put(self, t: torch.Tensor, key: tuple, value):
+        self._entry = (weakref.ref(t), (tensor_version(t), key), value)
+        return value
+
+
+_documents = LastTensorCache()
+
+
 def documents_for(ids: torch.Tensor, group: Optional[dist.ProcessGroup], layout: str, world: int,
                   already_split: bool) -> Documents:
     """The call's Documents: ``ids`` as given (full sequence) or all-gathered from shards."""
-    global _last
-    key = (tensor_version(ids), id(group), layout, world, already_split)
-    if _last is not None and _last[0]() is ids and _last[1] == key:
-        return _last[2]
+    key = (id(group), layout, world, already_split)
+    docs = _documents.get(ids, key)
+    if docs is not None:
+        return docs
     full = ids
     if already_split and world > 1:
         shards = [torch.empty_like(ids) for _ in range(world)]
         dist.all_gather(shards, ids.contiguous(), group=group)
         full = unshard_sequence(shards, layout, dim=1)  # (B, N)
-    docs = Documents(full)
-    _last = (weakref.ref(ids), key, docs)
-    return docs
+    return _documents.put(ids, key, Documents(full))
 
 
 def document_position_ids(document_ids: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,15 @@
 """Which (query piece, key piece) work exists, and which tokens cross the ring.
 
 Everything here is a pure function of (sequence length, group size, layout, patterns,
-causal, head counts), so every rank derives the same plan without talking: that is how a
+causal, head counts, head offset), so every rank derives the same plan without talking: that is how a
 receiver knows what a sender will send, and how empty work is skipped on both sides.
 
 Terms. A rank's shard is one or two *pieces* (``sharding.Piece``) of length ``P``. A
 pattern ``(w, r)`` with offset ``o`` (query heads ``h`` with ``h % r == o``) selects, in a
-segment, the positions whose in-segment index is ``o mod r``. Two kinds of pattern:
+segment, the positions whose in-segment index is ``o mod r``. ``h`` is the GLOBAL head index:
+a call that holds heads ``[head_offset, head_offset + H)`` of the model (the ring behind an
+all-to-all over heads, ulysses.py) gives its local head ``j`` the offset
+``(j + head_offset) % r``. Two kinds of pattern:
 
 * local (``w`` divides ``P``): every segment lies inside one piece, so the pattern is
   computed from local tokens only, batched over the piece's ``P/w`` segments. No
@@ -78,10 +81,12 @@ class RingPlan:
         num_heads: int,
         num_kv_heads: int,
         sparse: Optional[tuple] = None,
+        head_offset: int = 0,
     ) -> None:
         self.seq_len, self.group_size, self.layout = seq_len, group_size, layout
         self.is_causal = is_causal
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_offset = head_offset  #: global index of local head 0
         # the geometry (pieces, segments, spanning dilations): one message with the length that works
         check_length(seq_len, LengthRules(tuple(w for w, _ in patterns), tuple(r for _, r in patterns),
                                           group_size, layout, sparse[0] if sparse else None))
@@ -101,18 +106,23 @@ class RingPlan:
             self.blocks = block_mask_for(seq_len, *sparse)
 
     # --- heads ------------------------------------------------------------------------
+    def _first_head(self, pattern: Pattern, offset: int) -> int:
+        """The first local head whose GLOBAL index is ``offset`` mod the dilation rate."""
+        return (offset - self.head_offset) % pattern.dilation
+
     def offsets(self, pattern: Pattern) -> List[int]:
         """Offsets that have at least one query head and one selected token per segment."""
         width = pattern.segment if not pattern.spans else self.piece_len
-        return [o for o in range(pattern.dilation) if o < self.num_heads and o < width]
+        return [o for o in range(pattern.dilation)
+                if self._first_head(pattern, o) < self.num_heads and o < width]
 
     def q_heads(self, pattern: Pattern, offset: int) -> slice:
-        return slice(offset, None, pattern.dilation)
+        return slice(self._first_head(pattern, offset), None, pattern.dilation)
 
     def kv_heads(self, pattern: Pattern, offset: int) -> Tuple[List[int], List[int]]:
         """(kv heads to fetch, index into them for each selected query head)."""
         group = self.num_heads // self.num_kv_heads
-        per_q = [h // group for h in range(offset, self.num_heads, pattern.dilation)]
+        per_q = [h // group for h in range(self._first_head(pattern, offset), self.num_heads, pattern.dilation)]
         needed = sorted(set(per_q))
         return needed, [needed.index(g) for g in per_q]
 
@@ -232,5 +242,6 @@ class FilteredPlan:
 
 
 @lru_cache(maxsize=64)
-def get_plan(seq_len, group_size, layout, patterns, is_causal, num_heads, num_kv_heads, sparse=None) -> RingPlan:
-    return RingPlan(seq_len, group_size, layout, patterns, is_causal, num_heads, num_kv_heads, sparse)
+def get_plan(seq_len, group_size, layout, patterns, is_causal, num_heads, num_kv_heads, sparse=None,
+             head_offset=0) -> RingPlan:
+    return RingPlan(seq_len, group_size, layout, patterns, is_causal, num_heads, num_kv_heads, sparse, head_offset)

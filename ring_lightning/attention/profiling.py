@@ -3,7 +3,9 @@
 Compute time is the time of the block kernels; communication time is the time the
 compute stream (CUDA) or the host (CPU) stood waiting for a transfer, i.e. the transfer
 time that the overlap did not hide. Events are resolved lazily, when stats are read, so
-recording them costs no synchronisation on the hot path.
+recording them costs no synchronisation on the hot path. The hybrid's all-to-all over heads
+(ulysses.py) is counted apart: ``all_to_all_bytes`` (sent to the other ranks of the group)
+and ``all_to_all_time_ms`` (the exchanges and their layout copies; not overlapped).
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ class _Timer:
             yield
             self.total += (time.perf_counter() - t0) * 1e3
 
+    def absorb(self, other: "_Timer") -> None:
+        """Take over another timer's spans (figures measured before this one existed)."""
+        self.spans += other.spans
+        self.total += other.total
+
     def ms(self) -> float:
         if self.spans:
             self.spans[-1][1].synchronize()
@@ -62,6 +69,10 @@ class RingProfiler:
         self.skipped_blocks = 0
         self.computed_blocks = 0
         self.computed_tiles = 0
+        # hybrid parallelism (ulysses.py): what this rank sent to the others of its all-to-all group
+        self.ulysses_size = 1
+        self.all_to_all_bytes = 0
+        self.all_to_all = _Timer(device)
         self.steps_log = []
         if profile_memory and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -87,5 +98,9 @@ class RingProfiler:
             "computed_blocks": self.computed_blocks,
             "computed_tiles": self.computed_tiles,
             "calls": self.calls,
+            "ulysses_size": self.ulysses_size,
+            "all_to_all_bytes": self.all_to_all_bytes,
+            "all_to_all_volume_mb": self.all_to_all_bytes / 2**20,
+            "all_to_all_time_ms": self.all_to_all.ms(),
             "steps": list(self.steps_log),
         }

@@ -42,10 +42,12 @@ class TaskPath:
         """How the task attends (``batch``: B, for masks that broadcast over it)."""
         plan = ctx.plan
         # one dropout seed per task, from what every call of this task shares, so that
-        # backward regenerates exactly the forward's mask
+        # backward regenerates exactly the forward's mask; behind an all-to-all (ulysses.py)
+        # the ranks holding other heads of the same pieces draw other masks
+        heads = (plan.head_offset,) if plan.head_offset else ()
         seed = hash((ctx.dropout_seed, task.pattern.index, task.offset,
                      plan.pieces[ctx.rank][task.q_piece].start,
-                     plan.pieces[src][task.k_piece].start)) % (2**62)
+                     plan.pieces[src][task.k_piece].start) + heads) % (2**62)
         documents = None if ctx.documents is None else ctx.documents.task(plan, ctx.rank, task, src)
         return BlockSpec(task.kind == CAUSAL, None, ctx.dropout_p, seed, documents)
 

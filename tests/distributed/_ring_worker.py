@@ -8,6 +8,7 @@ maximum over ranks.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -84,23 +85,35 @@ def reference_for(attn, case, q, k, v, grad):
     return out, lse, dq, dk, dv
 
 
-def run_case(rank: int, world: int, case: dict) -> dict:
+def run_split(rank: int, world: int, case: dict) -> dict:
+    """Each rank passes its own shard (already_split=True): relative errors on its positions.
+
+    The group and layout are the active sequence sharding's if one is entered around the
+    call (the hybrid tests do), else the default group's with the case's layout.
+    """
     attn = module_for(case)
     q, k, v, grad = make_inputs(case)
     ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference_for(attn, case, q, k, v, grad)
+    layout = case.get("fields", {}).get("layout", "auto")
+    layout = "contiguous" if layout == "auto" else layout
+    shard = lambda x: shard_sequence(x, world, rank, layout).contiguous()
+    ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
+    ids = document_ids_for(case)
+    ids = None if ids is None else shard(ids)
+    out, lse = attn(ql, kl, vl, is_causal=case["causal"], already_split=True, return_lse=True,
+                    document_ids=ids)
+    dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), shard(grad))
+    return {"out": rel(out, shard(ref_out)), "lse": rel(lse, shard(ref_lse)),
+            "dq": rel(dq, shard(ref_dq)), "dk": rel(dk, shard(ref_dk)), "dv": rel(dv, shard(ref_dv)),
+            "stats": attn.get_profiling_stats()}
+
+
+def run_case(rank: int, world: int, case: dict) -> dict:
     if case["split"]:
-        layout = case.get("fields", {}).get("layout", "auto")
-        layout = "contiguous" if layout == "auto" else layout
-        shard = lambda x: shard_sequence(x, world, rank, layout).contiguous()
-        ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
-        ids = document_ids_for(case)
-        ids = None if ids is None else shard(ids)
-        out, lse = attn(ql, kl, vl, is_causal=case["causal"], already_split=True, return_lse=True,
-                        document_ids=ids)
-        dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), shard(grad))
-        return {"out": rel(out, shard(ref_out)), "lse": rel(lse, shard(ref_lse)),
-                "dq": rel(dq, shard(ref_dq)), "dk": rel(dk, shard(ref_dk)), "dv": rel(dv, shard(ref_dv)),
-                "stats": attn.get_profiling_stats()}
+        return run_split(rank, world, case)
+    attn = module_for(case)
+    q, k, v, grad = make_inputs(case)
+    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference_for(attn, case, q, k, v, grad)
     qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
     out, lse = attn(qf, kf, vf, is_causal=case["causal"], already_split=False, return_lse=True,
                     document_ids=document_ids_for(case))
@@ -174,16 +187,18 @@ def mismatched_lengths(rank: int, world: int):
     return None
 
 
-def silent_peer(rank: int, world: int):
-    """Rank 1 never calls attention; rank 0 must raise within the timeout, not hang."""
+def silent_peer(rank: int, world: int, variant: str = "distributed", sharding=contextlib.nullcontext):
+    """Rank 1 never calls attention; rank 0 must raise within the timeout, not hang.
+    ``sharding()``: the context rank 0 calls in (the hybrid tests' all-to-all)."""
     if rank == 1:
         time.sleep(8)
         return "idle"
-    attn = create_ring_attention("distributed", comm_timeout_s=2.0)
+    attn = create_ring_attention(variant, comm_timeout_s=2.0)
     q = torch.randn(1, 8, 2, 4)
     t0 = time.monotonic()
     try:
-        attn(q, q, q, already_split=True)
+        with sharding():
+            attn(q, q, q, already_split=True)
     except Exception as exc:
         return (type(exc).__name__, str(exc), time.monotonic() - t0)
     return None

@@ -257,6 +257,20 @@ class TwoLayoutLM(TinyRingLM):
         self.attn2 = MultiheadRingAttention(EMBED, HEADS, batch_first=True, layout="contiguous")
 
 
+class ThreeHeadLM(TinyRingLM):
+    """A ring attention core over 3 heads: no all-to-all over 2 ranks can split them."""
+
+    def __init__(self) -> None:
+        super().__init__("core")
+        self.qkv, self.proj = nn.Linear(EMBED, 3 * 3 * 4), nn.Linear(3 * 4, EMBED)
+
+    def forward(self, input_ids, position_ids):
+        x = self.tok(input_ids) + self.pos(position_ids)
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, 3, 4).unbind(2)  # each (B, T, H=3, D=4)
+        return self.head(x + self.proj(self.core(q, k, v, is_causal=True, already_split=True).reshape(B, T, 12)))
+
+
 class ShortData(TokenData):
     """Sequences of length SEQ - 1: not splittable over 2 ranks."""
 
@@ -269,15 +283,16 @@ def setup_errors(rank: int, world_size: int, ckpt_dir: str) -> Dict[str, Dict]:
     """Each bad configuration under sp=2: the error message and how far training got."""
     _lightning_env(rank, world_size)
     cases = {
-        "no_ring_attention": (NoRingLM, TokenData),
-        "unsplittable_length": (lambda: TinyRingLM("multihead"), ShortData),
-        "modules_disagree_on_layout": (TwoLayoutLM, TokenData),
+        "no_ring_attention": (NoRingLM, TokenData, {}),
+        "unsplittable_length": (lambda: TinyRingLM("multihead"), ShortData, {}),
+        "modules_disagree_on_layout": (TwoLayoutLM, TokenData, {}),
+        "heads_not_divisible_by_ulysses_size": (ThreeHeadLM, TokenData, {"ulysses_size": 2}),
     }
     out = {}
-    for name, (make_model, make_data) in cases.items():
+    for name, (make_model, make_data, kwargs) in cases.items():
         torch.manual_seed(0)
         model = make_model()
-        trainer = _trainer(world_size, RingStrategy(sequence_parallel_size=2), 2, ckpt_dir)
+        trainer = _trainer(world_size, RingStrategy(sequence_parallel_size=2, **kwargs), 2, ckpt_dir)
         loader = DataLoader(make_data(BATCH * STEPS_PER_EPOCH, seed=1), batch_size=BATCH)
         try:
             trainer.fit(model, train_dataloaders=loader)

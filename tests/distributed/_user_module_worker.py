@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import _strategy_worker as W
+from ring_lightning.module import LongDocumentLM
 from ring_lightning.strategy import RingStrategy
 
 STEPS = 4
@@ -57,23 +58,64 @@ class InputLabelsData(W.TokenData):
 DATA = {"uneven": W.TokenData, "empty_shard": EmptyShardData, "input_labels": InputLabelsData}
 
 
+class RecordingDocumentLM(LongDocumentLM):
+    """The reference model (LongDocumentLM: RoPE, GQA, dilated causal attention whose rates
+    exceed H/U, so heads' global offsets matter), recording each step's loss and gradients."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(model={"preset": "tiny", "vocab_size": W.VOCAB}, warmup_steps=0, lr=1e-2, max_steps=STEPS,
+                         attention={"variant": "standard", "segment_lengths": [4, W.SEQ], "dilation_rates": [1, 4]})
+        self.record: Dict[str, List] = {"loss": [], "grads": [], "samples": []}
+
+    def token_loss(self, batch):
+        """What training_step computes at sp=1, for the hand-written reference."""
+        batch = self.prepare_batch(batch)
+        loss, mean_loss = self.reduce_loss(*self.compute_loss(self(batch["input_ids"], batch["position_ids"]), batch))
+        return loss, mean_loss
+
+    def training_step(self, batch, batch_idx):
+        self.record["samples"].append(batch["sample_id"].tolist())
+        return super().training_step(batch, batch_idx)
+
+    def reduce_loss(self, loss_sum, num_tokens):
+        loss, mean_loss = super().reduce_loss(loss_sum, num_tokens)
+        self.record["loss"].append(mean_loss.item())
+        return loss, mean_loss
+
+    def on_before_optimizer_step(self, optimizer):
+        self.record["grads"].append({n: p.grad.detach().clone() for n, p in self.named_parameters()})
+
+
 def _fit(rank: int, world_size: int, sp: int, data: str, ckpt_dir: str, shift_inside: bool = False,
-         **strategy_kwargs) -> Dict:
+         make_model=None, **strategy_kwargs) -> Dict:
     torch.manual_seed(0)
-    model = MeanLossLM(shift_inside)
+    model = MeanLossLM(shift_inside) if make_model is None else make_model()
     trainer = W._trainer(world_size, RingStrategy(sequence_parallel_size=sp, **strategy_kwargs), STEPS, ckpt_dir)
     dp = world_size // sp
     loader = DataLoader(DATA[data](dp * W.BATCH * STEPS, seed=1), batch_size=W.BATCH)
     trainer.fit(model, train_dataloaders=loader)
-    return {"grads": model.record["grads"], "samples": model.record["samples"],
-            "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    stats = [m.get_profiling_stats() for m in trainer.strategy._ring_modules]
+    return {"grads": model.record["grads"], "samples": model.record["samples"], "loss": model.record.get("loss"),
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "ulysses_size": [st["ulysses_size"] for st in stats],
+            "all_to_all_bytes": [st["all_to_all_bytes"] for st in stats]}
 
 
 def fit_mean_loss(rank: int, world_size: int, sp: int, data: str, ckpt_dir: str,
-                  loss_reduction: str = "mean") -> Dict:
-    """STEPS optimizer steps of the mean-loss module under RingStrategy(sp, loss_reduction)."""
+                  loss_reduction: str = "mean", ulysses_size: int = 1) -> Dict:
+    """STEPS optimizer steps of the mean-loss module under RingStrategy(sp, loss_reduction, ulysses_size)."""
     W._lightning_env(rank, world_size)
-    return _fit(rank, world_size, sp, data, ckpt_dir, loss_reduction=loss_reduction)
+    return _fit(rank, world_size, sp, data, ckpt_dir, loss_reduction=loss_reduction, ulysses_size=ulysses_size)
+
+
+def fit_hybrid(rank: int, world_size: int, sp: int, ulysses_size: int, ckpt_dir: str) -> Dict:
+    """The user's mean-loss module and the reference model, each STEPS steps under
+    RingStrategy(sp, ulysses_size=...), in one spawn."""
+    W._lightning_env(rank, world_size)
+    return {"user": _fit(rank, world_size, sp, "uneven", ckpt_dir, ulysses_size=ulysses_size),
+            "model": _fit(rank, world_size, sp, "uneven", ckpt_dir, make_model=RecordingDocumentLM,
+                          ulysses_size=ulysses_size)}
 
 
 def fit_input_labels(rank: int, world_size: int, ckpt_dir: str) -> Dict:
@@ -89,14 +131,17 @@ def fit_input_labels(rank: int, world_size: int, ckpt_dir: str) -> Dict:
     return out
 
 
-def reference(dp: int, data: str, samples: List[List[List[int]]], shift_inside: bool = False) -> Dict:
+def reference(dp: int, data: str, samples: List[List[List[int]]], shift_inside: bool = False,
+              make_model=None) -> Dict:
     """One process, no process group: DDP over ``dp`` replicas of the module at sp=1.
 
     ``samples[step][d]`` are the sample ids replica ``d`` trained on at ``step``.
     """
     torch.manual_seed(0)
-    model = MeanLossLM(shift_inside)
-    opt = model.configure_optimizers()
+    model = MeanLossLM(shift_inside) if make_model is None else make_model()
+    opt, schedule = model.configure_optimizers(), None
+    if isinstance(opt, dict):  # LongDocumentLM: AdamW and a per-step LR schedule
+        opt, schedule = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
     ds = DATA[data](dp * W.BATCH * STEPS, seed=1)
     grads = []
     for step_samples in samples:
@@ -110,4 +155,7 @@ def reference(dp: int, data: str, samples: List[List[List[int]]], shift_inside: 
         (sum(losses) / dp).backward()  # DDP's average over replicas
         grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
         opt.step()
-    return {"grads": grads, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+        if schedule is not None:
+            schedule.step()
+    return {"grads": grads, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "loss": getattr(model, "record", {}).get("loss")}

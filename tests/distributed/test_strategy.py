@@ -54,6 +54,7 @@ def test_ring_is_registered_and_trainer_accepts_the_name():
         (dict(compression_ratio=1.5), "compression_ratio"),
         (dict(powersgd_rank=0), "powersgd_rank"),
         (dict(layout="spiral"), "layout"),
+        (dict(sequence_parallel_size=4, ulysses_size=3), r"strategy.ulysses_size=3 .*\[1, 2, 4\]"),
     ],
 )
 def test_bad_arguments_name_the_field(kwargs, field):
@@ -177,6 +178,17 @@ def _check_sampling(results, dp: int, sp: int):
     return samples
 
 
+def test_ulysses_size_not_dividing_auto_sp_fails_before_process_group(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    trainer = Trainer(
+        strategy=RingStrategy(ulysses_size=4), accelerator="cpu", devices=2,  # sp=auto: 2 per node
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    with pytest.raises(ValueError, match=r"strategy.ulysses_size=4 must divide strategy.sequence_parallel_size=2"):
+        trainer.fit(W.TinyRingLM(), train_dataloaders=W._loaders(1)[0])
+    assert not torch.distributed.is_initialized()
+
+
 @pytest.mark.parametrize(
     "world, sp, attention, compression",
     [
@@ -226,6 +238,9 @@ def test_bad_configurations_fail_before_the_first_step(run_distributed, tmp_path
         # contiguous is chosen, which needs a multiple of 2.
         assert re.search(r"sequence length 15 .*pad 1 more", res["unsplittable_length"]["error"])
         assert "prefer different layouts ['contiguous', 'zigzag']" in res["modules_disagree_on_layout"]["error"]
+        # known at the first forward (the strategy does not know the heads): before any step
+        assert re.search(r"strategy.ulysses_size=2 must divide the number of attention heads \(3\).*\[1\]",
+                         res["heads_not_divisible_by_ulysses_size"]["error"])
 
 
 def test_lightning_launcher_runs_sequence_parallel_and_matches_sp1(tmp_path):

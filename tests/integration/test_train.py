@@ -56,6 +56,19 @@ def test_train_runs_each_variant(tmp_path, data_cache, variant):
     check_run(out, tmp_path)
 
 
+def test_train_runs_with_the_all_to_all_over_heads(tmp_path, data_cache):
+    """`strategy.ulysses_size=2` on 2 processes (Ulysses alone: rings of one rank), packed
+    documents and recomputed blocks passing through the all-to-all."""
+    out = run_train(["strategy.ulysses_size=2", "checkpointing=selective", f"hydra.run.dir={tmp_path}", *TINY],
+                    data_cache)
+    check_run(out, tmp_path)
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    a2a = [float(r["ring/all_to_all_volume_mb"]) for r in rows if r.get("ring/all_to_all_volume_mb")]
+    ring = [float(r["ring/comm_volume_mb"]) for r in rows if r.get("ring/comm_volume_mb")]
+    assert a2a and min(a2a) > 0 and ring and max(ring) == 0, (a2a, ring)
+
+
 def test_train_runs_on_one_device_with_the_defaults(tmp_path, data_cache):
     """One device (as on a machine with one GPU): sequence_parallel_size=auto resolves to 1."""
     out = run_train(["trainer.devices=1", f"hydra.run.dir={tmp_path}", *TINY], data_cache)

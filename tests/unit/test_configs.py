@@ -103,6 +103,16 @@ def test_every_recipe_composes_and_instantiates(tmp_path, recipe):
         sp = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
     assert seq_len % (2 * sp) == 0
     objs["module"].attention_config.patterns(seq_len)  # ValueError if a segment does not divide
+    ulysses = cfg.strategy.ulysses_size  # the all-to-all splits the heads (and, else replicated, kv heads)
+    assert sp % ulysses == 0 and objs["module"].model.config.n_heads % ulysses == 0
+
+
+def test_ulysses_size_override_reaches_the_strategy_and_bad_values_name_it(tmp_path):
+    cfg = compose_cfg(tmp_path, ["strategy.sequence_parallel_size=2", "strategy.ulysses_size=2"])
+    assert instantiate_all(cfg)["strategy"].ulysses_size == 2
+    cfg = compose_cfg(tmp_path, ["strategy.sequence_parallel_size=4", "strategy.ulysses_size=3"])
+    with pytest.raises(Exception, match=r"strategy.ulysses_size=3 .*valid values: \[1, 2, 4\]"):
+        instantiate(cfg.strategy)
 
 
 @pytest.mark.parametrize("recipe", RECIPE_NAMES)
