@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ring_lightning import preflight
 from ring_lightning.callbacks import ConfigAgreement, config_fingerprint, newest_valid_checkpoint
-from ring_lightning.faults import lost_rank_message, peer_failure, stop_local_ranks
+from ring_lightning.faults import first_line, lost_rank_message, peer_failure, stop_local_ranks
 from ring_lightning.hydra_presets import register_model_presets
 from ring_lightning.run_report import MetricsFile
 
@@ -122,9 +122,14 @@ def main(cfg: DictConfig) -> dict:
     except SIGTERMException:
         # Pre-emption (SLURM, scancel, kill): FinalCheckpoint saved last.ckpt of this step on the way out.
         if trainer.is_global_zero:
-            print(f"\n== ring_lightning run interrupted by SIGTERM at step {trainer.global_step} ==\n"
-                  f"checkpoints  {cfg.callbacks.model_checkpoint.dirpath}/last.ckpt holds it (continue: the "
-                  f"same command + hydra.run.dir={cfg.paths.output_dir} resume=true)", flush=True)
+            ckpt, step = trainer.checkpoint_callback, trainer.global_step
+            held = (f"{ckpt.last_model_path} holds it" if ckpt is not None and step > 0
+                    and getattr(ckpt, "_last_global_step_saved", None) == step and ckpt.last_model_path
+                    else "no checkpoint holds this step (none finished, or callbacks.model_checkpoint.save_last "
+                         "is off): resume=true takes the newest checkpoint there is")
+            print(f"\n== ring_lightning run interrupted by SIGTERM at step {step} ==\n"
+                  f"checkpoints  {held} (continue: the same command + hydra.run.dir={cfg.paths.output_dir} "
+                  f"resume=true)", flush=True)
         raise SystemExit(128 + 15)  # the conventional status of a process ended by SIGTERM
     except Exception as exc:
         kind = peer_failure(exc)
@@ -133,7 +138,8 @@ def main(cfg: DictConfig) -> dict:
         # A lost or frozen rank: one message naming it instead of every rank's backend traceback,
         # and no rank left behind waiting in a collective.
         launcher = trainer.strategy.launcher
-        print("\n" + lost_rank_message(kind, trainer.global_rank, launcher, trainer.global_step), flush=True)
+        print("\n" + lost_rank_message(kind, trainer.global_rank, launcher, trainer.global_step)
+              + f"\n  (the backend said: {first_line(exc)})", flush=True)
         stop_local_ranks(launcher)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

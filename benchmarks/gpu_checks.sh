@@ -37,6 +37,8 @@ print(f"steps uninterrupted {len(a)}, interrupted+resumed {len(b)}, same steps {
       f"max |loss difference| {worst:.3g}")
 for s in sorted(a):
     print(s, a[s], b.get(s))
+sys.exit(0 if sorted(a) == sorted(b) and worst <= 1e-5 else 1)  # a resumed run repeats the uninterrupted one
 PY
+echo "rc=$?" >> "$OUT/resume_compare.txt"
 timeout "${PYTEST_TIMEOUT:-300}" python -m pytest -q -p no:cacheprovider tests/gpu > "$OUT/pytest_gpu.log" 2>&1
 echo "rc=$?" >> "$OUT/pytest_gpu.log"

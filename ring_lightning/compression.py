@@ -10,7 +10,7 @@ the averaged bucket. Methods:
   the world size. Biased, so error feedback (Stich et al. 2018, "Sparsified SGD with
   memory") keeps what was not sent and adds it to the next step's gradient.
 * ``randomk``: the same, with indices drawn at random. All ranks draw the SAME indices
-  from a generator seeded by (seed, step, bucket), so the values can be all-reduced and
+  from a generator seeded by (seed, step, parameter), so the values can be all-reduced and
   no indices travel: half the bytes of all-gathering values and indices, and the sum is
   a plain all-reduce. Not rescaled by ``1/ratio``: with error feedback the unsent part
   arrives later instead of being amplified noise now.
@@ -18,7 +18,7 @@ the averaged bucket. Methods:
   within the bucket) and keep their error feedback per parameter name, so nothing depends
   on how DDP groups parameters into buckets (it regroups them after the first step, and a
   resumed run starts from the initial grouping): a checkpoint carries the memory and the
-  step counter (``compression_state`` / ``restore_compression_state``) and a resumed run
+  step counter (``compression_checkpoint.py``) and a resumed run
   compresses exactly as the uninterrupted one.
 * ``powersgd``: torch's ``powerSGD_hook`` (Vogels et al. 2019), low-rank approximation
   of every matrix-shaped gradient, ``rank`` = matrix approximation rank.
@@ -344,37 +344,6 @@ def register_compression_hook(
         state, hook = PowerSGDHookState(inner), powersgd_hook
     ddp_model.register_comm_hook(state, hook)
     return state
-
-
-# ------------------------------------------------------------------- checkpoints
-CHECKPOINT_KEY = "compression_states"  #: checkpoint entry: every rank's hook state, by rank
-
-
-def gather_compression_state(state: Any) -> Optional[List[Dict[str, Any]]]:
-    """Every rank's hook state (error feedback is each rank's own), gathered on rank 0 for its
-    checkpoint; ``None`` on the other ranks and for stateless hooks. A collective: every rank
-    calls it. Size: one copy of the parameters per rank for ``topk``/``randomk`` memories."""
-    if not hasattr(state, "state_dict"):
-        return None
-    mine = state.state_dict()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [mine]
-    everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(mine, everyone, dst=0)
-    return everyone
-
-
-def restore_compression_state(state: Any, saved: Optional[List[Dict[str, Any]]], rank: int) -> None:
-    """Give the hook this rank's saved state (a resumed run on the same number of ranks)."""
-    if state is None or not saved or not hasattr(state, "load_state_dict"):
-        return
-    if len(saved) != dist.get_world_size():
-        import warnings
-
-        warnings.warn(f"the checkpoint's gradient-compression state is from {len(saved)} ranks, this run has "
-                      f"{dist.get_world_size()}: the compression memory starts empty", stacklevel=2)
-        return
-    state.load_state_dict(saved[rank])
 
 
 # --------------------------------------------------------------- usage-guide forwarding

@@ -28,18 +28,36 @@ _TIMEOUT = ("timed out waiting", "application timeout caused pair closure", "did
 _PARENT = os.getppid()  # a rank Lightning started is a child of rank 0
 
 
+def _from_a_collective(exc: BaseException) -> bool:
+    """Raised by torch.distributed (or the ring's own transfers), not by other network code
+    (the hub, wandb) that runs inside ``fit`` too."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())) or type(exc).__name__ == "RingCommunicationError":
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in ("gloo", "nccl", "pair closure", "processgroup"))
+
+
 def peer_failure(exc: BaseException) -> Optional[str]:
     """``"connection"`` (a peer process went away), ``"timeout"`` (a peer stopped answering),
-    or ``None`` (not a lost peer), read from the exception and its causes."""
+    or ``None`` (not a lost peer), read from the collective errors in the exception's chain."""
     seen = exc
     while seen is not None:
-        text = str(seen).lower()
-        if any(marker in text for marker in _CONNECTION):
-            return "connection"
-        if any(marker in text for marker in _TIMEOUT):
-            return "timeout"
+        if _from_a_collective(seen):
+            text = str(seen).lower()
+            if any(marker in text for marker in _CONNECTION):
+                return "connection"
+            if any(marker in text for marker in _TIMEOUT):
+                return "timeout"
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def first_line(exc: BaseException) -> str:
+    """The backend's own words, shortened: kept beside our message, never replaced by it."""
+    line = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    return f"{type(exc).__name__}: {line[:300]}"
 
 
 def describe_exit(returncode: int) -> str:
@@ -77,7 +95,8 @@ def lost_rank_message(kind: str, global_rank: int, launcher, step: int) -> str:
         who = "another rank"
     if kind == "timeout":
         what = (f"{who} stopped answering: a collective timed out (a rank is frozen, or much slower than the "
-                f"others; the ring waits variant.comm_timeout_s, other collectives the strategy's timeout)")
+                f"others; the ring waits the attention's comm_timeout_s, +variant.comm_timeout_s=<s> on the "
+                f"command line, other collectives RingStrategy(timeout=...), 30 min by default)")
     else:
         what = f"lost {who}: its connection closed (the process ended: see its own log for why)"
     return (f"rank {global_rank}: {what}. Training stopped at step {step}; every rank is being stopped. "

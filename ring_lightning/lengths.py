@@ -188,8 +188,11 @@ def check_trainer_length(seq_len: int, trainer, override: str = "seq_len") -> No
     if module is None:
         return
     sp = getattr(strategy, "sequence_parallel_size", 1)
+    ring = sp // getattr(strategy, "ulysses_size", 1)  # the ring runs over sp/U ranks after the all-to-all
     layout = getattr(strategy, "layout", "auto")
     for attn in ring_attention_modules(module):
         cfg = attn.config
-        rules = cfg.length_rules(sp, cfg.layout if layout == "auto" else layout, attn.variant)
-        check_length(seq_len, rules, override)
+        chosen = cfg.layout if layout == "auto" else layout
+        check_length(seq_len, cfg.length_rules(ring, chosen, attn.variant), override)
+        if ring != sp:
+            check_length(seq_len, LengthRules(group_size=sp, layout=chosen), override)  # the strategy's cut

@@ -28,7 +28,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from ring_lightning.lengths import length_error
+from ring_lightning.lengths import LengthRules, length_error
 
 EXIT_CONFIG_ERROR = 2
 _RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK")  # torchrun, SLURM, Lightning's own launcher
@@ -116,21 +116,33 @@ def devices_per_node(trainer: DictConfig) -> int:
     return count
 
 
-def _sequence_parallel(cfg: DictConfig, per_node: int) -> Tuple[int, str]:
-    """(sp, layout) the strategy will use; (1, contiguous) for a strategy that splits nothing."""
+def _sequence_parallel(cfg: DictConfig, per_node: int) -> Tuple[int, int, str]:
+    """(sp, ulysses_size, layout) the strategy will use; (1, 1, contiguous) for a strategy that
+    splits nothing. The rules themselves are the strategy's own (sequence_groups.py)."""
+    from ring_lightning.sequence_groups import check_ulysses_size, check_world_size
+
     strategy = cfg.get("strategy") or {}
     if not str(strategy.get("_target_", "")).endswith("RingStrategy"):
-        return 1, "contiguous"
+        return 1, 1, "contiguous"
     sp = strategy.get("sequence_parallel_size", "auto")
     world = per_node * int(cfg.trainer.get("num_nodes", 1) or 1)
     if sp == "auto":
         sp = per_node
-    elif isinstance(sp, int) and not isinstance(sp, bool) and sp >= 1 and world % sp:
-        valid = [k for k in range(1, world + 1) if world % k == 0]
-        raise ConfigError(f"strategy.sequence_parallel_size={sp} does not divide the world size {world} "
-                          f"(trainer.num_nodes x trainer.devices); valid values: {valid} or auto, or launch "
-                          f"more processes with trainer.devices=...")
-    return (sp if isinstance(sp, int) else 1), str(strategy.get("layout", "auto"))
+    if not isinstance(sp, int) or isinstance(sp, bool) or sp < 1:
+        return 1, 1, str(strategy.get("layout", "auto"))  # the strategy names a malformed value itself
+    ulysses = strategy.get("ulysses_size", 1)
+    try:
+        check_world_size(world, sp)
+        check_ulysses_size(ulysses, sp)
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("sequence_parallel_size=", "strategy.sequence_parallel_size=", 1)
+                          if not str(exc).startswith("strategy.") else str(exc)) from exc
+    heads = (cfg.get("model") or {}).get("n_heads")
+    if isinstance(heads, int) and heads % ulysses:
+        raise ConfigError(f"strategy.ulysses_size={ulysses} must divide the model's heads (model.n_heads={heads}): "
+                          f"the all-to-all hands each rank heads/ulysses_size heads; valid values: "
+                          f"{[u for u in range(1, sp + 1) if sp % u == 0 and heads % u == 0]}")
+    return sp, ulysses, str(strategy.get("layout", "auto"))
 
 
 def check_sequence_length(cfg: DictConfig, per_node: int) -> None:
@@ -146,11 +158,13 @@ def check_sequence_length(cfg: DictConfig, per_node: int) -> None:
         config = RingAttentionConfig(**attention)
     except (TypeError, ValueError) as exc:
         raise ConfigError(_with_group(str(exc), [("variant", cfg.get("variant"))])) from exc
-    sp, layout = _sequence_parallel(cfg, per_node)
+    sp, ulysses, layout = _sequence_parallel(cfg, per_node)
     if layout == "auto":
         layout = config.layout
-    rules = config.length_rules(sp, layout, variant)
-    message = length_error(seq_len, rules, override="data.seq_len")
+    # the ring (after the all-to-all) runs over sp/U ranks; the strategy still cuts over all sp
+    rules = config.length_rules(sp // ulysses, layout, variant)
+    message = length_error(seq_len, rules, override="data.seq_len") or (
+        length_error(seq_len, LengthRules(group_size=sp, layout=layout), override="data.seq_len") if ulysses > 1 else None)
     if message is None:
         return
     if rules.block_size and seq_len % rules.block_size:

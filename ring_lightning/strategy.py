@@ -43,9 +43,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ring_lightning import loss_contract, sharding, sequence_groups
 from ring_lightning.attention import ring_attention_modules
-from ring_lightning.compression import CHECKPOINT_KEY as COMPRESSION_CHECKPOINT_KEY
-from ring_lightning.compression import (check_compression_args, gather_compression_state, register_compression_hook,
-                                        resolve_compression, restore_compression_state)
+from ring_lightning.compression import check_compression_args, register_compression_hook, resolve_compression
+from ring_lightning.compression_checkpoint import CHECKPOINT_KEY as COMPRESSION_CHECKPOINT_KEY
+from ring_lightning.compression_checkpoint import gather_compression_state, restore_compression_state, this_rank_state
 from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
 
 #: Mesh axes, outer to inner. Ranks ``[d*sp, (d+1)*sp)`` form sequence group ``d``.
@@ -164,7 +164,7 @@ class RingStrategy(DDPStrategy):
         self._batch_layout = "contiguous"  # of the last sharded batch, read by _batch_sharding()
         self._layout_by_len: Dict[int, str] = {}
         self._compression_state: Any = None
-        self._compression_resume: Optional[list] = None  # a checkpoint's hook states, until the hook exists
+        self._compression_resume: Optional[tuple] = None  # this rank's saved hook state, until the hook exists
 
     # ------------------------------------------------------------------ mesh
 
@@ -378,16 +378,11 @@ class RingStrategy(DDPStrategy):
         if method == "none":
             super()._register_ddp_hooks()  # a user's own ddp_comm_hook (Lightning: CUDA only)
             return
-        self._compression_state = register_compression_hook(
-            self.model,
-            method,
-            process_group=None,  # DDP reduces over the whole (dp, sp) world
-            ratio=ratio,
-            rank=self.powersgd_rank,
-            error_feedback=error_feedback,
-            powersgd_start_iter=self.powersgd_start_iter,
-        )
-        restore_compression_state(self._compression_state, self._compression_resume, self.global_rank)
+        self._compression_state = register_compression_hook(  # over the whole (dp, sp) world, as DDP reduces
+            self.model, method, process_group=None, ratio=ratio, rank=self.powersgd_rank,
+            error_feedback=error_feedback, powersgd_start_iter=self.powersgd_start_iter)
+        restore_compression_state(self._compression_state, self._compression_resume)
+        self._compression_resume = None
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         # Every rank's error feedback rides in the checkpoint, so a resume compresses as before.
@@ -398,7 +393,7 @@ class RingStrategy(DDPStrategy):
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         # Restored before the DDP hooks exist (Lightning: weights first, then setup): kept until then.
-        self._compression_resume = checkpoint.get(COMPRESSION_CHECKPOINT_KEY)
+        self._compression_resume = this_rank_state(checkpoint.get(COMPRESSION_CHECKPOINT_KEY), self.global_rank)
         super().load_model_state_dict(checkpoint, strict=strict)
 
     @property
@@ -409,6 +404,4 @@ class RingStrategy(DDPStrategy):
 
 
 if "ring" not in StrategyRegistry:
-    StrategyRegistry.register(
-        "ring", RingStrategy, description="Sequence-parallel ring attention over a (dp, sp) mesh"
-    )
+    StrategyRegistry.register("ring", RingStrategy, description="Sequence-parallel ring attention over a (dp, sp) mesh")

@@ -203,12 +203,11 @@ class HilbertRingAttention(RingAttentionBase):
             warnings.warn("RingAttentionConfig.hilbert_curve_level has no effect with grid_shape: the curve "
                           "runs over the token grid", UserWarning, stacklevel=2)
 
-    def forward(self, q, k, v, is_causal: bool = False, already_split: bool = False,
-                return_lse: bool = False, document_ids: Optional[torch.Tensor] = None):
+    def _attend(self, q, k, v, is_causal, already_split, return_lse, document_ids):
         if self._grid is not None and document_ids is not None:
             raise ValueError("document_ids cannot be combined with grid_shape: a token grid is one image or video "
                              "per row; pass document_ids=None or set grid_shape=None for packed 1-D documents")
-        return super().forward(q, k, v, is_causal, already_split, return_lse, document_ids)
+        return super()._attend(q, k, v, is_causal, already_split, return_lse, document_ids)
 
     def _grid_for(self, seq_len: int) -> Optional[TokenGrid]:
         if self._grid is not None:

@@ -5,8 +5,9 @@ Same constructor order (``embed_dim, num_heads, dropout, bias``), same ``batch_f
 ``out, _ = mha(x, x, x)`` works as with torch. ``weights`` is None with
 ``need_weights=False``; with ``need_weights=True`` (torch's default) they are computed
 only where they exist as one matrix: one device, dense pattern, no block mask, no packed
-documents (then, like torch, an (B, T, S) matrix averaged over heads, or (B, H, T, S) with
-``average_attn_weights=False``, before dropout). Under a split sequence the full weights
+documents, no token grid (then, like torch, an (B, T, S) matrix averaged over heads, or
+(B, H, T, S) with ``average_attn_weights=False``; unlike torch's, before dropout: the ring
+applies dropout inside its kernels, so with dropout > 0 these are the undropped weights). Under a split sequence the full weights
 are never formed (that is the point of the ring): a ValueError says to pass
 ``need_weights=False``. ``attn_mask`` / ``key_padding_mask`` are not supported: use
 ``is_causal=True`` and ``document_ids=`` (packed documents).
@@ -102,7 +103,8 @@ class MultiheadRingAttention(nn.Module):
         where = ("the sequence is split over ranks" if split else
                  "the pattern is dilated or segmented" if cfg.segment_lengths is not None else
                  "the block_sparse variant masks blocks" if self.attention.variant == "block_sparse" else
-                 "packed documents mask it" if document_ids is not None else None)
+                 "packed documents mask it" if document_ids is not None else
+                 "a token grid windows it" if getattr(cfg, "grid_shape", None) is not None else None)
         if where is not None:
             raise ValueError(f"need_weights=True: the attention weights are never formed as one matrix here "
                              f"({where}); pass need_weights=False (weights is then None)")

@@ -16,7 +16,8 @@ labels), and cached as a memory-mapped ``datasets`` table under ``cache_dir``
 
 One idea per module: ``tokenizers``, ``sources``, ``packing`` (documents -> windows ->
 samples), ``cache`` (windows on disk), ``tasks`` (the retrieval task and its metric) and
-``datamodule`` (the LightningDataModule that wires them). Every public name is re-exported
+``datamodule`` (the LightningDataModule that wires them), ``resumable`` (a training loader a
+resumed run continues at its batch: usable in your own data module). Every public name is re-exported
 here, so ``ring_lightning.data.LongDocumentDataModule`` (the path the configs use) works.
 
 ``datasets`` is imported inside functions: ``import ring_lightning.data`` works without it.
@@ -26,6 +27,7 @@ from ring_lightning.constants import IGNORE_INDEX
 from ring_lightning.data.cache import CACHE_VERSION, default_cache_dir, load_windows, save_windows, window_cache_path
 from ring_lightning.data.datamodule import SOURCES, LongDocumentDataModule
 from ring_lightning.data.packing import WindowDataset, pack_documents
+from ring_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoader
 from ring_lightning.data.sources import (
     TEXT_SOURCES,
     FileSource,
@@ -76,4 +78,6 @@ __all__ = [
     "RetrievalTask",
     "retrieval_accuracy",
     "LongDocumentDataModule",
+    "ResumableDataLoader",
+    "EpochShuffleSampler",
 ]

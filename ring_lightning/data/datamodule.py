@@ -188,13 +188,15 @@ class LongDocumentDataModule(pl.LightningDataModule):
         self.val_dataset = WindowDataset(table.select(range(n_train, len(table))), eos, self.return_document_ids)
 
     # ------------------------------------------------------------------ dataloaders
-    def _training_position(self) -> Tuple[int, int]:
-        """(epoch, batches the training loop has processed in it): the data position a
-        checkpoint keeps (``ResumableDataLoader``)."""
+    def _training_position(self) -> Tuple[int, int, int]:
+        """(epoch, batches the training loop has processed in it, batches it takes per epoch):
+        the data position a checkpoint keeps (``ResumableDataLoader``)."""
         trainer = self.trainer
         if trainer is None:
-            return 0, 0
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            return 0, 0, 0
+        per_epoch = trainer.num_training_batches
+        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return trainer.current_epoch, processed, int(per_epoch) if per_epoch != float("inf") else 2**62
 
     def train_dataloader(self) -> DataLoader:
         # No DistributedSampler here: Lightning inserts one with the strategy's
@@ -207,6 +209,9 @@ class LongDocumentDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            # its own generator: building an iterator then draws the workers' base seed from it,
+            # not from the global one (whose state a checkpoint restores: RandomState)
+            generator=torch.Generator().manual_seed(self.seed),
             position=self._training_position,
         )
 

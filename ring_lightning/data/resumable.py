@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-Position = Callable[[], Tuple[int, int]]  # () -> (epoch, batches processed in it)
+Position = Callable[[], Tuple[int, int, int]]  # () -> (epoch, batches processed in it, batches it has)
 
 
 class EpochShuffleSampler(RandomSampler):
@@ -64,7 +64,8 @@ class _SkipWhileResuming:
 class ResumableDataLoader(DataLoader):
     """``DataLoader`` plus Lightning's resumable-loader protocol (``state_dict`` /
     ``load_state_dict``). ``position()`` returns (epoch, batches the training loop has
-    processed in it); every other argument is ``DataLoader``'s."""
+    processed in it, batches the loop takes per epoch: fewer than ``len(self)`` under
+    ``limit_train_batches``); every other argument is ``DataLoader``'s."""
 
     def __init__(self, dataset, *args: Any, position: Optional[Position] = None, **kwargs: Any) -> None:
         super().__init__(dataset, *args, **kwargs)
@@ -73,8 +74,9 @@ class ResumableDataLoader(DataLoader):
         self._skip_now = 0
 
     def state_dict(self) -> Dict[str, int]:
-        epoch, batches = self.position() if self.position is not None else (0, 0)
-        return {"epoch": int(epoch), "batches": int(batches), "num_batches": len(self)}
+        epoch, batches, epoch_batches = self.position() if self.position is not None else (0, 0, len(self))
+        return {"epoch": int(epoch), "batches": int(batches), "epoch_batches": int(epoch_batches),
+                "num_batches": len(self)}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self._resume = dict(state)
@@ -90,7 +92,7 @@ class ResumableDataLoader(DataLoader):
         state, self._resume = self._resume, None
         if state is None:
             return 0
-        finished = state["batches"] >= state["num_batches"]
+        finished = state["batches"] >= state.get("epoch_batches", state["num_batches"])
         for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(state["epoch"] + 1 if finished else state["epoch"])

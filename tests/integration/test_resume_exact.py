@@ -33,7 +33,7 @@ def interrupted_and_resumed(tmp_path, data_cache, args, stop_at, max_steps, **kw
     out = run_train([*common, "+callbacks.sigterm._target_=_interrupt.SigtermAtStep",
                      f"+callbacks.sigterm.step={stop_at}"], data_cache, expect_failure=True, env=env, **kw)
     assert f"interrupted by SIGTERM at step {stop_at}" in out, out[-4000:]
-    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").exists() and "last.ckpt holds it" in out
     out = run_train([*common, "resume=true"], data_cache, **kw)
     assert f"resumed from {run_dir / 'checkpoints' / 'last.ckpt'}" in out, out[-3000:]
     assert "not resumable" not in out  # Lightning's warning for loaders that restart their epoch

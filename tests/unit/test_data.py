@@ -194,6 +194,12 @@ def test_bad_arguments_raise_value_error_naming_field(kwargs, field):
 from ring_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoader  # noqa: E402
 
 
+class _Recording(list):
+    def __getitem__(self, i):
+        self.read.append(i)
+        return super().__getitem__(i)
+
+
 def _batches(loader):
     return [b.tolist() for b in loader]
 
@@ -202,8 +208,9 @@ def _batches(loader):
 def test_resumable_loader_continues_at_the_saved_batch_once(num_workers):
     """A loader restored 3 batches into epoch 1 yields that epoch's batches 3.. exactly, loads
     no skipped sample, keeps its full length, and yields whole epochs afterwards."""
-    data = list(range(20))
-    position = {"now": (1, 3)}
+    data = _Recording(range(20))
+    data.read = []
+    position = {"now": (1, 3, 5)}
 
     def make():
         return ResumableDataLoader(data, batch_size=4, sampler=EpochShuffleSampler(data, seed=7),
@@ -218,29 +225,47 @@ def test_resumable_loader_continues_at_the_saved_batch_once(num_workers):
     assert epoch1 != epoch2 and sorted(sum(epoch1, [])) == data  # a new order per epoch, every sample once
 
     saved = reference.state_dict()
-    assert saved == {"epoch": 1, "batches": 3, "num_batches": 5}
+    assert saved == {"epoch": 1, "batches": 3, "epoch_batches": 5, "num_batches": 5}
     resumed = make()
     resumed.load_state_dict(saved)  # the loader sets its sampler's epoch: Lightning does so too late
     assert len(resumed) == 5
+    data.read.clear()
     assert _batches(resumed) == epoch1[3:]
+    if num_workers == 0:  # (a worker's reads happen in its own process)
+        assert sorted(data.read) == sorted(sum(epoch1[3:], []))  # the skipped batches were never loaded
     resumed.sampler.set_epoch(2)
-    position["now"] = (2, 0)
+    position["now"] = (2, 0, 5)
     assert _batches(resumed) == epoch2  # the skip applies to the resumed epoch only
 
 
 def test_resumable_loader_starts_the_next_epoch_whole_after_an_end_of_epoch_checkpoint():
     data = list(range(8))
-    make = lambda: ResumableDataLoader(data, batch_size=2, sampler=EpochShuffleSampler(data), position=lambda: (0, 4))
+    make = lambda: ResumableDataLoader(data, batch_size=2, sampler=EpochShuffleSampler(data), position=lambda: (0, 4, 4))
     reference = make()
     reference.sampler.set_epoch(1)
     loader = make()
     loader.load_state_dict({"epoch": 0, "batches": 4, "num_batches": 4})
     assert _batches(loader) == _batches(reference)  # epoch 1, whole, before Lightning sets the epoch
+    # under trainer.limit_train_batches=2 the loop's epoch ends after 2 of the loader's 4 batches
+    loader = make()
+    loader.load_state_dict({"epoch": 0, "batches": 2, "epoch_batches": 2, "num_batches": 4})
+    assert _batches(loader) == _batches(reference)
+
+
+def test_resumable_loader_leaves_the_global_random_generator_alone():
+    """Building an iterator draws the workers' base seed from the loader's own generator: the
+    global generator, which a checkpoint restores (RandomState), is where the run left it."""
+    data = list(range(8))
+    loader = ResumableDataLoader(data, batch_size=2, sampler=EpochShuffleSampler(data),
+                                 generator=torch.Generator().manual_seed(0), position=lambda: (0, 0, 4))
+    before = torch.get_rng_state()
+    _batches(loader)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_resumable_loader_warns_when_the_epoch_length_changed():
     data = list(range(8))
-    loader = ResumableDataLoader(data, batch_size=2, sampler=EpochShuffleSampler(data), position=lambda: (0, 1))
+    loader = ResumableDataLoader(data, batch_size=2, sampler=EpochShuffleSampler(data), position=lambda: (0, 1, 8))
     loader.load_state_dict({"epoch": 0, "batches": 1, "num_batches": 8})
     with pytest.warns(UserWarning, match="data.batch_size"):
         assert len(_batches(loader)) == 4

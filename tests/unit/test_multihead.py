@@ -68,3 +68,25 @@ def test_multihead_says_when_weights_do_not_exist_and_what_to_pass():
         MultiheadRingAttention(16, 4)(x[0], need_weights=False)
     out, weights = mha(x, need_weights=False)
     assert out.shape == x.shape and weights is None
+
+
+@pytest.mark.parametrize("variant", ["hilbert", "block_sparse", "distributed"])
+def test_every_variant_runs_under_multihead_and_qkv_layout(variant):
+    """Variants that refine the core (hilbert's grid and document checks) take the same
+    arguments as the base: qkv_layout reaches them through MultiheadRingAttention."""
+    torch.manual_seed(0)
+    fields = {"block_size": 4} if variant == "block_sparse" else {}
+    mha = MultiheadRingAttention(16, 4, batch_first=True, variant=variant, **fields)
+    x = torch.randn(2, 8, 16)
+    out, _ = mha(x, x, x, need_weights=False, is_causal=True)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    q = torch.randn(1, 2, 8, 4)  # (B, H, T, D)
+    assert create_ring_attention(variant, **fields)(q, q, q, qkv_layout="bhtd").shape == q.shape
+
+
+def test_multihead_refuses_weights_under_a_token_grid():
+    mha = MultiheadRingAttention(16, 4, batch_first=True, variant="hilbert", grid_shape=[4, 4], grid_window=1)
+    x = torch.randn(1, 16, 16)
+    with pytest.raises(ValueError, match=r"token grid.*need_weights=False"):
+        mha(x, x, x)
+    assert mha(x, x, x, need_weights=False)[0].shape == x.shape

@@ -74,7 +74,7 @@ def test_layout_and_ranks_count_in_the_length(tmp_path):
 
 def test_devices_and_sequence_parallel_size(tmp_path):
     refused(compose_cfg(tmp_path, "strategy.sequence_parallel_size=3"),
-            r"strategy\.sequence_parallel_size=3 does not divide the world size 2.*valid values: \[1, 2\]")
+            r"strategy\.sequence_parallel_size=3 does not divide the world size 2.*valid values for this world: \[1, 2\]")
     refused(compose_cfg(tmp_path, "trainer.devices=0"), r"trainer\.devices=0 is not valid")
 
 
@@ -130,3 +130,18 @@ def test_data_module_checks_its_length_against_the_trainers_attention_at_setup()
         data.setup("fit")
     data.seq_len = 512
     data.setup("fit")
+
+
+def test_hybrid_groups_are_checked_before_launch_with_the_ring_over_sp_over_u(tmp_path):
+    """Under ulysses_size=U the segment rules hold over the ring's sp/U ranks (what the ring
+    checks at its first step), not over sp; U must divide sp and the heads."""
+    four = ["trainer.devices=4", "strategy.sequence_parallel_size=4"]
+    # length 48, one segment of 48 at rate 8: over 4 ranks the rate does not divide the 12-token
+    # piece, over the ring's 2 ranks (U=2) it divides the 24-token piece.
+    seg = ["data.seq_len=48", "variant.segment_lengths=[48]", "variant.dilation_rates=[8]"]
+    refused(compose_cfg(tmp_path, *four, *seg), "data.seq_len")
+    preflight.check_config(compose_cfg(tmp_path, *four, *seg, "strategy.ulysses_size=2"))
+    refused(compose_cfg(tmp_path, *four, "strategy.ulysses_size=3"),
+            r"strategy\.ulysses_size=3 must divide strategy\.sequence_parallel_size=4.*valid values: \[1, 2, 4\]")
+    refused(compose_cfg(tmp_path, *four, "strategy.ulysses_size=4", "model.n_heads=2", "model.dim=64"),
+            r"strategy\.ulysses_size=4 must divide the model's heads \(model\.n_heads=2\).*valid values: \[1, 2\]")
