@@ -142,11 +142,35 @@ class FinalCheckpoint(pl.Callback):
     run ending between intervals left ``last.ckpt`` at an older step. This asks the same
     ModelCheckpoint to save its ``last`` once more, so its bookkeeping (``last_model_path``,
     file names, rank-0 file checks) stays its own. It runs before ModelCheckpoint's own
-    ``on_train_end`` (Lightning moves checkpoint callbacks last). On SIGTERM, Lightning
-    agrees across ranks to stop at the next batch boundary and raises ``SIGTERMException``
-    on every rank; the checkpoint is then written there (every rank takes part), at a step
-    boundary, so the resumed run continues with the next batch.
+    ``on_train_end`` (Lightning moves checkpoint callbacks last).
+
+    SIGTERM: Lightning's own handler broadcasts from inside the signal handler, which can meet
+    another collective on some rank and hang the job (seen with 4 gloo ranks). This one only
+    notes the signal. At the end of every batch, a point every rank reaches in the same order,
+    the ranks agree on it (an all-reduce of one flag, beside Lightning's own per-step
+    broadcast) and set Lightning's flag together, so Lightning raises ``SIGTERMException`` on
+    every rank at the same point, once the batch is logged. ``last.ckpt`` is then written in
+    ``on_exception`` (every rank takes part) and the resumed run continues with the next batch.
     """
+
+    def __init__(self) -> None:
+        self._sigterm = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import signal
+
+        if hasattr(signal, "SIGTERM") and threading_main():  # (Lightning registered its own just before)
+            signal.signal(signal.SIGTERM, self._note_sigterm)
+
+    def _note_sigterm(self, signum, frame) -> None:
+        self._sigterm = True  # no collective here: a handler runs between any two bytecodes
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        flag = torch.tensor([int(self._sigterm)], device=pl_module.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item():  # every rank alike: Lightning raises at the end of this batch (on_advance_end)
+            trainer._signal_connector.received_sigterm = True
 
     def _save_last(self, trainer) -> None:
         ckpt = trainer.checkpoint_callback
@@ -162,6 +186,13 @@ class FinalCheckpoint(pl.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             self._save_last(trainer)
+
+
+def threading_main() -> bool:
+    """Signal handlers can be set only from the main thread."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 class RandomState(pl.Callback):

@@ -8,11 +8,14 @@ import lightning.pytorch as pl
 
 
 class SigtermAtStep(pl.Callback):
+    """Rank 0 sends itself a real SIGTERM (as SLURM pre-emption or `kill` would) during the
+    batch that ends at ``step``; train.py is then expected to stop cleanly after it."""
+
     def __init__(self, step: int) -> None:
         self.step, self.sent = int(step), False
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.is_global_zero and trainer.global_step == self.step and not self.sent:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.is_global_zero and trainer.global_step == self.step - 1 and not self.sent:
             self.sent = True
             os.kill(os.getpid(), signal.SIGTERM)
 
