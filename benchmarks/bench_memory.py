@@ -182,6 +182,8 @@ def main() -> None:
     ap.add_argument("--cost", default=",".join(COST))
     ap.add_argument("--cost-len", type=int, default=131072)
     ap.add_argument("--longest", default=",".join(LONGEST), help="preset:vocab:option:tokens, comma-separated")
+    ap.add_argument("--cost-steps", type=int, default=3)
+    ap.add_argument("--name", default="bench_memory", help="results file name (<out>/<name>.json)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, short sequences")
     args = ap.parse_args()
@@ -201,7 +203,7 @@ def main() -> None:
     if "cost" in suites:
         result["cost"] = []
         for spec in args.cost.split(","):
-            result["cost"].append(one_row(spec, args.cost_len, device, steps=3))
+            result["cost"].append(one_row(spec, args.cost_len, device, steps=args.cost_steps))
             print({k: v for k, v in result["cost"][-1].items() if k != "losses"}, flush=True)
             _free()
     if "longest" in suites:
@@ -211,7 +213,7 @@ def main() -> None:
             result["longest"].append(one_row(spec, n, device, dilated=True))
             print({k: v for k, v in result["longest"][-1].items() if k != "losses"}, flush=True)
             _free()
-    with open(os.path.join(args.out, "bench_memory.json"), "w") as f:
+    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"\n## {card}")
     for r in result.get("slopes", []):
