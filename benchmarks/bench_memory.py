@@ -7,7 +7,7 @@
     python benchmarks/bench_memory.py --dry-run       # CPU smoke test (tiny shapes)
 
 One training step is what ``LongDocumentLM`` does under Lightning with ``bf16-mixed``: bf16
-autocast forward, the module's own loss (``token_loss``: the chunked head + cross-entropy
+autocast forward, the module's own loss (``loss_sums``: the chunked head + cross-entropy
 unless the option says ``logits``), backward, ``clip_grad_norm_(1.0)``, AdamW. Batch 1, one
 sequence on one GPU. Peak = ``torch.cuda.max_memory_allocated`` over the second step (the
 first allocates AdamW's state); host = the pinned bytes of the offloaded inputs.
@@ -76,7 +76,7 @@ def _ours(preset: str, vocab: int, option: str, dilated: bool, device):
     optimizer = module.configure_optimizers()["optimizer"]
 
     def loss_of(batch):
-        loss_sum, count, _ = module.token_loss(module.prepare_batch(batch))
+        loss_sum, count, _ = module.loss_sums(module.prepare_batch(batch))
         return loss_sum / count
 
     host = (lambda: module.model._offload.host_bytes) if module.model._offload is not None else (lambda: 0)

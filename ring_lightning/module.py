@@ -263,7 +263,7 @@ class LongDocumentLM(pl.LightningModule):
         loss = loss_sum / torch.as_tensor(num_tokens, device=loss_sum.device).clamp(min=1)
         return loss, loss.detach()
 
-    def token_loss(self, batch: Dict[str, torch.Tensor], need_logits: bool = False):
+    def loss_sums(self, batch: Dict[str, torch.Tensor], need_logits: bool = False):
         """``(loss_sum, num_tokens, logits or None)`` of this rank's tokens.
 
         The chunked head + cross-entropy (no logits) unless ``loss_chunk_tokens=0``, the
@@ -281,7 +281,7 @@ class LongDocumentLM(pl.LightningModule):
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         batch = self.prepare_batch(batch)
-        loss_sum, num_tokens, _ = self.token_loss(batch)
+        loss_sum, num_tokens, _ = self.loss_sums(batch)
         loss, mean_loss = self.reduce_loss(loss_sum, num_tokens)
         B = batch["input_ids"].shape[0]
         self.log("train/loss", mean_loss, prog_bar=True, batch_size=B)
@@ -292,7 +292,7 @@ class LongDocumentLM(pl.LightningModule):
         batch = self.prepare_batch(batch)
         # The task (if the data has one) owns its metric; plain LM data counts nothing.
         metric_fn = getattr(getattr(self._trainer, "datamodule", None), "task_metric_fn", None)
-        loss_sum, num_tokens, logits = self.token_loss(batch, need_logits=metric_fn is not None)
+        loss_sum, num_tokens, logits = self.loss_sums(batch, need_logits=metric_fn is not None)
         if metric_fn is not None:
             correct, total = metric_fn(logits, batch["labels"])
         else:

@@ -116,7 +116,7 @@ def _module_step(loss_chunk_tokens, batch):
     torch.manual_seed(0)
     module = LongDocumentLM(model=dict(BASE, checkpointing="full", offload_activations=True),
                             attention={"variant": "standard"}, loss_chunk_tokens=loss_chunk_tokens)
-    loss_sum, num_tokens, logits = module.token_loss(module.prepare_batch(batch))
+    loss_sum, num_tokens, logits = module.loss_sums(module.prepare_batch(batch))
     (loss_sum / num_tokens).backward()
     return loss_sum.detach(), logits, {n: p.grad.clone() for n, p in module.named_parameters()}
 
