@@ -46,50 +46,69 @@ def _replayed(rng, device: torch.device, autocast: dict):
 
 
 class HostOffload:
-    """Pinned host slots for tensors kept between forward and backward, copied off the compute stream.
+    """Pinned host memory for tensors kept between forward and backward, copied off the compute stream.
 
-    ``put(x)`` (forward) copies ``x`` to a pinned buffer on a side stream and lets the caching
-    allocator reuse ``x``'s memory once the copy is done; ``get(i)`` (backward, in reverse
-    order) returns slot ``i`` on the device and starts copying slot ``i - 1`` back, so the
-    copies overlap the recomputation of the group in between. Buffers are kept across steps
-    (pinning gigabytes takes about a second per GB). On a CPU device nothing moves.
+    Each forward pass takes a ``new_pass()``: ``put(x)`` (forward) copies ``x`` to a pinned
+    buffer on a side stream and lets the caching allocator reuse ``x``'s memory once the copy
+    is done; ``get(i)`` (backward, in reverse order) returns slot ``i`` on the device and
+    starts copying slot ``i - 1`` back, so the copies overlap the recomputation of the group
+    in between. A pass's buffers go back to the pool when its graph is freed (after backward,
+    or when the loss is dropped), so two forwards before one backward never share a buffer,
+    and buffers are reused step after step (pinning gigabytes takes about a second per GB).
+    On a CPU device nothing moves.
     """
 
     def __init__(self) -> None:
-        self._buffers: List[torch.Tensor] = []  # pinned, one per slot, reused every step
-        self._slots: list = []  # per slot: (host view, shape, dtype, device)
-        self._ready: dict = {}  # slot -> (device tensor, event) of a prefetch in flight
+        self._free: List[torch.Tensor] = []  # pinned buffers no live pass holds
+        self._allocated_bytes = 0
         self._stream: Optional[torch.cuda.Stream] = None
-
-    def new_step(self) -> None:
-        """Forget the last forward's slots (called at the start of each forward)."""
-        self._slots.clear()
-        self._ready.clear()
 
     @property
     def host_bytes(self) -> int:
-        """Pinned bytes held (what this rank takes from the host)."""
-        return sum(b.numel() * b.element_size() for b in self._buffers)
+        """Pinned bytes allocated (what this rank takes from the host)."""
+        return self._allocated_bytes
+
+    def new_pass(self) -> "_OffloadPass":
+        return _OffloadPass(self)
 
     def _side_stream(self, device: torch.device) -> "torch.cuda.Stream":
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
         return self._stream
 
+    def _take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        fits = [b for b in self._free if b.dtype == dtype and b.numel() >= numel]
+        if fits:
+            buffer = min(fits, key=torch.Tensor.numel)
+            self._free.remove(buffer)
+            return buffer
+        self._allocated_bytes += numel * dtype.itemsize
+        return torch.empty(numel, dtype=dtype, pin_memory=True)
+
+
+class _OffloadPass:
+    """The slots of one forward pass (see ``HostOffload``)."""
+
+    def __init__(self, owner: HostOffload) -> None:
+        self._owner = owner
+        self._slots: list = []  # per slot: (host tensor, shape, dtype, device)
+        self._buffers: List[torch.Tensor] = []
+        self._ready: dict = {}  # slot -> (device tensor, event) of a prefetch in flight
+
+    def __del__(self) -> None:
+        # Copies still queued on the side stream are ordered before any later use of these
+        # buffers, which is queued on the same stream.
+        self._owner._free.extend(self._buffers)
+
     def put(self, x: torch.Tensor) -> int:
         slot = len(self._slots)
         if x.device.type != "cuda":
             self._slots.append((x.detach(), x.shape, x.dtype, x.device))
             return slot
-        if slot == len(self._buffers) or self._buffers[slot].numel() < x.numel() \
-                or self._buffers[slot].dtype != x.dtype:
-            buffer = torch.empty(x.numel(), dtype=x.dtype, pin_memory=True)
-            if slot == len(self._buffers):
-                self._buffers.append(buffer)
-            else:
-                self._buffers[slot] = buffer
-        host = self._buffers[slot][:x.numel()]
-        side, compute = self._side_stream(x.device), torch.cuda.current_stream(x.device)
+        buffer = self._owner._take(x.numel(), x.dtype)
+        self._buffers.append(buffer)
+        host = buffer[:x.numel()]
+        side, compute = self._owner._side_stream(x.device), torch.cuda.current_stream(x.device)
         side.wait_stream(compute)  # x is written
         with torch.cuda.stream(side):
             host.copy_(x.detach().reshape(-1), non_blocking=True)
@@ -101,7 +120,7 @@ class HostOffload:
         host, shape, dtype, device = self._slots[slot]
         compute = torch.cuda.current_stream(device)
         out = torch.empty(shape, dtype=dtype, device=device)
-        side = self._side_stream(device)
+        side = self._owner._side_stream(device)
         side.wait_stream(compute)  # out's memory is free for this stream
         with torch.cuda.stream(side):
             out.view(-1).copy_(host, non_blocking=True)
@@ -146,9 +165,10 @@ class _RecomputeOffloaded(torch.autograd.Function):
 
 
 def recompute_offloaded(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                        params: Sequence[torch.Tensor], offload: HostOffload) -> torch.Tensor:
-    """``run(x)``, keeping only ``x`` (on the host) for backward; ``params``: every tensor
-    requiring grad that ``run`` reads besides ``x`` (its parameters)."""
+                        params: Sequence[torch.Tensor], offload: "_OffloadPass") -> torch.Tensor:
+    """``run(x)``, keeping only ``x`` (on the host, in a slot of ``offload``, this forward
+    pass's ``HostOffload.new_pass()``) for backward; ``params``: every tensor requiring grad
+    that ``run`` reads besides ``x`` (its parameters)."""
     return _RecomputeOffloaded.apply(run, offload, x, *params)
 
 

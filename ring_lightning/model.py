@@ -279,8 +279,7 @@ class LongDocTransformer(nn.Module):
                 else:
                     h = layer(h, cos, sin, document_ids=document_ids)
             return h
-        if self._offload is not None:
-            self._offload.new_step()
+        offload = self._offload.new_pass() if self._offload is not None else None
         k = c.blocks_per_checkpoint
         for first in range(0, c.n_layers, k):
             group = self.layers[first:first + k]
@@ -299,9 +298,9 @@ class LongDocTransformer(nn.Module):
                         x = layer(x, cos, sin, keep_attention=keep, document_ids=document_ids)
                 return x
 
-            if self._offload is not None:
+            if offload is not None:
                 params = [p for layer in group for p in layer.parameters() if p.requires_grad]
-                h = recompute_offloaded(run, h, params, self._offload)
+                h = recompute_offloaded(run, h, params, offload)
             else:
                 # Non-reentrant: works with ring autograd Functions and keeps the RNG state.
                 h = checkpoint(run, h, use_reentrant=False)
