@@ -50,14 +50,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """loss_sum = sum_t w_t * CE(h_t W^T, y_t); gradients of h and W made chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, token_weight, chunk_tokens, dtype, ignore_index):
-        # hidden (N, C), weight (V, C), labels (N,), token_weight (N,) float32
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, labels, token_weight, chunk_tokens, dtype, ignore_index, grad_mode):
+        # hidden (N, C), weight (V, C), labels (N,), token_weight (N,) float32. ``grad_mode``:
+        # the caller's (forward always runs without grad), so validation makes no gradients.
+        need_h, need_w = grad_mode and ctx.needs_input_grad[0], grad_mode and ctx.needs_input_grad[1]
+        want_grad = need_h or need_w
         w = weight.to(dtype)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for start in range(0, hidden.shape[0], chunk_tokens):
             h = hidden[start:start + chunk_tokens].to(dtype)  # (n, C)
             y = labels[start:start + chunk_tokens]
@@ -89,7 +90,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_out.to(grad_hidden.dtype) if grad_hidden is not None else None
         gw = (grad_weight * grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -133,5 +134,5 @@ def linear_cross_entropy(
     token_weight = valid if loss_weight is None else valid * loss_weight.reshape(-1).float()
     loss_sum = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat_labels,
                                          token_weight, int(chunk_tokens), _matmul_dtype(hidden),
-                                         ignore_index)
+                                         ignore_index, torch.is_grad_enabled())
     return loss_sum, token_weight.sum()

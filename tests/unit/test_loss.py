@@ -51,10 +51,14 @@ def test_every_label_ignored_gives_zero_loss_and_gradient():
     assert torch.count_nonzero(hidden.grad) == 0 and torch.count_nonzero(weight.grad) == 0
 
 
-def test_no_gradient_wanted_computes_only_the_loss():
+def test_no_gradient_wanted_computes_only_the_loss(monkeypatch):
     hidden, weight, labels = _case(8)
+    matmuls = []
+    real = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: matmuls.append(1) or real(a, b))
     with torch.no_grad():
         loss_sum, _ = linear_cross_entropy(hidden, weight, labels, chunk_tokens=8)
+    assert len(matmuls) == -(-labels.numel() // 8)  # one logits matmul per chunk, no gradient matmuls
     torch.testing.assert_close(loss_sum, _plain(hidden, weight, labels)[0].detach(), rtol=TOL, atol=TOL)
 
 
