@@ -200,3 +200,31 @@ def check_data_source(datamodule: Any) -> None:
     if os.path.isdir(datamodule._cache_path()):
         return  # packed windows from an earlier run: no network needed
     source.check_reachable()
+
+
+# ---------------------------------------------------------------------- vocabulary
+def check_vocab_size(cfg: DictConfig, datamodule: Any) -> List[str]:
+    """``model.vocab_size`` against the data's tokenizer, before the model is built.
+
+    By default ``model.vocab_size`` follows ``data.tokenizer`` (hydra_presets.py: the tokenizer's
+    ids rounded up to a multiple of 64); an explicit value smaller than the tokenizer's ids would
+    index past the embedding, so it is refused naming the override and the minimum. Returns a
+    note naming the size when it was derived from a tokenizer other than bytes.
+    """
+    model = cfg.get("model")
+    needed = getattr(datamodule, "vocab_size", None)  # loads the tokenizer: its errors are user errors
+    if not isinstance(model, DictConfig) or "vocab_size" not in model or not isinstance(needed, int):
+        return []  # a model without our vocabulary field (e.g. a Hugging Face model) checks its own
+    derived = OmegaConf.is_interpolation(model, "vocab_size")
+    value = model.vocab_size
+    tokenizer = cfg.data.get("tokenizer", "byte")
+    if isinstance(value, int) and not isinstance(value, bool) and value < needed:
+        padded = getattr(datamodule, "model_vocab_size", needed)
+        raise ConfigError(
+            f"model.vocab_size={value} is smaller than the vocabulary of data.tokenizer={tokenizer} ({needed} ids): "
+            f"set model.vocab_size >= {needed} (e.g. model.vocab_size={padded}, a multiple of 64), or drop the "
+            f"override: model.vocab_size follows data.tokenizer by default")
+    if derived and tokenizer != "byte":
+        return [f"note: model.vocab_size={value} from data.tokenizer={tokenizer} ({needed} ids, rounded up to a "
+                f"multiple of 64)"]
+    return []
