@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ring_lightning.activations import HostOffload, recompute_offloaded, tiled
 from ring_lightning.flops import attention_pairs, flops_from_pairs
 
 from ring_lightning.model_config import CHECKPOINTING, PRESETS, ModelConfig  # noqa: F401 (re-exported)
@@ -154,22 +155,38 @@ class Block(nn.Module):
         self.attention = Attention(config, core)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+        self.mlp_tile_tokens = config.mlp_tile_tokens
 
         # Compiled versions of the parts around the attention core (compile_pieces()); the
         # core itself stays eager: it communicates and picks kernels at run time.
         self._compiled: Optional[tuple] = None
+        self._ffn_fn = self._ffn
 
     def _pre_attention(self, x, cos, sin):
         return self.attention.qkv(self.attention_norm(x), cos, sin)
 
+    def _ffn(self, x):
+        """Per token: RMSNorm then SwiGLU (what the MLP tiles cover)."""
+        return self.feed_forward(self.ffn_norm(x))
+
     def _post_attention(self, x, out_BTHD):
         x = x + self.attention.project_out(out_BTHD)
-        return x + self.feed_forward(self.ffn_norm(x))
+        if self.mlp_tile_tokens and x.shape[1] > self.mlp_tile_tokens:
+            params = [*self.ffn_norm.parameters(), *self.feed_forward.parameters()]
+            return x + tiled(self._ffn_fn, x, params, self.mlp_tile_tokens)
+        return x + self._ffn_fn(x)
 
     def compile_pieces(self, **compile_kwargs) -> None:
-        """torch.compile the norms, projections, rotary and SwiGLU (fused element-wise work)."""
-        self._compiled = (torch.compile(self._pre_attention, **compile_kwargs),
-                          torch.compile(self._post_attention, **compile_kwargs))
+        """torch.compile the norms, projections, rotary and SwiGLU (fused element-wise work).
+
+        With MLP tiles the tile function is compiled and the residual adds around it stay
+        eager (the tiles are an autograd Function of their own)."""
+        pre = torch.compile(self._pre_attention, **compile_kwargs)
+        if self.mlp_tile_tokens:
+            self._ffn_fn = torch.compile(self._ffn, **compile_kwargs)
+            self._compiled = (pre, self._post_attention)
+        else:
+            self._compiled = (pre, torch.compile(self._post_attention, **compile_kwargs))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 keep_attention: bool = False, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -226,6 +243,12 @@ class LongDocTransformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, factory(i)) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        # Pinned host buffers for offloaded activations, reused every step (activations.py).
+        self._offload = HostOffload() if config.offload_activations else None
+        # With offload, a recomputed block also keeps only its attention core's inputs and
+        # outputs and recomputes the rest again in its own backward (as "selective" does):
+        # the peak of one block's recompute drops by about half at a few percent of compute.
+        self._recompute_keeps_attention = config.offload_activations
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -243,6 +266,54 @@ class LongDocTransformer(nn.Module):
         mode = self.config.checkpointing
         return mode == "full" or (mode == "selective" and layer_idx % self.config.checkpoint_every_n_layers == 0)
 
+    def _run_blocks(self, h, cos, sin, document_ids):
+        """The residual stream through every block, checkpointed as the config says."""
+        c = self.config
+        if c.checkpointing != "full" or not torch.is_grad_enabled():
+            for i, layer in enumerate(self.layers):
+                if self._checkpointed(i) and torch.is_grad_enabled():  # selective
+                    h = layer(h, cos, sin, keep_attention=True, document_ids=document_ids)
+                else:
+                    h = layer(h, cos, sin, document_ids=document_ids)
+            return h
+        if self._offload is not None:
+            self._offload.new_step()
+        k = c.blocks_per_checkpoint
+        for first in range(0, c.n_layers, k):
+            group = self.layers[first:first + k]
+
+            def run(x, group=group):
+                for layer in group:
+                    x = layer(x, cos, sin, keep_attention=self._recompute_keeps_attention and
+                              torch.is_grad_enabled(), document_ids=document_ids)
+                return x
+
+            if self._offload is not None:
+                params = [p for layer in group for p in layer.parameters() if p.requires_grad]
+                h = recompute_offloaded(run, h, params, self._offload)
+            else:
+                # Non-reentrant: works with ring autograd Functions and keeps the RNG state.
+                h = checkpoint(run, h, use_reentrant=False)
+        return h
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                      document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The final normed hidden states (B, T, C), what the LM head reads (see ``forward``).
+
+        With ``ring_lightning.loss.linear_cross_entropy(h, model.output.weight, labels)`` the
+        loss never holds the (B, T, V) logits.
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids)
+        if tuple(position_ids.shape) not in ((B, T), (T,)):
+            raise ValueError(f"position_ids must have shape (B, T)={(B, T)} or (T,), got {tuple(position_ids.shape)}")
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0).expand(B, T)  # (T,) -> (B, T)
+        cos, sin = self.rope(position_ids)  # (B, T, 1, D/2) each, shared by every layer
+        h = self.tok_embeddings(input_ids)  # (B, T, C)
+        return self.norm(self._run_blocks(h, cos, sin, document_ids))  # (B, T, C)
+
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits for the tokens this device holds.
@@ -258,24 +329,7 @@ class LongDocTransformer(nn.Module):
         Raises:
             ValueError: position_ids whose shape does not match input_ids.
         """
-        B, T = input_ids.shape
-        if position_ids is None:
-            position_ids = default_position_ids(input_ids)
-        if tuple(position_ids.shape) not in ((B, T), (T,)):
-            raise ValueError(f"position_ids must have shape (B, T)={(B, T)} or (T,), got {tuple(position_ids.shape)}")
-        if position_ids.dim() == 1:
-            position_ids = position_ids.unsqueeze(0).expand(B, T)  # (T,) -> (B, T)
-        cos, sin = self.rope(position_ids)  # (B, T, 1, D/2) each, shared by every layer
-        h = self.tok_embeddings(input_ids)  # (B, T, C)
-        for i, layer in enumerate(self.layers):
-            if not (self._checkpointed(i) and torch.is_grad_enabled()):
-                h = layer(h, cos, sin, document_ids=document_ids)
-            elif self.config.checkpointing == "selective":
-                h = layer(h, cos, sin, keep_attention=True, document_ids=document_ids)
-            else:
-                # Non-reentrant: works with ring autograd Functions and keeps the RNG state.
-                h = checkpoint(layer, h, cos, sin, document_ids=document_ids, use_reentrant=False)
-        return self.output(self.norm(h))  # (B, T, V)
+        return self.output(self.hidden_states(input_ids, position_ids, document_ids))  # (B, T, V)
 
     def compile_blocks(self, **compile_kwargs) -> None:
         """Compile each block's work around its attention core (see ``Block.compile_pieces``)."""

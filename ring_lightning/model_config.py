@@ -41,11 +41,22 @@ class ModelConfig:
     but the attention core, whose inputs and outputs are kept) | full (every block recomputed whole)."""
     checkpoint_every_n_layers: int = 1
     """With checkpointing="selective": checkpoint blocks 0, n, 2n, ..."""
+    offload_activations: bool = False
+    """With checkpointing="full": what is kept of each checkpointed group (its input, the
+    residual stream) goes to pinned host memory on a side stream and comes back one group
+    ahead in backward (ring_lightning/activations.py). Same numbers, less device memory."""
+    blocks_per_checkpoint: int = 1
+    """With checkpointing="full": k blocks recomputed together, one saved input per k blocks
+    (host memory with offload: ceil(n_layers / k) inputs)."""
+    mlp_tile_tokens: int = 0
+    """SwiGLU (and its norm) over sequence tiles of this many tokens, forward and backward, so
+    no (T, hidden_dim) intermediate of the whole shard is alive at once; 0 = one tile."""
     init_std: float = 0.02
     """Standard deviation of the normal weight init (output projections scaled by 1/sqrt(2*n_layers))."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "checkpoint_every_n_layers"):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "checkpoint_every_n_layers",
+                     "blocks_per_checkpoint"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
@@ -69,6 +80,19 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.checkpointing={self.checkpointing!r} is not valid; valid values: {CHECKPOINTING}"
             )
+        if not isinstance(self.mlp_tile_tokens, int) or self.mlp_tile_tokens < 0:
+            raise ValueError(f"ModelConfig.mlp_tile_tokens must be an integer >= 0 (0 = no tiling), "
+                             f"got {self.mlp_tile_tokens!r}")
+        if self.offload_activations and self.checkpointing != "full":
+            raise ValueError(
+                f"ModelConfig.offload_activations=True needs checkpointing='full' (got "
+                f"{self.checkpointing!r}): only full checkpointing keeps one tensor per group that can "
+                f"live on the host; use checkpointing=offload (full + offload + MLP tiles)")
+        if self.blocks_per_checkpoint > 1 and self.checkpointing != "full":
+            raise ValueError(
+                f"ModelConfig.blocks_per_checkpoint={self.blocks_per_checkpoint} applies to "
+                f"checkpointing='full' only (got {self.checkpointing!r}); selective uses "
+                f"checkpoint_every_n_layers")
         if not self.norm_eps > 0 or not self.rope_theta > 0 or not self.init_std > 0:
             raise ValueError("ModelConfig.norm_eps, rope_theta and init_std must be positive")
 

@@ -47,6 +47,7 @@ from torch import nn
 from ring_lightning import sharding
 from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
 from ring_lightning.flops import PEAK_BF16_FLOPS, attention_fraction
+from ring_lightning.loss import linear_cross_entropy
 from ring_lightning.attention.documents import document_position_ids
 from ring_lightning.model import LongDocTransformer, ModelConfig, default_position_ids
 from ring_lightning.schedule import WarmupCosine, keep_configured_schedule  # noqa: F401 (WarmupCosine re-exported)
@@ -82,6 +83,10 @@ class LongDocumentLM(pl.LightningModule):
         throughput_window: steps averaged into perf/tokens_per_s.
         compile: ``torch.compile`` each block's work around its attention core (norms,
             projections, rotary, SwiGLU) on CUDA; the attention core stays eager.
+        loss_chunk_tokens: the LM head and cross-entropy run in chunks of this many tokens
+            (``ring_lightning.loss.linear_cross_entropy``), never holding the (B, T, V)
+            logits; None = about 512 MB of float32 logits per chunk, 0 = plain logits. A
+            subclass overriding ``compute_loss`` or ``forward`` gets the logits.
 
     Raises:
         ValueError: an argument outside its valid values (the message names it).
@@ -105,6 +110,7 @@ class LongDocumentLM(pl.LightningModule):
         compile: bool = False,
         document_mask: bool = True,
         restart_positions_per_document: bool = False,
+        loss_chunk_tokens: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -123,6 +129,10 @@ class LongDocumentLM(pl.LightningModule):
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         if throughput_window < 1:
             raise ValueError(f"throughput_window must be >= 1, got {throughput_window}")
+        if loss_chunk_tokens is not None and (not isinstance(loss_chunk_tokens, int) or loss_chunk_tokens < 0):
+            raise ValueError(f"module.loss_chunk_tokens must be null (auto), 0 (plain logits) or a positive "
+                             f"number of tokens, got {loss_chunk_tokens!r}")
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.lr, self.weight_decay, self.betas = float(lr), float(weight_decay), betas
         self.warmup_steps, self.max_steps, self.min_lr_ratio = int(warmup_steps), max_steps, float(min_lr_ratio)
         self.sequence_keys = tuple(_plain(sequence_keys))
@@ -253,10 +263,26 @@ class LongDocumentLM(pl.LightningModule):
         loss = loss_sum / torch.as_tensor(num_tokens, device=loss_sum.device).clamp(min=1)
         return loss, loss.detach()
 
+    def token_loss(self, batch: Dict[str, torch.Tensor], need_logits: bool = False):
+        """``(loss_sum, num_tokens, logits or None)`` of this rank's tokens.
+
+        The chunked head + cross-entropy (no logits) unless ``loss_chunk_tokens=0``, the
+        logits are needed, or a subclass overrides ``compute_loss`` / ``forward``.
+        """
+        inputs = (batch["input_ids"], batch["position_ids"], self.document_ids(batch))
+        own = type(self).compute_loss is LongDocumentLM.compute_loss and type(self).forward is LongDocumentLM.forward
+        if self.loss_chunk_tokens == 0 or need_logits or not own:
+            logits = self(*inputs)
+            return (*self.compute_loss(logits, batch), logits)
+        loss_sum, num_tokens = linear_cross_entropy(
+            self.model.hidden_states(*inputs), self.model.output.weight, batch["labels"],
+            loss_weight=batch.get("loss_mask"), chunk_tokens=self.loss_chunk_tokens)
+        return loss_sum, num_tokens, None
+
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         batch = self.prepare_batch(batch)
-        logits = self(batch["input_ids"], batch["position_ids"], self.document_ids(batch))
-        loss, mean_loss = self.reduce_loss(*self.compute_loss(logits, batch))
+        loss_sum, num_tokens, _ = self.token_loss(batch)
+        loss, mean_loss = self.reduce_loss(loss_sum, num_tokens)
         B = batch["input_ids"].shape[0]
         self.log("train/loss", mean_loss, prog_bar=True, batch_size=B)
         self.log("train/ppl", torch.exp(mean_loss.float().clamp(max=30)), batch_size=B)
@@ -264,10 +290,9 @@ class LongDocumentLM(pl.LightningModule):
 
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
         batch = self.prepare_batch(batch)
-        logits = self(batch["input_ids"], batch["position_ids"], self.document_ids(batch))
-        loss_sum, num_tokens = self.compute_loss(logits, batch)
         # The task (if the data has one) owns its metric; plain LM data counts nothing.
         metric_fn = getattr(getattr(self._trainer, "datamodule", None), "task_metric_fn", None)
+        loss_sum, num_tokens, logits = self.token_loss(batch, need_logits=metric_fn is not None)
         if metric_fn is not None:
             correct, total = metric_fn(logits, batch["labels"])
         else:

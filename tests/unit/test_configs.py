@@ -90,7 +90,11 @@ def test_every_group_option_composes_and_instantiates(tmp_path, group, option):
     if group == "compression":
         assert objs["strategy"].compression == option
     if group == "checkpointing":
-        assert objs["module"].model.config.checkpointing == option
+        config = objs["module"].model.config
+        if option == "offload":  # full checkpointing with the kept inputs on the host, MLP tiles
+            assert (config.checkpointing, config.offload_activations, config.mlp_tile_tokens > 0) == ("full", True, True)
+        else:
+            assert config.checkpointing == option and not config.offload_activations
 
 
 @pytest.mark.parametrize("recipe", RECIPE_NAMES)

@@ -1,0 +1,201 @@
+"""Activation memory: checkpointed groups whose inputs live on the host, and sequence tiles.
+
+Two autograd Functions, both exact (the same arithmetic as the plain path, recomputed):
+
+* ``recompute_offloaded(run, x, params, offload)``: ``run(x)`` under ``no_grad`` in forward,
+  ``x`` copied to pinned host memory on a side stream (``HostOffload``), and in backward
+  ``x`` brought back (prefetched one group ahead), ``run`` recomputed with the autocast and
+  RNG state of the forward, and its gradients taken. The only tensor a group keeps is its
+  input, and it is on the host. Parameters are explicit inputs, so their gradients leave
+  through ordinary autograd edges (DDP's hooks fire as for any layer).
+* ``tiled(fn, x, params, tile)``: ``fn`` applied to sequence tiles of ``x`` (dim 1), in
+  forward and in backward, so only one tile's intermediates are ever alive (the SwiGLU's
+  (T, hidden_dim) tensors are the largest of a block).
+
+The model (model.py) decides where they apply; nothing here knows about blocks or ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+
+def _autocast_state(device_type: str) -> dict:
+    return {"device_type": device_type, "enabled": torch.is_autocast_enabled(device_type),
+            "dtype": torch.get_autocast_dtype(device_type)}
+
+
+def _rng_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _replayed(rng, device: torch.device, autocast: dict):
+    """Run under the forward's RNG (restored afterwards) and autocast state, with grad on."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=True):
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1], device)
+        with torch.enable_grad(), torch.autocast(**autocast):
+            yield
+
+
+class HostOffload:
+    """Pinned host slots for tensors kept between forward and backward, copied off the compute stream.
+
+    ``put(x)`` (forward) copies ``x`` to a pinned buffer on a side stream and lets the caching
+    allocator reuse ``x``'s memory once the copy is done; ``get(i)`` (backward, in reverse
+    order) returns slot ``i`` on the device and starts copying slot ``i - 1`` back, so the
+    copies overlap the recomputation of the group in between. Buffers are kept across steps
+    (pinning gigabytes takes about a second per GB). On a CPU device nothing moves.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: List[torch.Tensor] = []  # pinned, one per slot, reused every step
+        self._slots: list = []  # per slot: (host view, shape, dtype, device)
+        self._ready: dict = {}  # slot -> (device tensor, event) of a prefetch in flight
+        self._stream: Optional[torch.cuda.Stream] = None
+
+    def new_step(self) -> None:
+        """Forget the last forward's slots (called at the start of each forward)."""
+        self._slots.clear()
+        self._ready.clear()
+
+    @property
+    def host_bytes(self) -> int:
+        """Pinned bytes held (what this rank takes from the host)."""
+        return sum(b.numel() * b.element_size() for b in self._buffers)
+
+    def _side_stream(self, device: torch.device) -> "torch.cuda.Stream":
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
+
+    def put(self, x: torch.Tensor) -> int:
+        slot = len(self._slots)
+        if x.device.type != "cuda":
+            self._slots.append((x.detach(), x.shape, x.dtype, x.device))
+            return slot
+        if slot == len(self._buffers) or self._buffers[slot].numel() < x.numel() \
+                or self._buffers[slot].dtype != x.dtype:
+            buffer = torch.empty(x.numel(), dtype=x.dtype, pin_memory=True)
+            if slot == len(self._buffers):
+                self._buffers.append(buffer)
+            else:
+                self._buffers[slot] = buffer
+        host = self._buffers[slot][:x.numel()]
+        side, compute = self._side_stream(x.device), torch.cuda.current_stream(x.device)
+        side.wait_stream(compute)  # x is written
+        with torch.cuda.stream(side):
+            host.copy_(x.detach().reshape(-1), non_blocking=True)
+        x.record_stream(side)  # the allocator keeps x's memory until the copy has run
+        self._slots.append((host, x.shape, x.dtype, x.device))
+        return slot
+
+    def _fetch(self, slot: int):
+        host, shape, dtype, device = self._slots[slot]
+        compute = torch.cuda.current_stream(device)
+        out = torch.empty(shape, dtype=dtype, device=device)
+        side = self._side_stream(device)
+        side.wait_stream(compute)  # out's memory is free for this stream
+        with torch.cuda.stream(side):
+            out.view(-1).copy_(host, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        return out, done
+
+    def get(self, slot: int) -> torch.Tensor:
+        host, shape, dtype, device = self._slots[slot]
+        if device.type != "cuda":
+            return host
+        out, done = self._ready.pop(slot, None) or self._fetch(slot)
+        torch.cuda.current_stream(device).wait_event(done)
+        if slot > 0 and slot - 1 not in self._ready:
+            self._ready[slot - 1] = self._fetch(slot - 1)  # overlaps this group's recompute
+        return out
+
+
+class _RecomputeOffloaded(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, offload, x, *params):
+        ctx.run, ctx.offload, ctx.params = run, offload, params
+        ctx.device = x.device
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.rng = _rng_state(x.device)
+        with torch.no_grad():
+            y = run(x)
+        ctx.slot = offload.put(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x = ctx.offload.get(ctx.slot).detach().requires_grad_(ctx.needs_input_grad[2])
+        with _replayed(ctx.rng, ctx.device, ctx.autocast):
+            y = ctx.run(x)
+        wanted = [x] if x.requires_grad else []
+        wanted += [p for p, need in zip(ctx.params, ctx.needs_input_grad[3:]) if need]
+        grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True)) if wanted else iter(())
+        grad_x = next(grads) if x.requires_grad else None
+        grad_params = [next(grads) if need else None for need in ctx.needs_input_grad[3:]]
+        return (None, None, grad_x, *grad_params)
+
+
+def recompute_offloaded(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                        params: Sequence[torch.Tensor], offload: HostOffload) -> torch.Tensor:
+    """``run(x)``, keeping only ``x`` (on the host) for backward; ``params``: every tensor
+    requiring grad that ``run`` reads besides ``x`` (its parameters)."""
+    return _RecomputeOffloaded.apply(run, offload, x, *params)
+
+
+class _Tiled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, tile, x, *params):
+        ctx.fn, ctx.tile, ctx.params = fn, tile, params
+        ctx.autocast = _autocast_state(x.device.type)
+        with torch.no_grad():
+            first = fn(x[:, :tile])
+            out = first.new_empty((x.shape[0], x.shape[1], *first.shape[2:]))  # filled tile by tile
+            out[:, :tile] = first
+            del first
+            for s in range(tile, x.shape[1], tile):
+                out[:, s:s + tile] = fn(x[:, s:s + tile])
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        needs_x, needs_p = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
+        grad_x = torch.empty_like(x) if needs_x else None
+        grad_params: List[Optional[torch.Tensor]] = [None] * len(ctx.params)
+        wanted_params = [p for p, need in zip(ctx.params, needs_p) if need]
+        for s in range(0, x.shape[1], ctx.tile):
+            xt = x[:, s:s + ctx.tile].detach().requires_grad_(needs_x)
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
+                yt = ctx.fn(xt)
+            grads = iter(torch.autograd.grad(yt, ([xt] if needs_x else []) + wanted_params,
+                                             grad_out[:, s:s + ctx.tile], allow_unused=True))
+            if needs_x:
+                grad_x[:, s:s + ctx.tile] = next(grads)
+            for i, need in enumerate(needs_p):
+                if not need:
+                    continue
+                g = next(grads)
+                if g is not None:
+                    # float32 sums across tiles (the parameters' own dtype, float32 under AMP)
+                    grad_params[i] = g.float() if grad_params[i] is None else grad_params[i] + g
+        grad_params = [g.to(p.dtype) if g is not None else None for g, p in zip(grad_params, ctx.params)]
+        return (None, None, grad_x, *grad_params)
+
+
+def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+          params: Sequence[torch.Tensor], tile: int) -> torch.Tensor:
+    """``fn(x)`` computed over tiles of ``tile`` tokens along dim 1 (``fn`` must act per token)."""
+    if tile <= 0 or x.shape[1] <= tile:
+        return fn(x)
+    return _Tiled.apply(fn, tile, x, *params)

@@ -1,0 +1,117 @@
+"""The memory options give the plain model's numbers: offloaded checkpoints, grouped
+recomputation, MLP tiles and the chunked loss (float32, 1e-6)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ring_lightning.activations import HostOffload, recompute_offloaded, tiled
+from ring_lightning.model import LongDocTransformer, ModelConfig
+from ring_lightning.module import LongDocumentLM
+
+TOL = 1e-6
+
+
+class SDPACore(nn.Module):
+    """Single-device causal SDPA with GQA by repetition (the model alone, no ring)."""
+
+    def forward(self, q, k, v, is_causal=True, already_split=True, document_ids=None):
+        groups = q.shape[2] // k.shape[2]
+        k, v = (x.repeat_interleave(groups, dim=2) for x in (k, v))  # (B,T,K,D) -> (B,T,H,D)
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B,T,H,D) -> (B,H,T,D)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal).transpose(1, 2)
+
+
+def _grads(config: ModelConfig, ids, labels):
+    torch.manual_seed(0)
+    model = LongDocTransformer(config, lambda i: SDPACore())
+    logits = model(ids)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+BASE = dict(vocab_size=61, dim=32, n_layers=4, n_heads=4, n_kv_heads=2)
+
+
+@pytest.mark.parametrize("options", [
+    dict(checkpointing="full"),
+    dict(checkpointing="full", offload_activations=True),
+    dict(checkpointing="full", offload_activations=True, blocks_per_checkpoint=3),
+    dict(checkpointing="full", blocks_per_checkpoint=2),
+    dict(mlp_tile_tokens=7),
+    dict(checkpointing="selective", mlp_tile_tokens=16),
+    dict(checkpointing="full", offload_activations=True, mlp_tile_tokens=5),
+])
+def test_same_loss_and_gradients_as_the_plain_model(options):
+    g = torch.Generator().manual_seed(1)
+    ids, labels = torch.randint(0, 61, (2, 40), generator=g), torch.randint(0, 61, (2, 40), generator=g)
+    ref_loss, ref = _grads(ModelConfig(**BASE), ids, labels)
+    loss, got = _grads(ModelConfig(**BASE, **options), ids, labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=TOL, atol=TOL)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=TOL, atol=TOL, msg=name)
+
+
+def test_offload_keeps_one_input_per_group_and_nothing_else():
+    """Only the group inputs are saved: the recomputed function's intermediates are not."""
+    offload = HostOffload()
+    x = torch.randn(2, 9, 4, requires_grad=True)
+    w = torch.randn(4, 4, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = recompute_offloaded(lambda h: torch.tanh(h @ w) @ w, x, [w], offload)
+    assert saved == []  # nothing through autograd's saved tensors: the input is in the offload slot
+    y.sum().backward()
+    expected_x, expected_w = torch.autograd.grad((torch.tanh(x @ w) @ w).sum(), (x, w))
+    torch.testing.assert_close(x.grad, expected_x, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(w.grad, expected_w, rtol=TOL, atol=TOL)
+
+
+def test_tiles_cover_every_token_once():
+    x = torch.randn(2, 23, 3, requires_grad=True)
+    calls = []
+
+    def fn(t):
+        calls.append(t.shape[1])
+        return t * 2
+
+    y = tiled(fn, x, [], tile=5)
+    assert calls == [5, 5, 5, 5, 3]
+    torch.testing.assert_close(y, x * 2)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+
+
+def test_offload_options_are_refused_without_full_checkpointing():
+    with pytest.raises(ValueError, match="offload_activations=True needs checkpointing='full'"):
+        ModelConfig(**BASE, offload_activations=True, checkpointing="selective")
+    with pytest.raises(ValueError, match="blocks_per_checkpoint"):
+        ModelConfig(**BASE, blocks_per_checkpoint=2)
+    with pytest.raises(ValueError, match="mlp_tile_tokens"):
+        ModelConfig(**BASE, mlp_tile_tokens=-1)
+
+
+def _module_step(loss_chunk_tokens, batch):
+    torch.manual_seed(0)
+    module = LongDocumentLM(model=dict(BASE, checkpointing="full", offload_activations=True),
+                            attention={"variant": "standard"}, loss_chunk_tokens=loss_chunk_tokens)
+    loss_sum, num_tokens, logits = module.token_loss(module.prepare_batch(batch))
+    (loss_sum / num_tokens).backward()
+    return loss_sum.detach(), logits, {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+def test_the_module_trains_on_the_chunked_loss_exactly_as_on_the_logits():
+    g = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 61, (2, 32), generator=g)
+    labels[:, :5] = -100
+    batch = {"input_ids": torch.randint(0, 61, (2, 32), generator=g), "labels": labels,
+             "document_ids": torch.cat([torch.zeros(2, 12), torch.ones(2, 20)], 1).long()}
+    ref_sum, ref_logits, ref = _module_step(0, batch)
+    got_sum, got_logits, got = _module_step(None, batch)
+    assert ref_logits is not None and got_logits is None  # the default never forms the logits
+    torch.testing.assert_close(got_sum, ref_sum, rtol=TOL, atol=TOL)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=TOL, atol=TOL, msg=name)
