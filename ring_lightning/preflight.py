@@ -240,7 +240,9 @@ def _gpu_memory_bytes() -> Optional[int]:
     process becomes rank 0 (or spawns the ranks): Lightning's launchers never fork it."""
     import torch
 
-    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0) or 0) % torch.cuda.device_count()).total_memory
 
 
 def _host_available_bytes() -> Optional[int]:
