@@ -354,7 +354,9 @@ def check_memory(cfg: DictConfig, per_node: int, device_bytes: Optional[int] = N
     # What fits: the offload option, more sequence-parallel ranks, a shorter sequence.
     model, fixes = inputs["model"], []
     offloading = model.get("checkpointing") == "full" and model.get("offload_activations")
-    if not offloading and fits(model=mem.OFFLOAD_OPTIONS):
+    if model.get("checkpointing") != "full" and fits(model={"checkpointing": "full"}):
+        fixes.append("checkpointing=full")  # no host memory taken: the cheaper fix when it suffices
+    elif not offloading and inputs["on_gpu"] and fits(model=mem.OFFLOAD_OPTIONS):
         fixes.append("checkpointing=offload")
     if offloading and "host" in where:
         k = next((k for k in range(model.get("blocks_per_checkpoint", 1) + 1, model["n_layers"] + 1)

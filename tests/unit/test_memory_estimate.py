@@ -84,6 +84,11 @@ def test_run_that_cannot_fit_the_gpu_is_refused_naming_overrides_that_fit(tmp_pa
                                                       "data.seq_len=1048576", "data.batch_size=1", fix, *overrides]))
     cfg.preflight.check_memory = False
     assert preflight.check_config(cfg) == []
+    # when full checkpointing alone suffices it is named first (it takes no host memory)
+    cfg = compose_cfg(tmp_path, ["trainer=gpu", "trainer.devices=1", "model=350m", "checkpointing=selective",
+                                 "data.seq_len=524288", "data.batch_size=1"])
+    with pytest.raises(preflight.ConfigError, match=r"It fits with checkpointing=full, or strategy\.sequence_para"):
+        preflight.check_config(cfg)
 
 
 def test_offload_over_the_host_is_refused_naming_blocks_per_checkpoint(tmp_path, one_h200, monkeypatch):
