@@ -330,7 +330,10 @@ def check_memory(cfg: DictConfig, per_node: int, device_bytes: Optional[int] = N
         where = []
         if device_cap and est.device_total > limit * device_cap:
             where.append("device")
-        if host_cap and est.host_per_node > limit * host_cap:
+        # the host binds what it holds for the run: offloaded activations, or everything on CPU runs
+        # (the per-process share alone is a guess too rough to refuse a GPU run on)
+        binding = not est.on_gpu or est.host.get("offloaded inputs", 0) > 0
+        if host_cap and binding and est.host_per_node > limit * host_cap:
             where.append("host")
         return where
 
