@@ -154,34 +154,47 @@ def recompute_offloaded(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
 
 class _Tiled(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, tile, x, *params):
+    def forward(ctx, fn, tile, n_inputs, *tensors):
+        inputs, params = tensors[:n_inputs], tensors[n_inputs:]
         ctx.fn, ctx.tile, ctx.params = fn, tile, params
-        ctx.autocast = _autocast_state(x.device.type)
+        ctx.autocast = _autocast_state(inputs[0].device.type)
+        T = inputs[0].shape[1]
+        outs = None
         with torch.no_grad():
-            first = fn(x[:, :tile])
-            out = first.new_empty((x.shape[0], x.shape[1], *first.shape[2:]))  # filled tile by tile
-            out[:, :tile] = first
-            del first
-            for s in range(tile, x.shape[1], tile):
-                out[:, s:s + tile] = fn(x[:, s:s + tile])
-        ctx.save_for_backward(x)
-        return out
+            for s in range(0, T, tile):
+                piece = fn(*(x[:, s:s + tile] for x in inputs))
+                piece = piece if isinstance(piece, tuple) else (piece,)
+                if outs is None:  # filled tile by tile: never a second copy of the whole output
+                    outs = [p.new_empty((p.shape[0], T, *p.shape[2:])) for p in piece]
+                for out, p in zip(outs, piece):
+                    out[:, s:s + tile] = p
+                del piece
+        ctx.save_for_backward(*inputs)
+        return tuple(outs) if len(outs) > 1 else outs[0]
 
     @staticmethod
-    def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        needs_x, needs_p = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
-        grad_x = torch.empty_like(x) if needs_x else None
+    def backward(ctx, *grad_outs):
+        inputs = ctx.saved_tensors
+        n_in = len(inputs)
+        needs_in, needs_p = ctx.needs_input_grad[3:3 + n_in], ctx.needs_input_grad[3 + n_in:]
+        grad_in = [torch.empty_like(x) if need else None for x, need in zip(inputs, needs_in)]
         grad_params: List[Optional[torch.Tensor]] = [None] * len(ctx.params)
         wanted_params = [p for p, need in zip(ctx.params, needs_p) if need]
-        for s in range(0, x.shape[1], ctx.tile):
-            xt = x[:, s:s + ctx.tile].detach().requires_grad_(needs_x)
+        for s in range(0, inputs[0].shape[1], ctx.tile):
+            tiles = [x[:, s:s + ctx.tile].detach().requires_grad_(need) for x, need in zip(inputs, needs_in)]
             with torch.enable_grad(), torch.autocast(**ctx.autocast):
-                yt = ctx.fn(xt)
-            grads = iter(torch.autograd.grad(yt, ([xt] if needs_x else []) + wanted_params,
-                                             grad_out[:, s:s + ctx.tile], allow_unused=True))
-            if needs_x:
-                grad_x[:, s:s + ctx.tile] = next(grads)
+                outs = ctx.fn(*tiles)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            pairs = [(o, g[:, s:s + ctx.tile]) for o, g in zip(outs, grad_outs) if g is not None and o.requires_grad]
+            wanted = [t for t, need in zip(tiles, needs_in) if need] + wanted_params
+            if not pairs or not wanted:
+                continue
+            grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                             allow_unused=True))
+            for i, need in enumerate(needs_in):
+                if need:
+                    g = next(grads)
+                    grad_in[i][:, s:s + ctx.tile] = 0 if g is None else g
             for i, need in enumerate(needs_p):
                 if not need:
                     continue
@@ -190,12 +203,18 @@ class _Tiled(torch.autograd.Function):
                     # float32 sums across tiles (the parameters' own dtype, float32 under AMP)
                     grad_params[i] = g.float() if grad_params[i] is None else grad_params[i] + g
         grad_params = [g.to(p.dtype) if g is not None else None for g, p in zip(grad_params, ctx.params)]
-        return (None, None, grad_x, *grad_params)
+        return (None, None, None, *grad_in, *grad_params)
 
 
-def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-          params: Sequence[torch.Tensor], tile: int) -> torch.Tensor:
-    """``fn(x)`` computed over tiles of ``tile`` tokens along dim 1 (``fn`` must act per token)."""
-    if tile <= 0 or x.shape[1] <= tile:
-        return fn(x)
-    return _Tiled.apply(fn, tile, x, *params)
+def tiled(fn: Callable, inputs, params: Sequence[torch.Tensor], tile: int):
+    """``fn(*inputs)`` computed over tiles of ``tile`` tokens along dim 1, forward and backward.
+
+    ``inputs``: a tensor or a tuple of (B, T, ...) tensors; ``fn`` must act per token and
+    return a tensor or a tuple of (B, T, ...) tensors; ``params``: every tensor requiring grad
+    that ``fn`` reads besides ``inputs``. Only the inputs are kept for backward; each tile is
+    recomputed there and back-propagated at once.
+    """
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    if tile <= 0 or inputs[0].shape[1] <= tile:
+        return fn(*inputs)
+    return _Tiled.apply(fn, tile, len(inputs), *inputs, *params)

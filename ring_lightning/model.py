@@ -160,33 +160,25 @@ class Block(nn.Module):
         # Compiled versions of the parts around the attention core (compile_pieces()); the
         # core itself stays eager: it communicates and picks kernels at run time.
         self._compiled: Optional[tuple] = None
-        self._ffn_fn = self._ffn
 
     def _pre_attention(self, x, cos, sin):
         return self.attention.qkv(self.attention_norm(x), cos, sin)
 
-    def _ffn(self, x):
-        """Per token: RMSNorm then SwiGLU (what the MLP tiles cover)."""
-        return self.feed_forward(self.ffn_norm(x))
-
     def _post_attention(self, x, out_BTHD):
         x = x + self.attention.project_out(out_BTHD)
-        if self.mlp_tile_tokens and x.shape[1] > self.mlp_tile_tokens:
-            params = [*self.ffn_norm.parameters(), *self.feed_forward.parameters()]
-            return x + tiled(self._ffn_fn, x, params, self.mlp_tile_tokens)
-        return x + self._ffn_fn(x)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+    def _piece_params(self):
+        """Parameters of the pieces before and after the core (the tiles' explicit inputs)."""
+        a = self.attention
+        pre = [*self.attention_norm.parameters(), a.wq.weight, a.wk.weight, a.wv.weight]
+        post = [a.wo.weight, *self.ffn_norm.parameters(), *self.feed_forward.parameters()]
+        return [p for p in pre if p.requires_grad], [p for p in post if p.requires_grad]
 
     def compile_pieces(self, **compile_kwargs) -> None:
-        """torch.compile the norms, projections, rotary and SwiGLU (fused element-wise work).
-
-        With MLP tiles the tile function is compiled and the residual adds around it stay
-        eager (the tiles are an autograd Function of their own)."""
-        pre = torch.compile(self._pre_attention, **compile_kwargs)
-        if self.mlp_tile_tokens:
-            self._ffn_fn = torch.compile(self._ffn, **compile_kwargs)
-            self._compiled = (pre, self._post_attention)
-        else:
-            self._compiled = (pre, torch.compile(self._post_attention, **compile_kwargs))
+        """torch.compile the norms, projections, rotary and SwiGLU (fused element-wise work)."""
+        self._compiled = (torch.compile(self._pre_attention, **compile_kwargs),
+                          torch.compile(self._post_attention, **compile_kwargs))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 keep_attention: bool = False, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -195,8 +187,19 @@ class Block(nn.Module):
         At long context the attention core is most of the FLOPs, and it already keeps only
         q/k/v/out/lse for its backward, so recomputing the cheap parts around it and never the
         core saves most of the activation memory at a few percent of extra compute.
+
+        With ``mlp_tile_tokens`` the pieces before and after the core (norms, projections,
+        rotary, SwiGLU: all per token) run over sequence tiles in forward and again, tile by
+        tile, in backward (activations.tiled): they keep only their inputs, so no (T, hidden)
+        intermediate of the whole shard is ever alive, and ``keep_attention`` is implied.
         """
         pre, post = self._compiled or (self._pre_attention, self._post_attention)
+        tile = self.mlp_tile_tokens
+        if tile and x.shape[1] > tile and torch.is_grad_enabled():
+            pre_params, post_params = self._piece_params()
+            q, k, v = tiled(pre, (x, cos, sin), pre_params, tile)
+            out = self.attention.attend(q, k, v, document_ids)  # (B, T, H, D)
+            return tiled(post, (x, out), post_params, tile)
         if keep_attention:
             q, k, v = checkpoint(pre, x, cos, sin, use_reentrant=False)
             out = self.attention.attend(q, k, v, document_ids)  # (B, T, H, D)

@@ -50,8 +50,9 @@ class ModelConfig:
     """With checkpointing="full": k blocks recomputed together, one saved input per k blocks
     (host memory with offload: ceil(n_layers / k) inputs)."""
     mlp_tile_tokens: int = 0
-    """SwiGLU (and its norm) over sequence tiles of this many tokens, forward and backward, so
-    no (T, hidden_dim) intermediate of the whole shard is alive at once; 0 = one tile."""
+    """The pieces around each attention core (norms, projections, rotary, SwiGLU) over
+    sequence tiles of this many tokens, forward and backward: they keep only their inputs and
+    no (T, hidden_dim) intermediate of the whole shard is alive at once; 0 = no tiles."""
     init_std: float = 0.02
     """Standard deviation of the normal weight init (output projections scaled by 1/sqrt(2*n_layers))."""
 

@@ -85,6 +85,24 @@ def test_tiles_cover_every_token_once():
     torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
 
 
+def test_tiles_with_several_inputs_and_outputs_give_every_gradient():
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 17, 3, generator=g, requires_grad=True), torch.randn(2, 17, 3, generator=g)
+    w = torch.randn(3, 3, generator=g, requires_grad=True)
+
+    def fn(x, y):
+        return torch.tanh(x @ w) * y, x * 3
+
+    out1, out2 = tiled(fn, (a, b), [w], tile=4)
+    ref1, ref2 = fn(a, b)
+    torch.testing.assert_close(out1, ref1)
+    torch.testing.assert_close(out2, ref2)
+    grads = torch.autograd.grad((out1 * ref1.detach()).sum() + out2.sum(), (a, w))
+    expected = torch.autograd.grad((ref1 * ref1.detach()).sum() + ref2.sum(), (a, w))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=TOL, atol=TOL)
+
+
 def test_offload_options_are_refused_without_full_checkpointing():
     with pytest.raises(ValueError, match="offload_activations=True needs checkpointing='full'"):
         ModelConfig(**BASE, offload_activations=True, checkpointing="selective")
