@@ -171,9 +171,13 @@ def estimate_memory(model: Mapping, seq_len: int, batch_size: int = 1, sp: int =
     mlp_half = b["norm_fp32_per_dim"] * C + elem * b["casts_mlp_per_dim"] * C + elem * b["swiglu_per_hidden"] * F
     block = attention_half + mlp_half
     block_input = b["block_input_fp32_per_dim"] * C
+    pieces = block - core  # what the pieces around a core keep: norms, casts, rotary, SwiGLU
+    kept_core = block_input + core  # a block whose pieces are recomputed keeps its input and its core's
+    # mlp_tile_tokens: the pieces run over tiles and keep only their inputs (model.Block.forward), so
+    # every block keeps input + core, and one tile's pieces are a constant.
     tiles = s.mlp_tile_tokens > 0 and tokens // batch_size > s.mlp_tile_tokens
-    recompute_mlp = 0.0 if tiles else mlp_half  # tiles: the MLP half is one tile's, a constant
-    tile_bytes = batch_size * s.mlp_tile_tokens * mlp_half if tiles else 0.0
+    per_block, pieces_recomputed = (kept_core, 0.0) if tiles else (block, pieces)
+    tile_bytes = batch_size * s.mlp_tile_tokens * pieces if tiles else 0.0
     extra = 0.0  # the core's own float32 work in the one block being computed
     if merged_attention:
         extra += b["merge_fp32_per_head_dim"] * (H + 2 * K) * D
@@ -182,21 +186,20 @@ def estimate_memory(model: Mapping, seq_len: int, batch_size: int = 1, sp: int =
 
     # Kept until backward (per token), and the largest transient of backward (per token).
     if s.checkpointing == "none":
-        kept, recompute = L * block, extra
+        kept, recompute = L * per_block, extra
     elif s.checkpointing == "selective":
         n = math.ceil(L / s.checkpoint_every_n_layers)
-        kept = n * (block_input + core) + (L - n) * block
-        recompute = block - core - mlp_half + recompute_mlp + extra  # the pieces around one core
+        kept = n * kept_core + (L - n) * per_block
+        recompute = pieces_recomputed + extra  # the pieces around one core
     else:  # full: one saved input per group of k blocks; backward recomputes one group
         k = s.blocks_per_checkpoint
-        groups = math.ceil(L / k)
         if s.offload_activations:  # inputs on the host; on the device the group in use and the next
             kept = 2 * block_input
-            # the group's blocks keep their cores (as selective), one block's pieces recomputed again
-            recompute = k * (block_input + core) + block - core - mlp_half + recompute_mlp + extra
+            # a recomputed block keeps its core (as selective) and recomputes its pieces again
+            recompute = k * kept_core + pieces_recomputed + extra
         else:
-            kept = groups * block_input
-            recompute = k * (block - mlp_half + recompute_mlp) + extra
+            kept = math.ceil(L / k) * block_input
+            recompute = k * per_block + extra
     kept += b["inputs_per_token"] + b["rope_fp32_per_head_dim"] * D + b["norm_fp32_per_dim"] * C  # final norm
 
     # The loss: the plain head holds (T, V) logits; the chunked one a gradient of the hidden states
@@ -217,7 +220,7 @@ def estimate_memory(model: Mapping, seq_len: int, batch_size: int = 1, sp: int =
         "DDP buckets": b["ddp_buckets_per_param"] * P,
         "autocast weights": b["autocast_weights_per_param"] * P if mixed else 0.0,
         "kept activations": tokens * kept * fit,
-        "backward peak": max(loss_peak, tokens * recompute * fit + tile_bytes) + loss_fixed,
+        "backward peak": max(loss_peak, (tokens * recompute + tile_bytes) * fit) + loss_fixed,
     }
     host = {}
     if s.checkpointing == "full" and s.offload_activations:
