@@ -44,7 +44,7 @@ BYTES: Dict[str, float] = {
     "ring_kv_buffers_per_head_dim": 4,  # x elem: k, v in flight around the ring (2 buffers x (k, v)) x K x D
     # -- the loss, per token
     "logits_per_vocab": 14,           # plain head: bf16 logits 2 + fp32 copy 4 + log-softmax 4 + gradient 4
-    "chunk_logits_per_vocab": 10,     # chunked loss, per token of ONE chunk: fp32 logits/softmax 4 + bf16 grad 2 + slack
+    "chunk_logits_per_vocab": 10,     # chunked loss, per token of ONE chunk: fp32 logits 4 + bf16 grad 2 + slack
     "chunked_grad_hidden_per_dim": 4,  # chunked loss: d loss / d hidden (float32), kept from forward to backward
     "head_input_per_dim": 1,          # x elem: the final norm's output cast for the plain head
     # -- per token, whatever the options

@@ -226,8 +226,8 @@ def check_vocab_size(cfg: DictConfig, datamodule: Any) -> List[str]:
         padded = getattr(datamodule, "model_vocab_size", needed)
         raise ConfigError(
             f"model.vocab_size={value} is smaller than the vocabulary of data.tokenizer={tokenizer} ({needed} ids): "
-            f"set model.vocab_size >= {needed} (e.g. model.vocab_size={padded}, a multiple of 64), or drop the "
-            f"override: model.vocab_size follows data.tokenizer by default")
+            f"set model.vocab_size >= {needed}, or drop the override: model.vocab_size follows data.tokenizer "
+            f"by default ({padded} for this one)")
     if derived and tokenizer != "byte":
         return [f"note: model.vocab_size={value} from data.tokenizer={tokenizer} ({needed} ids, rounded up to a "
                 f"multiple of 64)"]
@@ -242,7 +242,11 @@ def _gpu_memory_bytes() -> Optional[int]:
 
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0) or 0) % torch.cuda.device_count()).total_memory
+    try:  # under torchrun every rank asks for its own device (LOCAL_RANK), not all for device 0
+        index = int(os.environ.get("LOCAL_RANK", 0) or 0) % torch.cuda.device_count()
+        return torch.cuda.get_device_properties(index).total_memory
+    except (RuntimeError, ValueError):
+        return None  # a driver that cannot say: the device check is skipped, the run says it itself
 
 
 def _host_available_bytes() -> Optional[int]:
@@ -303,7 +307,8 @@ def _largest_length_that_fits(cfg: DictConfig, inputs: dict, fits) -> Optional[i
     unit = rules.multiple()
     # a round number: four significant bits (e.g. 655360, not 701234), else a power of two
     step = math.lcm(unit, 2 ** max(0, low.bit_length() - 4))
-    candidates = [low // step * step, low // unit * unit] + [2**e for e in range(low.bit_length(), 0, -1) if 2**e <= low]
+    powers = [2**e for e in range(low.bit_length(), 0, -1) if 2**e <= low]
+    candidates = [low // step * step, low // unit * unit, *powers]
     return next((n for n in candidates if n > 0 and not rules.problems(n)), None)
 
 
@@ -344,7 +349,8 @@ def check_memory(cfg: DictConfig, per_node: int, device_bytes: Optional[int] = N
     est = mem.estimate_memory(**inputs)
     gib = mem.GiB
     host_text = (f"host {est.host_per_node / gib:.1f} GiB for the node's {est.ranks_per_node} rank(s) "
-                 f"({est.describe(est.host)} per rank)" + (f" of {host_cap / gib:.1f} GiB available" if host_cap else ""))
+                 f"({est.describe(est.host)} per rank)")
+    host_text += f" of {host_cap / gib:.1f} GiB available" if host_cap else ""
     where = over(est)
     if not where:
         if not inputs["on_gpu"]:

@@ -48,7 +48,8 @@ def test_each_option_lowers_device_memory_and_offload_moves_inputs_to_the_host()
     offload = {**full, "offload_activations": True, "mlp_tile_tokens": 16384}
     assert none > selective > per_token(full) > per_token(offload, chunk=None)
     for mode in ("none", "selective", "full"):  # tiles: every block keeps only its input and its core's tensors
-        assert per_token({**M350, "checkpointing": mode, "mlp_tile_tokens": 4096}) < per_token({**M350, "checkpointing": mode})
+        plain = {**M350, "checkpointing": mode}
+        assert per_token({**plain, "mlp_tile_tokens": 4096}) < per_token(plain)
     big = {**full, "vocab_size": 128256}
     assert per_token(big) - per_token(big, chunk=None) > 0.9 * 14 * 128256  # the chunked loss drops the logits
     for k in (1, 2, 5):  # host: ceil(L / k) float32 inputs per token per rank, nothing else but the process

@@ -63,8 +63,8 @@ def test_vocab_size_follows_a_local_tokenizer_rounded_up_to_64_and_trains(tmp_pa
 def test_explicit_vocab_size_below_the_tokenizer_is_refused_naming_the_override(tmp_path, bpe):
     cfg = _cfg(tmp_path, bpe["file"], "model.vocab_size=256")
     with pytest.raises(preflight.ConfigError, match=r"model\.vocab_size=256 is smaller than the vocabulary of "
-                                                    r"data\.tokenizer=.*\(300 ids\): set model\.vocab_size >= 300 "
-                                                    r"\(e\.g\. model\.vocab_size=320"):
+                                                    r"data\.tokenizer=.*\(300 ids\): set model\.vocab_size >= 300, "
+                                                    r"or drop the override.*\(320 for this one\)"):
         preflight.check_vocab_size(cfg, instantiate(cfg.data))
     assert not dist.is_initialized()  # refused before anything started
     cfg = _cfg(tmp_path, bpe["dir"], "model.vocab_size=300")  # an explicit value is kept as given
