@@ -286,9 +286,17 @@ class LongDocTransformer(nn.Module):
             group = self.layers[first:first + k]
 
             def run(x, group=group):
+                recompute = torch.is_grad_enabled()  # in backward: this group's recomputation
                 for layer in group:
-                    x = layer(x, cos, sin, keep_attention=self._recompute_keeps_attention and
-                              torch.is_grad_enabled(), document_ids=document_ids)
+                    keep = self._recompute_keeps_attention and recompute
+                    if recompute and len(group) > 1:
+                        # Two levels: the group's recomputation keeps only each block's input
+                        # and each block is recomputed once more in its own backward, so k
+                        # blocks per group cost k inputs on the device, not k blocks' tensors.
+                        x = checkpoint(layer, x, cos, sin, keep_attention=keep, document_ids=document_ids,
+                                       use_reentrant=False)
+                    else:
+                        x = layer(x, cos, sin, keep_attention=keep, document_ids=document_ids)
                 return x
 
             if self._offload is not None:
