@@ -193,13 +193,16 @@ def estimate_memory(model: Mapping, seq_len: int, batch_size: int = 1, sp: int =
         recompute = pieces_recomputed + extra  # the pieces around one core
     else:  # full: one saved input per group of k blocks; backward recomputes one group
         k = s.blocks_per_checkpoint
+        # k > 1: the group's recomputation checkpoints each block again (model._run_blocks), so
+        # it holds k block inputs and one block's tensors at a time
+        group_inputs = k * block_input if k > 1 else 0.0
         if s.offload_activations:  # inputs on the host; on the device the group in use and the next
             kept = 2 * block_input
             # a recomputed block keeps its core (as selective) and recomputes its pieces again
-            recompute = k * kept_core + pieces_recomputed + extra
+            recompute = group_inputs + kept_core + pieces_recomputed + extra
         else:
             kept = math.ceil(L / k) * block_input
-            recompute = k * per_block + extra
+            recompute = group_inputs + per_block + extra
     kept += b["inputs_per_token"] + b["rope_fp32_per_head_dim"] * D + b["norm_fp32_per_dim"] * C  # final norm
 
     # The loss: the plain head holds (T, V) logits; the chunked one a gradient of the hidden states
