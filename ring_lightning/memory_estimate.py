@@ -21,8 +21,8 @@ place; ``fit_*`` are the measured/derived ratios (1.0: the derivation as written
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
-from typing import Dict, Mapping, Optional
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, Mapping, Optional
 
 GiB = 2**30
 
@@ -88,11 +88,13 @@ class Shapes:
     mlp_tile_tokens: int = 0
 
     @classmethod
-    def from_any(cls, model: Mapping) -> "Shapes":
+    def from_any(cls, model: Any) -> "Shapes":
+        """From a ModelConfig or a mapping of its fields (other keys ignored)."""
         from ring_lightning.model_config import ModelConfig
 
         known = {f.name for f in fields(ModelConfig)}
-        config = ModelConfig(**{k: v for k, v in dict(model).items() if k in known})  # derives hidden_dim, kv heads
+        data = asdict(model) if isinstance(model, ModelConfig) else dict(model)
+        config = ModelConfig(**{k: v for k, v in data.items() if k in known})  # derives hidden_dim, kv heads
         return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
     @property
@@ -136,13 +138,14 @@ def _element_bytes(precision: str) -> int:
     return 2 if ("16" in text or "bf16" in text) else 4
 
 
-def estimate_memory(model: Mapping, seq_len: int, batch_size: int = 1, sp: int = 1, ulysses: int = 1,
+def estimate_memory(model: Any, seq_len: int, batch_size: int = 1, sp: int = 1, ulysses: int = 1,
                     precision: str = "bf16-mixed", loss_chunk_tokens: Optional[int] = None,
                     merged_attention: bool = False, on_gpu: bool = True, ranks_per_node: int = 1) -> MemoryEstimate:
     """Peak memory of one training step (forward, backward, AdamW) of one rank.
 
     Args:
-        model: ModelConfig fields (dim, n_layers, n_heads, vocab_size, checkpointing, the memory options).
+        model: a ModelConfig or a mapping of its fields (dim, n_layers, n_heads, vocab_size,
+            checkpointing, the memory options).
         seq_len: the GLOBAL sequence length; each rank holds seq_len / sp tokens of each sample.
         batch_size: samples per rank.
         sp: sequence-parallel size; ulysses: the all-to-all part of it (the ring runs over sp / ulysses).
