@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from ring_lightning import memory_estimate as mem
 from ring_lightning import preflight
 from ring_lightning.lengths import LengthRules
-from ring_lightning.model_config import PRESETS
+from ring_lightning.model_config import PRESETS, ModelConfig
 from test_configs import CONF, compose_cfg
 
 H200, HOST = int(139.8 * mem.GiB), 120 * mem.GiB
@@ -60,7 +60,7 @@ def test_each_option_lowers_device_memory_and_offload_moves_inputs_to_the_host()
     one, four = (mem.estimate_memory(offload, 2**20, sp=sp, ranks_per_node=sp) for sp in (1, 4))
     assert four.host["offloaded inputs"] * 4 == one.host["offloaded inputs"]
     assert four.host_per_node == pytest.approx(one.host_per_node + 3 * mem.BYTES["host_process_gpu"])
-    from ring_lightning.model_config import ModelConfig  # a ModelConfig is read like its fields
+    # a ModelConfig is read like its fields
     assert mem.estimate_memory(ModelConfig(**full), 2**20).device == mem.estimate_memory(full, 2**20).device
     cpu = mem.estimate_memory(full, 4096, on_gpu=False, precision="32-true")
     assert not cpu.device and cpu.host["kept activations"] > 0  # a CPU run: all of it is host memory
