@@ -100,8 +100,9 @@ def main(cfg: DictConfig) -> dict:
     # any process, process group or logger exists.
     with preflight.user_errors(cfg, "data"):
         datamodule = instantiate(cfg.data)
+        notes = preflight.check_vocab_size(cfg, datamodule)  # before the model: its size may follow the tokenizer
     with preflight.user_errors(cfg):
-        notes = preflight.check_config(cfg)
+        notes += preflight.check_config(cfg)
         preflight.check_data_source(datamodule)
     with preflight.user_errors(cfg, "module"):
         module = instantiate(cfg.module, _convert_="all")

@@ -21,7 +21,8 @@ class ModelConfig:
     """Sizes and options of a LongDocTransformer."""
 
     vocab_size: int = 259
-    """Vocabulary size. 259 = 256 bytes + PAD/BOS/EOS of the default byte tokenizer."""
+    """Vocabulary size. 259 = 256 bytes + PAD/BOS/EOS of the default byte tokenizer. Under train.py it
+    follows ``data.tokenizer`` unless set (hydra_presets.py); in Python pass ``datamodule.model_vocab_size``."""
     dim: int = 256
     """Model (residual stream) width C."""
     n_layers: int = 4

@@ -9,6 +9,10 @@ a traceback (``HYDRA_FULL_ERROR=1`` shows one). What is checked:
 * the sequence-parallel size against the world size (``RingStrategy``'s own check);
 * the sequence length against everything that constrains it (``ring_lightning.lengths``:
   ranks and layout, segments, dilations, block size);
+* memory: the estimate of one step (``memory_estimate.py``, docs/MEMORY.md) against the GPU
+  and the host; a configuration that cannot fit is refused with the overrides that fit
+  (``preflight.check_memory=false`` skips it);
+* the vocabulary: an explicit ``model.vocab_size`` below the tokenizer's ids;
 * the data source (``data=hub``: the hub is asked once, unless the windows are cached);
 * the schedule: a validation interval past ``trainer.max_steps`` is clamped to it, so a run
   shortened on the command line still validates (a note says so).
@@ -189,7 +193,7 @@ def check_config(cfg: DictConfig) -> List[str]:
     per_node = devices_per_node(cfg.trainer)
     _sequence_parallel(cfg, per_node)
     check_sequence_length(cfg, per_node)
-    return clamp_schedule(cfg)
+    return check_memory(cfg, per_node) + clamp_schedule(cfg)
 
 
 def check_data_source(datamodule: Any) -> None:
@@ -200,3 +204,188 @@ def check_data_source(datamodule: Any) -> None:
     if os.path.isdir(datamodule._cache_path()):
         return  # packed windows from an earlier run: no network needed
     source.check_reachable()
+
+
+# ---------------------------------------------------------------------- vocabulary
+def check_vocab_size(cfg: DictConfig, datamodule: Any) -> List[str]:
+    """``model.vocab_size`` against the data's tokenizer, before the model is built.
+
+    By default ``model.vocab_size`` follows ``data.tokenizer`` (hydra_presets.py: the tokenizer's
+    ids rounded up to a multiple of 64); an explicit value smaller than the tokenizer's ids would
+    index past the embedding, so it is refused naming the override and the minimum. Returns a
+    note naming the size when it was derived from a tokenizer other than bytes.
+    """
+    model = cfg.get("model")
+    needed = getattr(datamodule, "vocab_size", None)  # loads the tokenizer: its errors are user errors
+    if not isinstance(model, DictConfig) or "vocab_size" not in model or not isinstance(needed, int):
+        return []  # a model without our vocabulary field (e.g. a Hugging Face model) checks its own
+    derived = OmegaConf.is_interpolation(model, "vocab_size")
+    value = model.vocab_size
+    tokenizer = cfg.data.get("tokenizer", "byte")
+    if isinstance(value, int) and not isinstance(value, bool) and value < needed:
+        padded = getattr(datamodule, "model_vocab_size", needed)
+        raise ConfigError(
+            f"model.vocab_size={value} is smaller than the vocabulary of data.tokenizer={tokenizer} ({needed} ids): "
+            f"set model.vocab_size >= {needed}, or drop the override: model.vocab_size follows data.tokenizer "
+            f"by default ({padded} for this one)")
+    if derived and tokenizer != "byte":
+        return [f"note: model.vocab_size={value} from data.tokenizer={tokenizer} ({needed} ids, rounded up to a "
+                f"multiple of 64)"]
+    return []
+
+
+# ---------------------------------------------------------------------- memory
+def _gpu_memory_bytes() -> Optional[int]:
+    """Total memory of the first GPU the run uses (torch.cuda; None without CUDA). The launching
+    process becomes rank 0 (or spawns the ranks): Lightning's launchers never fork it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:  # under torchrun every rank asks for its own device (LOCAL_RANK), not all for device 0
+        index = int(os.environ.get("LOCAL_RANK", 0) or 0) % torch.cuda.device_count()
+        return torch.cuda.get_device_properties(index).total_memory
+    except (RuntimeError, ValueError):
+        return None  # a driver that cannot say: the device check is skipped, the run says it itself
+
+
+def _host_available_bytes() -> Optional[int]:
+    """Host memory available now: psutil if installed, else /proc/meminfo's MemAvailable (None: unknown)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _memory_inputs(cfg: DictConfig, per_node: int) -> Optional[dict]:
+    """The arguments of memory_estimate.estimate_memory for this config; None when the model is not
+    described by ModelConfig fields (a Hugging Face or user model: nothing to estimate from)."""
+    model = cfg.get("model")
+    if not isinstance(model, DictConfig) or not all(k in model for k in ("dim", "n_layers", "n_heads", "vocab_size")):
+        return None
+    seq_len, batch = cfg.data.get("seq_len"), cfg.data.get("batch_size", 1)
+    if not isinstance(seq_len, int) or not isinstance(batch, int):
+        return None
+    sp, ulysses, _ = _sequence_parallel(cfg, per_node)
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and _visible_gpus() > 0)
+    attention = cfg.module.get("attention") or {}
+    return dict(model=OmegaConf.to_container(model, resolve=True), seq_len=seq_len, batch_size=batch, sp=sp,
+                ulysses=ulysses, precision=str(cfg.trainer.get("precision", "32-true")),
+                loss_chunk_tokens=cfg.module.get("loss_chunk_tokens", None),
+                merged_attention=attention.get("segment_lengths") is not None or sp // ulysses > 1,
+                on_gpu=on_gpu, ranks_per_node=per_node)
+
+
+def _largest_length_that_fits(cfg: DictConfig, inputs: dict, fits) -> Optional[int]:
+    """The longest valid data.seq_len (ring_lightning.lengths) below the configured one that fits."""
+    from ring_lightning.attention.config import RingAttentionConfig
+
+    attention = OmegaConf.to_container(cfg.module.get("attention") or {}, resolve=True)
+    variant = attention.pop("variant", "standard")
+    sp, ulysses = inputs["sp"], inputs["ulysses"]
+    layout = str((cfg.get("strategy") or {}).get("layout", "auto"))
+    try:
+        config = RingAttentionConfig(**attention)
+        rules = config.length_rules(sp // ulysses, config.layout if layout == "auto" else layout, variant)
+    except (TypeError, ValueError):
+        rules = LengthRules(group_size=sp)
+    low, high = 0, inputs["seq_len"]  # the largest fitting length, by bisection (memory grows with length)
+    while high - low > max(1, low // 1024):
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(seq_len=mid) else (low, mid)
+    unit = rules.multiple()
+    # a round number: four significant bits (e.g. 655360, not 701234), else a power of two
+    step = math.lcm(unit, 2 ** max(0, low.bit_length() - 4))
+    powers = [2**e for e in range(low.bit_length(), 0, -1) if 2**e <= low]
+    candidates = [low // step * step, low // unit * unit, *powers]
+    return next((n for n in candidates if n > 0 and not rules.problems(n)), None)
+
+
+def check_memory(cfg: DictConfig, per_node: int, device_bytes: Optional[int] = None,
+                 host_bytes: Optional[int] = None) -> List[str]:
+    """The memory estimate of one step (ring_lightning/memory_estimate.py, docs/MEMORY.md) against
+    the GPU (GPU runs) and the host (offloaded activations of every rank of the node; on CPU runs
+    everything). Refuses a configuration over capacity (with REFUSE_ABOVE's margin) naming the
+    overrides that fit; on GPU runs returns the estimate as a note. ``preflight.check_memory=false``
+    skips it. ``device_bytes`` / ``host_bytes``: the capacities (default: this machine's)."""
+    from ring_lightning import memory_estimate as mem
+
+    if not (cfg.get("preflight") or {}).get("check_memory", True):
+        return []
+    inputs = _memory_inputs(cfg, per_node)
+    if inputs is None:
+        return []
+    device_cap = device_bytes if device_bytes is not None else (_gpu_memory_bytes() if inputs["on_gpu"] else None)
+    host_cap = host_bytes if host_bytes is not None else _host_available_bytes()
+    if not inputs["on_gpu"]:
+        device_cap = None
+
+    def over(est: "mem.MemoryEstimate", limit: float = mem.REFUSE_ABOVE) -> List[str]:
+        where = []
+        if device_cap and est.device_total > limit * device_cap:
+            where.append("device")
+        # the host binds what it holds for the run: offloaded activations, or everything on CPU runs
+        # (the per-process share alone is a guess too rough to refuse a GPU run on)
+        binding = not est.on_gpu or est.host.get("offloaded inputs", 0) > 0
+        if host_cap and binding and est.host_per_node > limit * host_cap:
+            where.append("host")
+        return where
+
+    def fits(**changes) -> bool:
+        model = {**inputs["model"], **changes.pop("model", {})}
+        return not over(mem.estimate_memory(**{**inputs, "model": model, **changes}))
+
+    est = mem.estimate_memory(**inputs)
+    gib = mem.GiB
+    host_text = (f"host {est.host_per_node / gib:.1f} GiB for the node's {est.ranks_per_node} rank(s) "
+                 f"({est.describe(est.host)} per rank)")
+    host_text += f" of {host_cap / gib:.1f} GiB available" if host_cap else ""
+    where = over(est)
+    if not where:
+        if not inputs["on_gpu"]:
+            return []
+        gpu = f" of {device_cap / gib:.1f} GiB" if device_cap else ""
+        warn = " (close to the limit: may not fit)" if over(est, mem.WARN_ABOVE) else ""
+        return [f"note: memory estimate per GPU {est.device_total / gib:.1f} GiB{gpu}{warn} "
+                f"({est.describe(est.device)}); {host_text} (docs/MEMORY.md)"]
+
+    # What fits: the offload option, more sequence-parallel ranks, a shorter sequence.
+    model, fixes = inputs["model"], []
+    offloading = model.get("checkpointing") == "full" and model.get("offload_activations")
+    if model.get("checkpointing") != "full" and fits(model={"checkpointing": "full"}):
+        fixes.append("checkpointing=full")  # no host memory taken: the cheaper fix when it suffices
+    elif not offloading and inputs["on_gpu"] and fits(model=mem.OFFLOAD_OPTIONS):
+        fixes.append("checkpointing=offload")
+    if offloading and "host" in where:
+        k = next((k for k in range(model.get("blocks_per_checkpoint", 1) + 1, model["n_layers"] + 1)
+                  if fits(model={"blocks_per_checkpoint": k})), None)
+        if k:
+            fixes.append(f"model.blocks_per_checkpoint={k} (one saved input per {k} blocks)")
+    sp = next((inputs["sp"] * 2**e for e in range(1, 11) if fits(sp=inputs["sp"] * 2**e)), None)
+    if sp and inputs["on_gpu"]:
+        fixes.append(f"strategy.sequence_parallel_size={sp} ({sp} GPUs: trainer.devices / trainer.num_nodes)")
+    length = _largest_length_that_fits(cfg, inputs, fits)
+    if length:
+        fixes.append(f"data.seq_len={length}")
+    needs = []
+    if "device" in where:
+        needs.append(f"about {est.device_total / gib:.1f} GiB per GPU ({est.describe(est.device)}) but the GPU "
+                     f"has {device_cap / gib:.1f} GiB")
+    if "host" in where:
+        needs.append(host_text)
+    raise ConfigError(
+        f"memory: this run needs {' and '.join(needs)}. "
+        + (f"It fits with {', or '.join(fixes)}. " if fixes else "No single override fits; lower model size or batch. ")
+        + f"The estimate (docs/MEMORY.md) refuses only above {mem.REFUSE_ABOVE:.2f}x the capacity; "
+          f"preflight.check_memory=false skips this check")

@@ -47,7 +47,7 @@ from ring_lightning.data.tasks import (
     RetrievalTask,
     retrieval_accuracy,
 )
-from ring_lightning.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
+from ring_lightning.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer, model_vocab_size
 
 __all__ = [
     "IGNORE_INDEX",
@@ -62,6 +62,7 @@ __all__ = [
     "ByteTokenizer",
     "HFTokenizer",
     "load_tokenizer",
+    "model_vocab_size",
     "StdlibSource",
     "FileSource",
     "HubSource",

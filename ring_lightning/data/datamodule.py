@@ -25,7 +25,7 @@ from ring_lightning.data.packing import WindowDataset, pack_documents
 from ring_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoader
 from ring_lightning.data.sources import TEXT_SOURCES, text_source
 from ring_lightning.data.tasks import RetrievalTask
-from ring_lightning.data.tokenizers import load_tokenizer
+from ring_lightning.data.tokenizers import load_tokenizer, model_vocab_size
 from ring_lightning.lengths import check_trainer_length
 
 SOURCES = TEXT_SOURCES + ("retrieval",)
@@ -41,7 +41,8 @@ class LongDocumentDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes.
         val_fraction: fraction of windows (or of ``retrieval_num_samples``) held out, in (0, 1).
         seed: document order, the train shuffle and the retrieval samples.
-        tokenizer: ``"byte"`` (no download) or a Hugging Face tokenizer name.
+        tokenizer: ``"byte"`` (no download), a local ``tokenizer.json``, a ``save_pretrained``
+            directory, or a Hugging Face hub name.
         max_tokens: tokens read from a text source (None: everything). The default keeps
             a CPU run quick; raise it for long runs.
         paths: for ``files``: files, directories or glob patterns.
@@ -134,6 +135,12 @@ class LongDocumentDataModule(pl.LightningDataModule):
     def vocab_size(self) -> int:
         """Ids the model must embed (259 for bytes; retrieval uses byte ids too)."""
         return self.task.vocab_size if self.task is not None else self.tokenizer.vocab_size
+
+    @property
+    def model_vocab_size(self) -> int:
+        """The model's vocabulary for this data: ``vocab_size`` rounded up to a multiple of 64
+        (tokenizers.model_vocab_size; bytes stay 259). Pass it as ``model={"vocab_size": ...}``."""
+        return model_vocab_size(self.vocab_size, "byte" if self.task is not None else self.tokenizer_name)
 
     @property
     def task_metric(self) -> Optional[str]:

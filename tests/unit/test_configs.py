@@ -150,7 +150,7 @@ def test_default_sequence_parallel_size_fits_the_machine(tmp_path, devices, sp):
 @pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
 def test_model_configs_match_the_named_presets(tmp_path, name):
     cfg = compose_cfg(tmp_path, [f"model={name}"])
-    fields = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "checkpointing"}
+    fields = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "checkpointing"}
     assert ModelConfig(**fields) == ModelConfig.preset(name)
 
 
@@ -159,7 +159,7 @@ def test_model_group_is_the_python_presets_and_takes_any_field(tmp_path):
     assert not list((CONF / "model").glob("*.yaml"))
     assert MODEL_PRESETS == set(PRESETS)
     cfg = compose_cfg(tmp_path, ["model=tiny", "model.dim=128", "model.rope_theta=5e5"])
-    model = ModelConfig.from_any(OmegaConf.to_container(cfg.model))
+    model = ModelConfig.from_any(OmegaConf.to_container(cfg.model, resolve=True))  # vocab: the byte tokenizer's
     assert model == ModelConfig.preset("tiny", dim=128, rope_theta=5e5)
     assert model.hidden_dim == ModelConfig(dim=128).hidden_dim  # re-derived from the new dim
 
