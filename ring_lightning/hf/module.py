@@ -21,7 +21,7 @@ What it does for the user:
   With ``num_items_in_batch=True`` the model divides by the sequence group's count of labelled
   tokens instead (what the HF Trainer passes), and the loss goes through
   ``strategy.reduce_token_loss`` (exact logged loss, one more all-reduce);
-* ``gradient_checkpointing``: the model's own ``gradient_checkpointing_enable`` (non-reentrant);
+* ``checkpointing``: the model's own activation checkpointing (non-reentrant), with offload;
 * checkpoints are Lightning's; ``export_dir``: ``save_pretrained`` at the end of fit (rank 0),
   loadable by plain transformers (the attention implementation is not saved in the config).
 """
@@ -93,6 +93,33 @@ def build_hf_model(name_or_path: Optional[str], config: Optional[Dict[str, Any]]
                                             trust_remote_code=trust_remote_code)
 
 
+CHECKPOINTING = ("none", "full", "offload")
+
+
+def enable_checkpointing(model, checkpointing: str, every_n_layers: int = 1) -> None:
+    """The model's own activation checkpointing (non-reentrant: the ring's backward runs inside it).
+
+    Raises:
+        ValueError: an unknown mode, or one the installed transformers lacks.
+    """
+    if checkpointing not in CHECKPOINTING:
+        hint = " (transformers recomputes whole decoder layers: use full)" if checkpointing == "selective" else ""
+        raise ValueError(f"model.checkpointing={checkpointing!r} is not valid for a Hugging Face model{hint}; "
+                         f"valid values: {CHECKPOINTING}")
+    if checkpointing == "none":
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers,
+                                              offload=checkpointing == "offload")
+    elif checkpointing == "full" and every_n_layers == 1:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"model.checkpointing={checkpointing!r} with checkpoint_every_n_layers={every_n_layers} "
+                         f"needs a transformers with activation_checkpointing_enable; use checkpointing=full, "
+                         f"checkpoint_every_n_layers=1")
+
+
 class HFCausalLM(pl.LightningModule):
     """A transformers causal LM as a LightningModule for RingStrategy.
 
@@ -102,7 +129,10 @@ class HFCausalLM(pl.LightningModule):
         attention: ``{"variant": standard | hilbert | distributed | block_sparse, **RingAttentionConfig fields}``.
         tokenizer: the tokenizer the data should use; None: ``name_or_path`` (``"byte"`` when building from a config).
         dtype: weights' dtype.
-        gradient_checkpointing: recompute each decoder layer in backward (the model's own mechanism).
+        checkpointing: activation checkpointing through the model's own mechanism: ``none``, ``full``
+            (recompute decoder layers in backward), ``offload`` (``full`` with the saved layer inputs in
+            pinned host memory; transformers >= 5.x's ``activation_checkpointing_enable(offload=True)``).
+        checkpoint_every_n_layers: with checkpointing: layers 0, n, 2n, ... are recomputed.
         num_items_in_batch: divide the loss by the sequence group's labelled-token count (the HF
             Trainer's convention) instead of taking each shard's mean.
         lr, weight_decay, betas, warmup_steps, max_steps, min_lr_ratio: AdamW with warm-up + cosine.
@@ -125,7 +155,8 @@ class HFCausalLM(pl.LightningModule):
         attention: Optional[Dict[str, Any]] = None,
         tokenizer: Optional[str] = None,
         dtype: str = "float32",
-        gradient_checkpointing: bool = False,
+        checkpointing: str = "none",
+        checkpoint_every_n_layers: int = 1,
         num_items_in_batch: bool = False,
         lr: float = 1e-4,
         weight_decay: float = 0.1,
@@ -150,12 +181,12 @@ class HFCausalLM(pl.LightningModule):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
         variant, attention_config = LongDocumentLM._attention_config(_plain(attention))
         self.model = build_hf_model(name_or_path, _plain(config), dtype, trust_remote_code)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps a submodule's mode as found
         self.num_ring_cores = attach_ring_attention(self.model, variant, attention_config)
         if self.num_ring_cores == 0:
             raise ValueError(f"{type(self.model).__name__} has no attention layer of transformers' AttentionInterface "
                              f"kind (layer_idx, scaling, config): ring_lightning cannot drive its attention")
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(self.model, checkpointing, int(checkpoint_every_n_layers))
         self.tokenizer_name = tokenizer or name_or_path or "byte"
         self.num_items_in_batch = bool(num_items_in_batch)
         self.lr, self.weight_decay, self.betas = float(lr), float(weight_decay), betas

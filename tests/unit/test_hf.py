@@ -1,0 +1,149 @@
+"""ring_lightning.hf on one process: the registered attention equals transformers' sdpa, what it
+cannot honour is refused by name, and HFCausalLM's export loads in plain transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import lightning.pytorch as pl  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from ring_lightning.hf import IMPLEMENTATION, HFCausalLM  # noqa: E402
+from ring_lightning.hf.attention import ring_attention_forward  # noqa: E402
+
+TOL = 1e-5  # float32 on CPU; observed <= 1e-7
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+FIELDS = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+
+
+def tiny(family: str, **overrides):
+    return AutoConfig.for_model(family, **{**FIELDS, **overrides})
+
+
+def _logits_and_grads(model, ids, **kwargs):
+    model.zero_grad()
+    logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+    logits.square().mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_registered_implementation_equals_sdpa_at_sp1(family):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny(family), attn_implementation=IMPLEMENTATION)
+    assert model.config._attn_implementation == IMPLEMENTATION
+    ids = torch.randint(0, 64, (2, 24))
+    restart = torch.cat([torch.arange(9), torch.arange(15)]).expand(2, -1)  # two packed documents
+    documents = (torch.arange(24) >= 9).long().expand(2, -1)
+    for kwargs in ({}, {"position_ids": restart}, {"position_ids": restart, "document_ids": documents}):
+        model.set_attn_implementation("sdpa")
+        ref_logits, ref_grads = _logits_and_grads(model, ids, **{k: v for k, v in kwargs.items() if k != "document_ids"})
+        model.set_attn_implementation(IMPLEMENTATION)
+        logits, grads = _logits_and_grads(model, ids, **kwargs)
+        torch.testing.assert_close(logits, ref_logits, atol=TOL, rtol=TOL)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, atol=TOL, rtol=TOL, msg=f"{family} {list(kwargs)}: {name}")
+    assert sum(m.ring_attention.profiler.calls > 0 for m in model.modules() if hasattr(m, "ring_attention")) == 2
+
+
+def test_what_the_ring_cannot_honour_is_refused_by_name():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 16))
+    model = AutoModelForCausalLM.from_config(tiny("llama"), attn_implementation=IMPLEMENTATION)
+    pad = torch.ones(2, 16, dtype=torch.long)
+    model(input_ids=ids, attention_mask=pad, use_cache=False)  # a mask without padding is fine
+    pad[1, :3] = 0
+    with pytest.raises(ValueError, match="padding attention_mask .* pads 3 positions"):
+        model(input_ids=ids, attention_mask=pad, use_cache=False)
+    with pytest.raises(ValueError, match="KV cache"):  # decoding a token against a cache
+        out = model(input_ids=ids, use_cache=True)
+        model(input_ids=ids[:, :1], cache=out.cache, use_cache=True)
+    mistral = AutoModelForCausalLM.from_config(tiny("mistral", sliding_window=8), attn_implementation=IMPLEMENTATION)
+    with pytest.raises(ValueError, match="sliding window of 8 tokens, shorter than the sequence \\(16 tokens\\)"):
+        mistral(input_ids=ids, use_cache=False)
+    AutoModelForCausalLM.from_config(tiny("mistral", sliding_window=16), attn_implementation=IMPLEMENTATION)(
+        input_ids=ids, use_cache=False)  # a window as long as the sequence changes nothing
+    layer = model.model.layers[0].self_attn
+    q, k = torch.randn(2, 4, 16, 8), torch.randn(2, 2, 16, 8)
+    for kwargs, feature in (({"dropout": 0.1}, "attention dropout"), ({"softcap": 30.0}, "softcapping"),
+                            ({"s_aux": torch.zeros(4)}, "attention sinks"),
+                            ({"output_attentions": True}, "output_attentions")):
+        with pytest.raises(ValueError, match=feature):
+            ring_attention_forward(layer, q, k, k, None, **kwargs)
+
+
+def _fit(module, steps: int, tmp_path):
+    data = [{"input_ids": torch.randint(0, 64, (16,)), "labels": torch.randint(0, 64, (16,))} for _ in range(4)]
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=2))
+    return trainer
+
+
+def test_hf_causal_lm_checkpoints_and_exports_for_plain_transformers(tmp_path):
+    torch.manual_seed(0)
+    export = tmp_path / "export"
+    module = HFCausalLM(config={"model_type": "qwen3", **FIELDS}, export_dir=str(export),
+                        warmup_steps=0, max_steps=2)
+    trainer = _fit(module, 2, tmp_path)
+    saved = json.loads((export / "config.json").read_text())
+    assert IMPLEMENTATION not in json.dumps(saved)  # plain transformers must not look for our function
+    plain = AutoModelForCausalLM.from_pretrained(str(export))
+    assert plain.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 64, (2, 16))
+    module.eval()
+    torch.testing.assert_close(plain(input_ids=ids).logits, module.model(input_ids=ids, use_cache=False).logits,
+                               atol=TOL, rtol=TOL)
+    # Lightning's checkpoint restores the same weights into a fresh module
+    ckpt = trainer.checkpoint_callback.best_model_path
+    restored = HFCausalLM.load_from_checkpoint(ckpt)
+    for (name, p), (_, q) in zip(module.named_parameters(), restored.named_parameters()):
+        assert torch.equal(p, q), name
+    # and the export is a pretrained directory HFCausalLM starts from
+    again = HFCausalLM(str(export))
+    assert again.model.config._attn_implementation == IMPLEMENTATION
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, 64, (2, 16))
+    grads = []
+    for checkpointing in ("none", "full"):  # offload pins host memory: CUDA only
+        torch.manual_seed(0)
+        module = HFCausalLM(config={"model_type": "llama", **FIELDS},
+                            checkpointing=checkpointing, checkpoint_every_n_layers=1)
+        module.train()
+        module(**module.model_inputs({"input_ids": ids, "labels": ids})).loss.backward()
+        grads.append({n: p.grad for n, p in module.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=TOL, rtol=TOL, msg=name)
+
+
+def test_missing_transformers_is_one_clear_message(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    for name in [n for n in sys.modules if n == "ring_lightning.hf" or n.startswith("ring_lightning.hf.")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[hf\]"'):
+        import ring_lightning.hf  # noqa: F401
+
+
+def test_bench_hf_dry_run(tmp_path):
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_hf.py"), "--dry-run",
+                          "--json", str(tmp_path / "hf.json")], capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "hf.json").read_text())["rows"]
+    assert {r["attention"] for r in rows} == {"ring_lightning", "sdpa"}
+    assert all(r["tokens_per_s"] > 0 for r in rows)
