@@ -69,7 +69,8 @@ class RingStrategy(DDPStrategy):
 
     A model without any ring attention module while ``sequence_parallel_size > 1`` is
     an error, not a warning: every rank would attend only to its own shard and training
-    would run on silently wrong numbers.
+    would run on silently wrong numbers. So are a Hugging Face model left on ``sdpa`` /
+    ``eager`` and a first training step that called no ring core (``ring_lightning.ring_usage``).
 
     Args:
         sequence_parallel_size: ranks per sequence group (``sp``), or ``"auto"`` (the default):

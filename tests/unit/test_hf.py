@@ -147,3 +147,28 @@ def test_bench_hf_dry_run(tmp_path):
     rows = json.loads((tmp_path / "hf.json").read_text())["rows"]
     assert {r["attention"] for r in rows} == {"ring_lightning", "sdpa"}
     assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_model_hf_switches_the_module_and_the_data_tokenizer(tmp_path):
+    """`python train.py model=hf ...` composes HFCausalLM, the model's tokenizer and checkpointing."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    from ring_lightning.hydra_presets import register_model_presets
+
+    register_model_presets()
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
+    fields = ", ".join(f"{k}: {v}" for k, v in FIELDS.items())
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(conf, version_base="1.3"):
+        built = compose("config", overrides=[f"paths.output_dir={tmp_path}", "model=hf", "checkpointing=full",
+                                             f"model.config={{model_type: llama, {fields.replace('64,', '300,', 1)}}}"])
+        named = compose("config", overrides=[f"paths.output_dir={tmp_path}", "model=hf", "model.name_or_path=/x/y"])
+        default = compose("config", overrides=[f"paths.output_dir={tmp_path}"])
+    assert (built.data.tokenizer, named.data.tokenizer, default.data.tokenizer) == ("byte", "/x/y", "byte")
+    assert default.module._target_ == "ring_lightning.module.LongDocumentLM"
+    module = instantiate(built.module, _convert_="all")
+    assert isinstance(module, HFCausalLM) and module.model.config.vocab_size == 300
+    assert module.model.is_gradient_checkpointing and module.tokenizer_name == "byte"
+    assert module.export_dir == os.path.join(str(tmp_path), "hf_model")
