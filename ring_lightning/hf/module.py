@@ -17,7 +17,8 @@ What it does for the user:
   of ``input_ids[t]``, the README's label contract), so they go in as the model's own
   ``shift_labels=`` keyword: transformers' ``ForCausalLMLoss`` then neither shifts them again nor
   pairs tokens across shards. Its loss is this shard's mean over labelled tokens, which the
-  strategy's ``loss_reduction="mean"`` scale turns into the sp=1 gradient (loss_contract.py).
+  strategy's ``loss_reduction="mean"`` scale turns into the sp=1 gradient (loss_contract.py);
+  the logged ``train/loss`` is the sequence group's mean (one all-reduce of two numbers).
   With ``num_items_in_batch=True`` the model divides by the sequence group's count of labelled
   tokens instead (what the HF Trainer passes), and the loss goes through
   ``strategy.reduce_token_loss`` (exact logged loss, one more all-reduce);
@@ -232,12 +233,16 @@ class HFCausalLM(pl.LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs = self.model_inputs(batch)
+        strategy, sp, group = self._sp()
+        n_local = (batch["labels"] != IGNORE_INDEX).sum()
         if not self.num_items_in_batch:
             loss = self(**inputs).loss  # this shard's mean; RingStrategy scales it (loss_contract.py)
             mean_loss = loss.detach()
+            if group is not None:  # logged: the group's mean over labelled tokens (one small all-reduce)
+                stats = torch.stack([torch.where(n_local > 0, mean_loss * n_local, 0.0), n_local.to(loss.dtype)])
+                dist.all_reduce(stats, group=group)
+                mean_loss = stats[0] / stats[1].clamp(min=1)
         else:
-            strategy, sp, group = self._sp()
-            n_local = (batch["labels"] != IGNORE_INDEX).sum()
             n_group = n_local.clone()
             if group is not None:
                 dist.all_reduce(n_group, group=group)
@@ -277,6 +282,8 @@ class HFCausalLM(pl.LightningModule):
         if len(self._tput) >= 2:
             (t0, n0), (t1, n1) = self._tput[0], self._tput[-1]
             self.log("perf/tokens_per_s", (n1 - n0) / max(t1 - t0, 1e-9), prog_bar=True)
+        if self.device.type == "cuda" and batch_idx % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log("perf/peak_memory_mb", torch.cuda.max_memory_allocated(self.device) / 2**20)  # this rank's
 
     # ------------------------------------------------------------------ setup, optimizer, export
     def setup(self, stage: str) -> None:

@@ -57,17 +57,16 @@ class PackedData(Dataset):
 
 
 class RecordingHFLM(HFCausalLM):
-    """HFCausalLM recording each step's samples, loss, label count and synced gradients."""
+    """HFCausalLM recording each step's samples, logged loss and synced gradients."""
 
     def __init__(self, family: str, **kwargs) -> None:
         torch.manual_seed(0)
         super().__init__(config=tiny_config(family), lr=1e-2, warmup_steps=0, max_steps=STEPS,
                          restart_positions_per_document=True, **kwargs)
-        self.record: Dict[str, List] = {"loss": [], "count": [], "grads": [], "samples": []}
+        self.record: Dict[str, List] = {"loss": [], "grads": [], "samples": []}
 
     def training_step(self, batch, batch_idx):
         self.record["samples"].append(batch["sample_id"].tolist())
-        self.record["count"].append(int((batch["labels"] != IGNORE).sum()))
         loss = super().training_step(batch, batch_idx)
         self.record["loss"].append(float(self.trainer.callback_metrics["train/loss"]))
         return loss
