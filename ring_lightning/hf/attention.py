@@ -107,6 +107,9 @@ def _refuse(module, query, key, attention_mask, dropout, sliding_window, softcap
             f"attn_implementation={IMPLEMENTATION!r}: {where} got {query.shape[2]} queries against {key.shape[2]} "
             f"keys (a KV cache, i.e. generation): the ring attends a sequence to itself. Generate with "
             f"model.set_attn_implementation('sdpa') and use_cache as usual")
+    if getattr(getattr(module, "config", None), "is_causal", True) is False:
+        raise ValueError(f"attn_implementation={IMPLEMENTATION!r}: {where}'s config sets is_causal=False "
+                         f"(bidirectional attention), which this implementation does not compute; leave it causal")
     if dropout:
         raise ValueError(
             f"attn_implementation={IMPLEMENTATION!r}: {where} asks for attention dropout {dropout} in training, "
