@@ -196,6 +196,7 @@ class HFCausalLM(pl.LightningModule):
         self.document_mask, self.restart_positions = bool(document_mask), bool(restart_positions_per_document)
         self.export_dir = export_dir
         self._previous_sharding: Any = _NOT_SET
+        self._check_loss_mask = True
         self._tput = collections.deque(maxlen=21)
         self._tokens_seen = 0
         self._val_stats: Optional[torch.Tensor] = None
@@ -220,6 +221,13 @@ class HFCausalLM(pl.LightningModule):
             inputs["document_ids"] = batch["document_ids"]
         if "labels" in batch:
             inputs["labels"] = inputs["shift_labels"] = batch["labels"]
+            mask = batch.get("loss_mask")
+            if self._check_loss_mask and isinstance(mask, torch.Tensor):  # once: a comparison synchronises
+                self._check_loss_mask = False
+                if not torch.equal(mask.float(), (batch["labels"] != IGNORE_INDEX).float()):
+                    raise ValueError("HFCausalLM trains on labels != -100 (the model's own loss); this batch's "
+                                     "loss_mask weights tokens otherwise: set the labels of unweighted positions "
+                                     "to -100, or use LongDocumentLM (its compute_loss applies loss_mask)")
         return inputs
 
     def forward(self, **inputs: Any):
