@@ -161,21 +161,6 @@ def test_model_hf_switches_the_module_and_the_data_tokenizer(tmp_path):
     assert module.export_dir == os.path.join(str(tmp_path), "hf_model")
 
 
-def _pretrained_dir(path) -> str:
-    """A tiny Llama and its own byte-level BPE tokenizer (trained here: no hub) in one save_pretrained dir."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(["def f(x):\n    return x + 1\n" * 50], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    AutoModelForCausalLM.from_config(tiny("llama", vocab_size=len(fast))).save_pretrained(str(path))
-    fast.save_pretrained(str(path))
-    return str(path)
-
-
 def test_model_hf_name_or_path_trains_on_the_models_tokenizer(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -184,7 +169,9 @@ def test_model_hf_name_or_path_trains_on_the_models_tokenizer(tmp_path):
     from ring_lightning.hydra_presets import register_model_presets
 
     register_model_presets()
-    model_dir = _pretrained_dir(tmp_path / "tiny_llama")
+    from hf_fixtures import pretrained_dir
+
+    model_dir = pretrained_dir(tmp_path / "tiny_llama")
     text = tmp_path / "doc.py"
     text.write_text("def g(y):\n    return y * 2\n" * 400)
     conf = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
