@@ -12,7 +12,7 @@ try:
 except ImportError as err:  # the one place that says how to get it
     raise ImportError(
         "ring_lightning.hf needs the `transformers` package: pip install -e \".[hf]\" "
-        "(or pip install 'transformers>=4.56')"
+        "(or pip install 'transformers>=5.0')"
     ) from err
 
 from .attention import CORE_ATTRIBUTE, IMPLEMENTATION, attach_ring_attention, is_attention_layer, register
