@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from ring_lightning import sharding
 from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
+from ring_lightning.loss_contract import labels_follow_inputs
 from ring_lightning.attention.documents import document_position_ids
 from ring_lightning.schedule import WarmupCosine, keep_configured_schedule
 
@@ -196,7 +197,7 @@ class HFCausalLM(pl.LightningModule):
         self.document_mask, self.restart_positions = bool(document_mask), bool(restart_positions_per_document)
         self.export_dir = export_dir
         self._previous_sharding: Any = _NOT_SET
-        self._check_loss_mask = True
+        self._check_loss_mask = self._check_labels = True
         self._tput = collections.deque(maxlen=21)
         self._tokens_seen = 0
         self._val_stats: Optional[torch.Tensor] = None
@@ -220,9 +221,18 @@ class HFCausalLM(pl.LightningModule):
         if self.document_mask and isinstance(batch.get("document_ids"), torch.Tensor):
             inputs["document_ids"] = batch["document_ids"]
         if "labels" in batch:
-            inputs["labels"] = inputs["shift_labels"] = batch["labels"]
+            # contiguous: a contiguous-layout shard is a narrow view, and the model's loss calls .view(-1)
+            inputs["labels"] = inputs["shift_labels"] = batch["labels"].contiguous()
+            if self._check_labels:  # once (comparisons synchronise): labels aligned per position
+                self._check_labels = False
+                if labels_follow_inputs(batch, "labels", IGNORE_INDEX):
+                    raise ValueError(
+                        "batch['labels'] equals batch['input_ids'] (the Hugging Face convention, shifted inside the "
+                        "model); HFCausalLM passes labels as the model's shift_labels, aligned per position "
+                        "(labels[t] = input_ids[t + 1]). Shift them in the data, or let the strategy shift them "
+                        "before sharding: RingStrategy(shift_labels=True) (train.py: strategy.shift_labels=true)")
             mask = batch.get("loss_mask")
-            if self._check_loss_mask and isinstance(mask, torch.Tensor):  # once: a comparison synchronises
+            if isinstance(mask, torch.Tensor) and self._check_loss_mask:
                 self._check_loss_mask = False
                 if not torch.equal(mask.float(), (batch["labels"] != IGNORE_INDEX).float()):
                     raise ValueError("HFCausalLM trains on labels != -100 (the model's own loss); this batch's "

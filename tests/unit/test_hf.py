@@ -122,7 +122,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         module = HFCausalLM(config={"model_type": "llama", **FIELDS},
                             checkpointing=checkpointing, checkpoint_every_n_layers=1)
         module.train()
-        module(**module.model_inputs({"input_ids": ids, "labels": ids})).loss.backward()
+        module(**module.model_inputs({"input_ids": ids[:, :-1], "labels": ids[:, 1:]})).loss.backward()
         grads.append({n: p.grad for n, p in module.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=TOL, rtol=TOL, msg=name)
@@ -189,3 +189,10 @@ def test_model_hf_name_or_path_trains_on_the_models_tokenizer(tmp_path):
     assert int(batch["input_ids"].max()) < data.vocab_size
     loss = module(**module.model_inputs(batch)).loss
     assert torch.isfinite(loss)
+
+
+def test_labels_in_the_hf_convention_are_refused_with_the_fix():
+    module = HFCausalLM(config={"model_type": "llama", **FIELDS})
+    ids = torch.randint(0, 64, (2, 16))
+    with pytest.raises(ValueError, match="strategy.shift_labels=true"):
+        module.model_inputs({"input_ids": ids, "labels": ids})
