@@ -12,3 +12,7 @@ from typing import Tuple
 
 IGNORE_INDEX = -100
 DEFAULT_SEQUENCE_KEYS: Tuple[str, ...] = ("input_ids", "labels", "position_ids", "loss_mask", "document_ids")
+
+#: ``attn_implementation`` name under which ``ring_lightning.hf`` registers the ring with
+#: transformers (kept here so the strategy can recognise it without importing transformers).
+HF_ATTN_IMPLEMENTATION = "ring_lightning"

@@ -41,8 +41,7 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ring_lightning import loss_contract, sharding, sequence_groups
-from ring_lightning.attention import ring_attention_modules
+from ring_lightning import loss_contract, ring_usage, sharding, sequence_groups
 from ring_lightning.compression import check_compression_args, register_compression_hook, resolve_compression
 from ring_lightning.compression_checkpoint import CHECKPOINT_KEY as COMPRESSION_CHECKPOINT_KEY
 from ring_lightning.compression_checkpoint import gather_compression_state, restore_compression_state, this_rank_state
@@ -70,7 +69,8 @@ class RingStrategy(DDPStrategy):
 
     A model without any ring attention module while ``sequence_parallel_size > 1`` is
     an error, not a warning: every rank would attend only to its own shard and training
-    would run on silently wrong numbers.
+    would run on silently wrong numbers. So are a Hugging Face model left on ``sdpa`` /
+    ``eager`` and a first training step that called no ring core (``ring_lightning.ring_usage``).
 
     Args:
         sequence_parallel_size: ranks per sequence group (``sp``), or ``"auto"`` (the default):
@@ -161,6 +161,7 @@ class RingStrategy(DDPStrategy):
         self._device_mesh: Optional[DeviceMesh] = None
         self._hybrid: Optional[sequence_groups.HybridGroups] = None  # built with the mesh when U > 1
         self._ring_modules: List[nn.Module] = []
+        self._ring_calls_unchecked = True  # until the first training step has shown ring calls
         self._batch_layout = "contiguous"  # of the last sharded batch, read by _batch_sharding()
         self._layout_by_len: Dict[int, str] = {}
         self._compression_state: Any = None
@@ -256,17 +257,13 @@ class RingStrategy(DDPStrategy):
         super().teardown()
 
     def _check_ring_modules(self) -> None:
-        """sp > 1 needs ring attention somewhere in the model (else silently wrong results)."""
+        """sp > 1 needs ring attention in the model (else silently wrong results): ``ring_usage``."""
         assert self.lightning_module is not None
-        self._ring_modules = ring_attention_modules(self.lightning_module)
-        if self.sequence_parallel_size > 1 and not self._ring_modules:
-            raise ValueError(
-                f"sequence_parallel_size={self.sequence_parallel_size} but "
-                f"{type(self.lightning_module).__name__} contains no ring attention module "
-                "(ring_lightning.attention.RingAttentionBase): each rank would attend only to its "
-                "own shard of the sequence. Use MultiheadRingAttention / create_ring_attention, "
-                "or sequence_parallel_size=1."
-            )
+        self._ring_modules = ring_usage.prepare_ring_attention(self.lightning_module)
+        message = ring_usage.missing_ring_message(self.lightning_module, self.sequence_parallel_size,
+                                                  self._ring_modules)
+        if message is not None:
+            ring_usage.raise_once(message)  # every rank finds it; rank 0 says it
 
     @property
     def sequence_layout(self) -> str:
@@ -281,7 +278,18 @@ class RingStrategy(DDPStrategy):
 
     # Forward and backward of each step run inside the batch's sharding (backward too, see
     # backward(): activation checkpointing calls attention again while recomputing).
-    training_step = _within_batch_sharding("training_step")
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        # The first step under sp > 1 must have called the ring (ring_usage: no silent local attention).
+        audit = self._ring_calls_unchecked and self.sequence_parallel_size > 1
+        before = ring_usage.ring_calls(self._ring_modules) if audit else 0
+        with self._batch_sharding():
+            out = DDPStrategy.training_step(self, *args, **kwargs)
+        if audit:
+            self._ring_calls_unchecked = False
+            ring_usage.check_ring_called(self.lightning_module, self._ring_modules, before,
+                                         self.sequence_parallel_size)
+        return out
+
     validation_step = _within_batch_sharding("validation_step")
     test_step = _within_batch_sharding("test_step")
     predict_step = _within_batch_sharding("predict_step")

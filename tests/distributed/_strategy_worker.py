@@ -299,5 +299,7 @@ def setup_errors(rank: int, world_size: int, ckpt_dir: str) -> Dict[str, Dict]:
             out[name] = {"error": None}
         except ValueError as exc:
             out[name] = {"error": str(exc)}
+        except SystemExit as exc:  # ring_usage.raise_once: ranks other than 0 leave the message to rank 0
+            out[name] = {"error": f"SystemExit({exc.code})"}
         out[name].update(global_step=trainer.global_step, forwards=len(model.record["loss"]))
     return out
