@@ -21,7 +21,10 @@ def _fast(nodeid: str) -> bool:
 
 
 def _paths_named(config) -> bool:
-    return any(not str(arg).startswith("-") for arg in config.invocation_params.args)
+    """Did the command line name files or tests (rather than pytest falling back to testpaths)?"""
+    import pytest
+
+    return config.args_source != pytest.Config.ArgsSource.TESTPATHS
 
 
 def pytest_collection_modifyitems(config, items):
