@@ -178,8 +178,9 @@ def failed_peers(run_dir: str, rank: int, wait_s: float = 3.0) -> List[Tuple[int
 
 
 def peer_failed_message(rank: int, failed: List[Tuple[int, str]]) -> str:
-    who = "; ".join(f"rank {r} failed with {line}" for r, line in failed)
-    return f"rank {rank}: stopping because {who} (its own report is above)."
+    # the error's type only: its message is the failing rank's to print, once
+    who = ", ".join(f"rank {r} ({line.split(':', 1)[0]})" for r, line in failed)
+    return f"rank {rank}: stopping because {who} failed; its own report is above."
 
 
 class FailureRecord(pl.Callback):

@@ -56,7 +56,6 @@ def test_a_ranks_own_failure_is_told_to_its_peers_and_not_read_as_a_lost_rank(tm
     assert failed_peers(run, rank=1, wait_s=0) == []  # its own note
     failed = failed_peers(run, rank=0, wait_s=0)
     assert failed == [(1, "ValueError: bad batch")]
-    assert peer_failed_message(0, failed) == ("rank 0: stopping because rank 1 failed with ValueError: bad batch "
-                                              "(its own report is above).")
+    assert peer_failed_message(0, failed) == "rank 0: stopping because rank 1 (ValueError) failed; its own report is above."
     clear_failures(run)
     assert failed_peers(run, rank=0, wait_s=0) == []
