@@ -43,7 +43,7 @@ from ring_lightning import preflight, run_dir
 from ring_lightning.callbacks import ConfigAgreement, config_fingerprint, interrupted_by
 from ring_lightning.checkpoint_io import CheckpointWriteError
 from ring_lightning.faults import (FailureRecord, clear_failures, failed_peers, first_line, lost_rank_message,
-                                   peer_failed_message, peer_failure, stop_local_ranks)
+                                   peer_failed_message, peer_failure, same_error_elsewhere, stop_local_ranks)
 from ring_lightning.resume_compat import ConfigRecord, load_weights
 from ring_lightning.hydra_presets import register_model_presets
 from ring_lightning.run_report import MetricsFile
@@ -137,8 +137,12 @@ def main(cfg: DictConfig) -> dict:
             print(f"\nring_lightning: {write_error.strerror}", file=sys.stderr, flush=True)  # once: rank 0 writes
             raise SystemExit(1) from None
         kind = peer_failure(exc)
-        if kind is None:
-            raise  # this rank's own error: reported as itself (FailureRecord tells the peers)
+        if kind is None:  # this rank's own error: reported as itself (FailureRecord tells the peers), once
+            first = same_error_elsewhere(cfg.paths.output_dir, trainer.global_rank, exc) if trainer.global_rank else None
+            if first is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"rank {trainer.global_rank}: stopped by the same error as rank {first} (reported there)", flush=True)
+            raise SystemExit(1) from None
         failed = failed_peers(cfg.paths.output_dir, trainer.global_rank)
         if failed:  # a peer stopped with its own error, reported there: one line, no lost-rank story
             print(peer_failed_message(trainer.global_rank, failed), flush=True)

@@ -183,6 +183,14 @@ def peer_failed_message(rank: int, failed: List[Tuple[int, str]]) -> str:
     return f"rank {rank}: stopping because {who} failed; its own report is above."
 
 
+def same_error_elsewhere(run_dir: str, rank: int, exc: BaseException, wait_s: float = 2.0) -> Optional[int]:
+    """A lower rank that noted this same error (a bug every rank hits): its rank, so this one
+    says a line instead of printing the same traceback again; None otherwise."""
+    mine = first_line(exc)
+    same = [r for r, line in failed_peers(run_dir, rank, wait_s) if line == mine and r < rank]
+    return same[0] if same else None
+
+
 class FailureRecord(pl.Callback):
     """Notes this rank's own exception for its peers (see the module docstring)."""
 

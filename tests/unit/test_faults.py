@@ -59,3 +59,14 @@ def test_a_ranks_own_failure_is_told_to_its_peers_and_not_read_as_a_lost_rank(tm
     assert peer_failed_message(0, failed) == "rank 0: stopping because rank 1 (ValueError) failed; its own report is above."
     clear_failures(run)
     assert failed_peers(run, rank=0, wait_s=0) == []
+
+
+def test_the_same_error_on_every_rank_is_reported_by_the_lowest_one(tmp_path):
+    from types import SimpleNamespace
+
+    from ring_lightning.faults import FailureRecord, same_error_elsewhere
+
+    error = RuntimeError("shape mismatch in my module")
+    FailureRecord(str(tmp_path)).on_exception(SimpleNamespace(global_rank=0), None, error)
+    assert same_error_elsewhere(str(tmp_path), 1, RuntimeError("shape mismatch in my module"), wait_s=0) == 0
+    assert same_error_elsewhere(str(tmp_path), 1, ValueError("another one"), wait_s=0) is None

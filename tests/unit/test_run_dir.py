@@ -152,3 +152,33 @@ def test_compression_state_of_another_method_is_dropped_with_a_note(monkeypatch)
     assert hook.loaded is None
     restore_compression_state(hook, (1, {"steps": 3, "iter": 5}))
     assert hook.loaded == {"steps": 3, "iter": 5}
+
+
+def test_a_second_ctrl_c_stops_at_once_and_frees_the_run_directory(tmp_path, monkeypatch):
+    """The first Ctrl-C is only noted (the ranks stop together after the step, with a checkpoint);
+    the second ends the process now, without one, and the run directory's lock goes with it."""
+    import signal
+
+    from ring_lightning.callbacks import FinalCheckpoint
+
+    run_dir.acquire(str(tmp_path))
+    exits = []
+    monkeypatch.setattr(os, "_exit", lambda code: exits.append(code))
+    callback = FinalCheckpoint()
+    callback._note_signal(signal.SIGINT, None)
+    assert callback._signal == signal.SIGINT and not exits
+    assert os.path.exists(run_dir.lock_path(str(tmp_path)))
+    callback._note_signal(signal.SIGINT, None)
+    assert exits == [130] and not os.path.exists(run_dir.lock_path(str(tmp_path)))
+
+
+def test_weights_only_loads_matching_shapes_and_names_the_ones_that_do_not(tmp_path):
+    from ring_lightning.resume_compat import load_weights
+
+    path = str(tmp_path / "w.ckpt")
+    AtomicCheckpointIO().save_checkpoint({"global_step": 5, "state_dict": torch.nn.Linear(4, 4).state_dict()}, path)
+    same = torch.nn.Linear(4, 4)
+    load_weights(same, path)
+    assert torch.equal(same.weight, torch.load(path, weights_only=True)["state_dict"]["weight"])
+    with pytest.raises(ConfigError, match=r"do not fit this model: size mismatch for weight"):
+        load_weights(torch.nn.Linear(4, 8), path)
