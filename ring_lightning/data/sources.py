@@ -185,6 +185,9 @@ def corpus_notes_and_error(survey: Dict[str, Any], seq_len: int, max_tokens: Opt
     if not survey["text"]:
         return notes, (f"data.paths holds no text file to train on ({len(survey['binary'])} binary skipped); point "
                        f"data.paths at text files (.txt, .md, source code)")
+    if survey["text_bytes"] == 0:
+        return notes, (f"data.paths: the corpus is empty ({_names(survey['text'])} hold no text); a run needs "
+                       f"{need} tokens (2 windows of data.seq_len + 1 = {seq_len + 1}): point data.paths at text")
     tokens = survey["text_bytes"] + len(survey["text"])  # + one EOS per document
     if max_tokens is not None:
         tokens = min(tokens, max_tokens)

@@ -49,7 +49,7 @@ def test_a_little_bad_utf8_is_text_and_a_nul_byte_is_not():
 
 
 @pytest.mark.parametrize("files, message", [
-    ({"empty.txt": ""}, "the corpus is too short: 1 tokens in"),
+    ({"empty.txt": ""}, "the corpus is empty ("),
     ({"short.txt": "a few words\n"}, "2 windows of data.seq_len + 1 = 129 tokens, 258 in all"),
     ({"image.png": b"\x89PNG\x00\x00"}, "holds no text file to train on (1 binary skipped)"),
 ])
