@@ -44,8 +44,8 @@ from ring_lightning.callbacks import ConfigAgreement, config_fingerprint, interr
 from ring_lightning.checkpoint_io import CheckpointWriteError
 from ring_lightning.faults import (FailureRecord, clear_failures, failed_peers, first_line, lost_rank_message,
                                    peer_failed_message, peer_failure, same_error_elsewhere, stop_local_ranks)
-from ring_lightning.resume_compat import ConfigRecord, load_weights
 from ring_lightning.hydra_presets import register_model_presets
+from ring_lightning.resume_compat import ConfigRecord, load_weights
 from ring_lightning.run_report import MetricsFile
 
 CUDA_AVAILABLE = CUDAAccelerator.is_available()  # fork-safe: does not initialise CUDA

@@ -157,9 +157,11 @@ def record_failure(run_dir: str, rank: int, exc: BaseException) -> None:
             continue
 
 
-def failed_peers(run_dir: str, rank: int, wait_s: float = 3.0) -> List[Tuple[int, str]]:
+def failed_peers(run_dir: str, rank: int, wait_s: float = 0.3) -> List[Tuple[int, str]]:
     """(rank, its error's first line) of the other ranks that noted a failure, waiting up to
-    ``wait_s`` for one (the note and our broken collective arrive close together)."""
+    ``wait_s`` for one. A failing rank notes its error before its process group goes, so the note
+    is there before our collective breaks; the wait stays short because Lightning's child observer
+    ends rank 0 a few seconds after a child fails, and the lost-rank message must come first."""
     deadline = time.monotonic() + wait_s
     while True:
         found = {}
@@ -183,7 +185,7 @@ def peer_failed_message(rank: int, failed: List[Tuple[int, str]]) -> str:
     return f"rank {rank}: stopping because {who} failed; its own report is above."
 
 
-def same_error_elsewhere(run_dir: str, rank: int, exc: BaseException, wait_s: float = 2.0) -> Optional[int]:
+def same_error_elsewhere(run_dir: str, rank: int, exc: BaseException, wait_s: float = 1.0) -> Optional[int]:
     """A lower rank that noted this same error (a bug every rank hits): its rank, so this one
     says a line instead of printing the same traceback again; None otherwise."""
     mine = first_line(exc)

@@ -5,8 +5,8 @@
 * **the lock**: ``<run dir>/.ring_lightning/run.lock`` holds the run's identity (pid, host,
   start time, command) while it lives there; a second run in a live directory is refused,
   naming the directory and the owner. A lock whose process is gone (same host: the pid is not
-  running, or is another process; another host: no heartbeat for ``STALE_AFTER_S``) is taken
-  over with a note. The owner refreshes the lock's time every ``HEARTBEAT_S`` and removes it
+  running, or is another process; another host: no heartbeat for ``STALE_AFTER_S``; the same
+  SLURM job, requeued) is taken over with a note. The owner refreshes the lock's time every ``HEARTBEAT_S`` and removes it
   on the way out. With one run at a time, ``metrics.jsonl`` cannot interleave two runs.
 * **a fresh run** (no ``resume=true`` / ``ckpt_path``) in a directory that already holds
   checkpoints is refused before launch: the files belong to another run, and a resume would
@@ -59,7 +59,7 @@ def identity(command: Optional[str] = None) -> Dict[str, Any]:
     pid = os.getpid()
     return {"pid": pid, "host": socket.gethostname(), "proc_start": _proc_start(pid),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command or " ".join(sys.argv),
-            "token": f"{socket.gethostname()}:{pid}:{time.time_ns()}"}
+            "slurm_job": os.environ.get("SLURM_JOB_ID"), "token": f"{socket.gethostname()}:{pid}:{time.time_ns()}"}
 
 
 def owner_alive(owner: Dict[str, Any], path: str) -> bool:
@@ -107,6 +107,8 @@ def acquire(run_dir: str, command: Optional[str] = None) -> List[str]:
                 owner = {}
             if owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
                 pass  # this process's own (a sweep job before): take it again
+            elif owner.get("slurm_job") and owner.get("slurm_job") == me["slurm_job"]:
+                notes.append(f"note: {path} was left by this SLURM job before it was requeued; taking it over")
             elif owner and owner_alive(owner, path):
                 raise ConfigError(
                     f"hydra.run.dir={run_dir} belongs to a run that is still running ({describe(owner)}). "
@@ -214,6 +216,8 @@ def choose(cfg, ckpt_dir: Optional[str], quiet: bool = False) -> RunStart:
         start.ckpt_path, start.step = path, step
     if start.ckpt_path and cfg.get("resume_weights_only"):
         start.weights_from, start.ckpt_path = start.ckpt_path, None
+        start.notes.append(f"resume_weights_only=true: the weights of {start.weights_from} (step {start.step}); "
+                           f"a fresh optimizer and LR schedule, from step 0")
     return start
 
 
