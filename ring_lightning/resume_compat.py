@@ -147,8 +147,8 @@ def check_resume(path: str, current: Dict[str, Any], weights_only: bool) -> List
               "hydra.run.dir without resume=true, or its weights alone (fresh optimizer and schedule, "
               f"step 0; the tensor shapes must agree) in a new run dir: hydra.run.dir=<new dir> "
               f"ckpt_path={path} {WEIGHTS_ONLY_OVERRIDE}=true")
-    if refused:
-        notes = [f"{WEIGHTS_ONLY_OVERRIDE}=true: taking only the weights of {path} despite: {r}" for r in refused] + notes
+    if weights_only:  # nothing but the weights continues: the other differences have no effect to note
+        return [f"{WEIGHTS_ONLY_OVERRIDE}=true: taking only the weights of {path} despite: {r}" for r in refused]
     return notes
 
 
