@@ -159,8 +159,13 @@ class FinalCheckpoint(pl.Callback):
 
     _CODES = {0: None, int(signal.SIGINT): "SIGINT", int(signal.SIGTERM): "SIGTERM"}
 
+    # A SIGINT within this of the first is the same Ctrl-C delivered again (coreutils `timeout`
+    # forwards it to the process and to its group), not a second press.
+    REPEAT_S = 0.5
+
     def __init__(self) -> None:
         self._signal = 0  # the signal noted by this process (SIGTERM wins over SIGINT)
+        self._first_sigint: Optional[float] = None  # when the first Ctrl-C arrived (time.monotonic)
         self.stopped_by: Optional[str] = None  # the one every rank agreed on
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -170,8 +175,14 @@ class FinalCheckpoint(pl.Callback):
 
     def _note_signal(self, signum, frame) -> None:
         # No collective here: a handler runs between any two bytecodes, maybe inside one.
-        if signum == signal.SIGINT and self._signal == signal.SIGINT:
-            self._stop_now()
+        import time
+
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is not None and now - self._first_sigint > self.REPEAT_S:
+                self._stop_now()
+            if self._first_sigint is None:
+                self._first_sigint = now
         self._signal = max(self._signal, int(signum))
 
     @staticmethod

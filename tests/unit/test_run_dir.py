@@ -167,8 +167,10 @@ def test_a_second_ctrl_c_stops_at_once_and_frees_the_run_directory(tmp_path, mon
     monkeypatch.setattr(os, "_exit", lambda code: exits.append(code))
     callback = FinalCheckpoint()
     callback._note_signal(signal.SIGINT, None)
+    callback._note_signal(signal.SIGINT, None)  # the same Ctrl-C forwarded again (`timeout` does): no effect
     assert callback._signal == signal.SIGINT and not exits
     assert os.path.exists(run_dir.lock_path(str(tmp_path)))
+    callback._first_sigint -= 1.0  # a second press, a moment later
     callback._note_signal(signal.SIGINT, None)
     assert exits == [130] and not os.path.exists(run_dir.lock_path(str(tmp_path)))
 
