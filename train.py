@@ -6,9 +6,11 @@
     python train.py checkpointing=full model=small trainer.max_steps=300
     python train.py -m variant=standard,hilbert       # a sweep (ranks spawned: launch_start_method)
     python train.py -cd recipes -cn retrieval         # a recipe (recipes/README.md)
-    python train.py hydra.run.dir=outputs/run1        # a fixed run dir; add resume=true to
-                                                      # continue from its checkpoints/last.ckpt
+    python train.py hydra.run.dir=outputs/run1        # a fixed run dir (one run at a time); add
+                                                      # resume=true to continue from its newest checkpoint
     python train.py ckpt_path=path/to/last.ckpt       # continue from any checkpoint
+    python train.py hydra.run.dir=outputs/new ckpt_path=old/last.ckpt resume_weights_only=true
+                                                      # its weights only (another variant, seed, ...)
     torchrun --nproc_per_node=8 train.py hydra.run.dir=outputs/run1   # ranks started by torchrun
     python train.py -cd recipes -cn slurm_multinode -m hydra/launcher=slurm   # SLURM (submitit)
 
@@ -20,6 +22,7 @@ Under torchrun every rank composes its own config: fix hydra.run.dir so they agr
 """
 
 import os
+import sys
 
 from ring_lightning.console import quiet_third_party, quiet_wandb
 
@@ -36,10 +39,13 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from ring_lightning import preflight
-from ring_lightning.callbacks import ConfigAgreement, config_fingerprint, newest_valid_checkpoint
-from ring_lightning.faults import first_line, lost_rank_message, peer_failure, stop_local_ranks
+from ring_lightning import preflight, run_dir
+from ring_lightning.callbacks import ConfigAgreement, config_fingerprint, interrupted_by
+from ring_lightning.checkpoint_io import CheckpointWriteError
+from ring_lightning.faults import (FailureRecord, clear_failures, failed_peers, first_line, lost_rank_message,
+                                   peer_failed_message, peer_failure, same_error_elsewhere, stop_local_ranks)
 from ring_lightning.hydra_presets import register_model_presets
+from ring_lightning.resume_compat import ConfigRecord, load_weights
 from ring_lightning.run_report import MetricsFile
 
 CUDA_AVAILABLE = CUDAAccelerator.is_available()  # fork-safe: does not initialise CUDA
@@ -75,24 +81,6 @@ def flat_config(cfg: DictConfig) -> dict:
     return dict(walk(plain, ""))
 
 
-def resume_path(cfg: DictConfig) -> "str | None":
-    """`ckpt_path` if given; with `resume=true`, last.ckpt of this run dir, or the newest
-    readable checkpoint there when last.ckpt is damaged."""
-    if cfg.ckpt_path:
-        return cfg.ckpt_path
-    if not cfg.resume:
-        return None
-    ckpt_dir = cfg.callbacks.model_checkpoint.dirpath
-    last = os.path.join(ckpt_dir, "last.ckpt")
-    chosen, damaged = newest_valid_checkpoint(ckpt_dir, preferred=last)
-    for path in damaged:
-        print(f"resume=true: {path} is damaged (not a complete checkpoint); skipping it", flush=True)
-    if chosen is None:
-        print(f"resume=true: no checkpoint to resume in {ckpt_dir}; starting from step 0 (point "
-              f"hydra.run.dir at the run to continue)", flush=True)
-    return chosen
-
-
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)  # first: the model's initial weights depend on it
@@ -108,34 +96,59 @@ def main(cfg: DictConfig) -> dict:
         module = instantiate(cfg.module, _convert_="all")
     with preflight.user_errors(cfg, "strategy"):
         strategy = instantiate(cfg.strategy, start_method=launch_start_method(cfg))
-    if preflight.is_launching_process():
+    # One run per run dir, and what it continues from (run_dir.py, resume_compat.py): the newest
+    # checkpoint by step, its recorded config classed against this one before any weight loads.
+    launching = preflight.is_launching_process()
+    with preflight.user_errors(cfg):
+        start = run_dir.start_run(cfg, flat_config(cfg), launching)
+        if start.weights_from:
+            load_weights(module, start.weights_from)
+    if launching:
+        clear_failures(cfg.paths.output_dir)
+        notes = notes + start.notes
         print("\n".join(notes), flush=True) if notes else None
     loggers = [quiet_wandb(instantiate(c)) for c in (cfg.logger or {}).values() if c is not None]
     if cfg.get("metrics_file"):
         loggers.append(instantiate(cfg.metrics_file))  # last: wandb / CSV stay the trainer's logger
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    callbacks.append(ConfigAgreement(config_fingerprint(flat_config(cfg))))
+    callbacks += [ConfigAgreement(config_fingerprint(flat_config(cfg))), ConfigRecord(flat_config(cfg)),
+                  FailureRecord(cfg.paths.output_dir)]
     trainer = instantiate(cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=callbacks)
 
-    ckpt_path = resume_path(cfg)
+    ckpt_path = start.ckpt_path
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
-        # Pre-emption (SLURM, scancel, kill): FinalCheckpoint saved last.ckpt of this step on the way out.
+        # Pre-emption (SLURM, scancel, kill) or Ctrl-C: FinalCheckpoint saved last.ckpt of this step.
+        signame = interrupted_by(trainer)
         if trainer.is_global_zero:
             ckpt, step = trainer.checkpoint_callback, trainer.global_step
             held = (f"{ckpt.last_model_path} holds it" if ckpt is not None and step > 0
                     and getattr(ckpt, "_last_global_step_saved", None) == step and ckpt.last_model_path
                     else "no checkpoint holds this step (none finished, or callbacks.model_checkpoint.save_last "
                          "is off): resume=true takes the newest checkpoint there is")
-            print(f"\n== ring_lightning run interrupted by SIGTERM at step {step} ==\n"
+            how = "SIGINT (Ctrl-C)" if signame == "SIGINT" else signame
+            print(f"\n== ring_lightning run interrupted by {how} at step {step} ==\n"
                   f"checkpoints  {held} (continue: the same command + hydra.run.dir={cfg.paths.output_dir} "
                   f"resume=true)", flush=True)
-        raise SystemExit(128 + 15)  # the conventional status of a process ended by SIGTERM
+        raise SystemExit(128 + (2 if signame == "SIGINT" else 15))  # the conventional status of the signal
     except Exception as exc:
+        write_error = next((e for e in _chain(exc) if isinstance(e, CheckpointWriteError)), None)
+        if write_error is not None and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            print(f"\nring_lightning: {write_error.strerror}", file=sys.stderr, flush=True)  # once: rank 0 writes
+            raise SystemExit(1) from None
         kind = peer_failure(exc)
-        if kind is None:
-            raise
+        if kind is None:  # this rank's own error: reported as itself (FailureRecord tells the peers), once
+            first = same_error_elsewhere(cfg.paths.output_dir, trainer.global_rank, exc) if trainer.global_rank else None
+            if first is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"rank {trainer.global_rank}: stopped by the same error as rank {first} (reported there)", flush=True)
+            raise SystemExit(1) from None
+        failed = failed_peers(cfg.paths.output_dir, trainer.global_rank)
+        if failed:  # a peer stopped with its own error, reported there: one line, no lost-rank story
+            print(peer_failed_message(trainer.global_rank, failed), flush=True)
+            stop_local_ranks(trainer.strategy.launcher)
+            raise SystemExit(1) from None
         # A lost or frozen rank: one message naming it instead of every rank's backend traceback,
         # and no rank left behind waiting in a collective.
         launcher = trainer.strategy.launcher
@@ -155,6 +168,13 @@ def main(cfg: DictConfig) -> dict:
     if summary:
         print(summary, flush=True)
     return metrics
+
+
+def _chain(exc: BaseException):
+    """``exc`` and the exceptions it was raised from or during."""
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def summarize(cfg, trainer, loggers, metrics, ckpt_path) -> str:

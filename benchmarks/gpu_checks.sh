@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-GPU checks of what users run, in one call (results under $OUT):
 #   1. `python train.py` (the README's command, GPU defaults) for 30 steps
-#   2. a real SIGTERM at step 15 (as SLURM pre-emption sends), then `resume=true` to step 30:
+#   2. a real SIGTERM at step 15 (as SLURM pre-emption sends), then `resume=true` with a real
+#      Ctrl-C (SIGINT to the process group) at step 22, then `resume=true` to step 30:
 #      the resumed losses must equal the uninterrupted run's (1)
 #   3. the GPU test tier (tests/gpu: one-GPU bf16 parity incl. masks and token grids, train.py
 #      defaults and 350m with compiled blocks + selective checkpointing)
@@ -20,6 +21,9 @@ rm -rf "$run"
 PYTHONPATH="$PYTHONPATH:$PWD/tests/integration" timeout 240 python train.py "${common[@]}" hydra.run.dir="$run" \
   +callbacks.sigterm._target_=_interrupt.SigtermAtStep +callbacks.sigterm.step=15 > "$OUT/sigterm.log" 2>&1
 echo "rc=$?" >> "$OUT/sigterm.log"
+PYTHONPATH="$PYTHONPATH:$PWD/tests/integration" timeout 240 python train.py "${common[@]}" hydra.run.dir="$run" \
+  resume=true +callbacks.ctrlc._target_=_interrupt.CtrlCAtStep +callbacks.ctrlc.step=22 > "$OUT/ctrl_c.log" 2>&1
+echo "rc=$?" >> "$OUT/ctrl_c.log"
 timeout 240 python train.py "${common[@]}" hydra.run.dir="$run" resume=true > "$OUT/resumed.log" 2>&1
 echo "rc=$?" >> "$OUT/resumed.log"
 python - "$OUT/train_default" "$run" > "$OUT/resume_compare.txt" 2>&1 <<'PY'

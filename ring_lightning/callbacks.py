@@ -25,23 +25,22 @@ generators in the checkpoint, the data position lives in the training loader's o
 first step and stops with the keys that differ: a rank started with another ``module.lr``,
 ``data.seed`` or ``compression`` would otherwise train apart or hang in a collective.
 
-``AtomicCheckpointIO`` (``conf/trainer/default.yaml``: ``plugins``) writes each checkpoint
-to a temporary file and renames it into place, so a crash mid-write never leaves a
-truncated newest checkpoint; ``newest_valid_checkpoint`` picks the newest readable one
-when an older run's file is damaged anyway.
+``AtomicCheckpointIO`` and ``newest_valid_checkpoint`` live in ``checkpoint_io.py`` (re-exported
+here: the configs name ``ring_lightning.callbacks.AtomicCheckpointIO``).
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import zipfile
+import signal
+import sys
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from ring_lightning.checkpoint_io import AtomicCheckpointIO, newest_valid_checkpoint, readable  # noqa: F401
 
 POLICIES = ("stop", "skip")
 _NEVER = 2**62  # "no bad step yet" in the device-side first-bad-step tensors
@@ -136,7 +135,7 @@ class NonFiniteGuard(pl.Callback):
 class FinalCheckpoint(pl.Callback):
     """``last.ckpt`` of the final step: at the end of training, unless the periodic checkpoint
     already saved that step, and when the run is interrupted cleanly (SIGTERM: SLURM
-    pre-emption, ``scancel``, ``kill``).
+    pre-emption, ``scancel``, ``kill``; SIGINT: Ctrl-C).
 
     Lightning's ModelCheckpoint writes ``last`` at the end only if it never wrote one, so a
     run ending between intervals left ``last.ckpt`` at an older step. This asks the same
@@ -151,25 +150,57 @@ class FinalCheckpoint(pl.Callback):
     broadcast) and set Lightning's flag together, so Lightning raises ``SIGTERMException`` on
     every rank at the same point, once the batch is logged. ``last.ckpt`` is then written in
     ``on_exception`` (every rank takes part) and the resumed run continues with the next batch.
+
+    Ctrl-C (SIGINT, which a terminal sends to every process of the job) takes the same path:
+    the first one finishes the current step, writes ``last.ckpt`` of it on every rank and train.py
+    prints the summary with the continue command (exit 130); a second Ctrl-C stops at once,
+    without a checkpoint. ``stopped_by`` names the signal the ranks agreed on.
     """
 
+    _CODES = {0: None, int(signal.SIGINT): "SIGINT", int(signal.SIGTERM): "SIGTERM"}
+
+    # A SIGINT within this of the first is the same Ctrl-C delivered again (coreutils `timeout`
+    # forwards it to the process and to its group), not a second press.
+    REPEAT_S = 0.5
+
     def __init__(self) -> None:
-        self._sigterm = False
+        self._signal = 0  # the signal noted by this process (SIGTERM wins over SIGINT)
+        self._first_sigint: Optional[float] = None  # when the first Ctrl-C arrived (time.monotonic)
+        self.stopped_by: Optional[str] = None  # the one every rank agreed on
 
     def on_train_start(self, trainer, pl_module) -> None:
-        import signal
+        if threading_main():  # (Lightning registered its own SIGTERM handler just before)
+            signal.signal(signal.SIGTERM, self._note_signal)
+            signal.signal(signal.SIGINT, self._note_signal)
 
-        if hasattr(signal, "SIGTERM") and threading_main():  # (Lightning registered its own just before)
-            signal.signal(signal.SIGTERM, self._note_sigterm)
+    def _note_signal(self, signum, frame) -> None:
+        # No collective here: a handler runs between any two bytecodes, maybe inside one.
+        import time
 
-    def _note_sigterm(self, signum, frame) -> None:
-        self._sigterm = True  # no collective here: a handler runs between any two bytecodes
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is not None and now - self._first_sigint > self.REPEAT_S:
+                self._stop_now()
+            if self._first_sigint is None:
+                self._first_sigint = now
+        self._signal = max(self._signal, int(signum))
+
+    @staticmethod
+    def _stop_now() -> None:
+        """The second Ctrl-C: out at once (no checkpoint, no collective), the run-dir lock freed."""
+        from ring_lightning import run_dir
+
+        if trainer_rank() == 0:
+            print("\nsecond Ctrl-C: stopping now, without a checkpoint of this step", file=sys.stderr, flush=True)
+        run_dir.release_owned_lock()
+        os._exit(128 + int(signal.SIGINT))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        flag = torch.tensor([int(self._sigterm)], device=pl_module.device)
+        flag = torch.tensor([self._signal], device=pl_module.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item():  # every rank alike: Lightning raises at the end of this batch (on_advance_end)
+            self.stopped_by = self._CODES.get(int(flag.item()), "SIGTERM")
             trainer._signal_connector.received_sigterm = True
 
     def _save_last(self, trainer) -> None:
@@ -186,6 +217,26 @@ class FinalCheckpoint(pl.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
             self._save_last(trainer)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if threading_main() and signal.getsignal(signal.SIGINT) == self._note_signal:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # after fit: Ctrl-C as usual
+
+
+def trainer_rank() -> int:
+    """This process's global rank as the launchers tell it (0 when none does)."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def interrupted_by(trainer) -> str:
+    """The signal that interrupted ``trainer`` ("SIGTERM" or "SIGINT"; "SIGTERM" when unknown)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, FinalCheckpoint) and callback.stopped_by:
+            return callback.stopped_by
+    return "SIGTERM"
 
 
 def threading_main() -> bool:
@@ -275,34 +326,3 @@ def config_fingerprint(flat: dict) -> dict:
     import hashlib
 
     return {k: hashlib.blake2b(repr(v).encode(), digest_size=8).hexdigest() for k, v in flat.items()}
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint writer, made atomic: write ``<path>.tmp``, then rename."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        tmp = f"{path}.tmp"
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)  # atomic on one filesystem: readers see the old file or the new one
-
-
-def readable(path: str) -> bool:
-    """A complete torch checkpoint (a zip archive whose every member passes its CRC)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
-def newest_valid_checkpoint(dirpath: str, preferred: Optional[str] = None) -> tuple:
-    """(checkpoint to resume from or None, the damaged files skipped): ``preferred`` if it is
-    readable, else the newest readable ``*.ckpt`` of ``dirpath`` by modification time."""
-    candidates = ([preferred] if preferred and os.path.exists(preferred) else []) + sorted(
-        glob.glob(os.path.join(dirpath, "*.ckpt")), key=os.path.getmtime, reverse=True)
-    damaged = []
-    for path in dict.fromkeys(candidates):  # in order, once each
-        if readable(path):
-            return path, damaged
-        damaged.append(path)
-    return None, damaged

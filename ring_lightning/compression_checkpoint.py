@@ -3,7 +3,8 @@
 Error feedback is each rank's own, so a checkpoint carries every rank's hook state: rank 0
 gathers them (``gather_compression_state``, in ``RingStrategy.save_checkpoint``), each rank of
 a resumed run keeps only its own entry (``this_rank_state``) and hands it to its new hook
-(``restore_compression_state``) before the first resumed step.
+(``restore_compression_state``) before the first resumed step. A state saved under another
+method (or another number of ranks) is dropped with a warning: the memory starts empty.
 """
 
 from typing import Any, Dict, List, Optional, Tuple
@@ -54,5 +55,13 @@ def restore_compression_state(state: Any, resume: Optional[Tuple[int, Dict[str, 
 
         warnings.warn(f"the checkpoint's gradient-compression state is from {ranks} ranks, this run has "
                       f"{dist.get_world_size()}: the compression memory starts empty", stacklevel=2)
+        return
+    expected = set(state.state_dict())
+    if set(mine) != expected:  # saved by another method (topk's residuals vs powersgd's iter)
+        import warnings
+
+        warnings.warn(f"the checkpoint's gradient-compression state ({sorted(mine)}) is not this method's "
+                      f"({sorted(expected)}): it was saved under another compression; the compression memory "
+                      f"starts empty", stacklevel=2)
         return
     state.load_state_dict(mine)

@@ -12,14 +12,25 @@ started (a frozen one would otherwise wait in a collective for the backend's tim
 forever). Lightning's own child observer also ends the job a few seconds after a child
 fails; this module only makes sure the user reads why (docs/ARCHITECTURE.md, "Runs that
 survive").
+
+A rank that fails with its own exception (a bug, a data error, a full disk) is not a lost rank:
+``FailureRecord`` notes it in the run directory (``.ring_lightning/failed-rank<N>``, written in
+``on_exception``, before the process group goes), the failing rank reports its exception, and
+a peer whose collective then breaks finds the note (``failed_peers``) and says one line
+instead of the lost-rank message.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
 import signal
+import tempfile
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
+
+import lightning.pytorch as pl
 
 _CONNECTION = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket closed",
                "remote process exited", "connection refused", "ncclremoteerror")
@@ -114,3 +125,83 @@ def stop_local_ranks(launcher, grace_s: float = 5.0) -> None:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
         except Exception:  # still running: a rank frozen in a collective ignores SIGTERM
             p.kill()
+
+
+# ---------------------------------------------------------------------- a rank's own failure
+def _failure_dirs(run_dir: str) -> List[str]:
+    """Where failures are noted: the run directory, and a per-run folder in the temporary
+    directory for when the run directory cannot be written (a full disk)."""
+    key = hashlib.blake2b(os.path.abspath(run_dir).encode(), digest_size=6).hexdigest()
+    return [os.path.join(run_dir, ".ring_lightning"), os.path.join(tempfile.gettempdir(), f"ring_lightning-{key}")]
+
+
+def clear_failures(run_dir: str) -> None:
+    """Forget the failures of an earlier run in this directory (the launching process, at start)."""
+    for folder in _failure_dirs(run_dir):
+        for path in glob.glob(os.path.join(folder, "failed-rank*")):
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+
+
+def record_failure(run_dir: str, rank: int, exc: BaseException) -> None:
+    """Note that ``rank`` stopped with ``exc`` (its first line), where its peers will look."""
+    for folder in _failure_dirs(run_dir):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"failed-rank{rank}"), "w") as f:
+                f.write(first_line(exc))
+            return
+        except OSError:
+            continue
+
+
+def failed_peers(run_dir: str, rank: int, wait_s: float = 0.3) -> List[Tuple[int, str]]:
+    """(rank, its error's first line) of the other ranks that noted a failure, waiting up to
+    ``wait_s`` for one. A failing rank notes its error before its process group goes, so the note
+    is there before our collective breaks; the wait stays short because Lightning's child observer
+    ends rank 0 a few seconds after a child fails, and the lost-rank message must come first."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = {}
+        for folder in _failure_dirs(run_dir):
+            for path in glob.glob(os.path.join(folder, "failed-rank*")):
+                other = int(path.rsplit("failed-rank", 1)[1]) if path.rsplit("failed-rank", 1)[1].isdigit() else -1
+                if other != rank and other not in found:
+                    try:
+                        with open(path) as f:
+                            found[other] = f.read().strip()
+                    except OSError:
+                        pass
+        if found or time.monotonic() >= deadline:
+            return sorted(found.items())
+        time.sleep(0.1)
+
+
+def peer_failed_message(rank: int, failed: List[Tuple[int, str]]) -> str:
+    # the error's type only: its message is the failing rank's to print, once
+    who = ", ".join(f"rank {r} ({line.split(':', 1)[0]})" for r, line in failed)
+    return f"rank {rank}: stopping because {who} failed; its own report is above."
+
+
+def same_error_elsewhere(run_dir: str, rank: int, exc: BaseException, wait_s: float = 1.0) -> Optional[int]:
+    """A lower rank that noted this same error (a bug every rank hits): its rank, so this one
+    says a line instead of printing the same traceback again; None otherwise."""
+    mine = first_line(exc)
+    same = [r for r, line in failed_peers(run_dir, rank, wait_s) if line == mine and r < rank]
+    return same[0] if same else None
+
+
+class FailureRecord(pl.Callback):
+    """Notes this rank's own exception for its peers (see the module docstring)."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = str(run_dir)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or peer_failure(exception) is not None:
+            return  # an interruption, or a peer's failure seen from here: not this rank's own
+        record_failure(self.run_dir, trainer.global_rank, exception)

@@ -13,7 +13,8 @@ a traceback (``HYDRA_FULL_ERROR=1`` shows one). What is checked:
   and the host; a configuration that cannot fit is refused with the overrides that fit
   (``preflight.check_memory=false`` skips it);
 * the vocabulary: an explicit ``model.vocab_size`` below the tokenizer's ids;
-* the data source (``data=hub``: the hub is asked once, unless the windows are cached);
+* the data source (``data=hub``: the hub is asked once, unless the windows are cached;
+  ``data=files``: binary files and hidden entries named, an empty or too-short corpus refused);
 * the schedule: a validation interval past ``trainer.max_steps`` is clamped to it, so a run
   shortened on the command line still validates (a note says so).
 
@@ -197,8 +198,19 @@ def check_config(cfg: DictConfig) -> List[str]:
 
 
 def check_data_source(datamodule: Any) -> None:
-    """A source that must be fetched (``data=hub``) and is not cached yet: ask it once now."""
+    """A source that must be fetched (``data=hub``) and is not cached yet: ask it once now.
+    Local files (``data=files``) not cached yet: surveyed (``sources.corpus_notes_and_error``):
+    binary files and hidden entries named, an empty or too-short corpus refused."""
     source = getattr(datamodule, "text_source", None)
+    if hasattr(source, "survey") and not os.path.isdir(datamodule._cache_path()):
+        from ring_lightning.data.sources import corpus_notes_and_error
+
+        notes, error = corpus_notes_and_error(source.survey(), datamodule.seq_len, datamodule.max_tokens,
+                                              byte_tokens=datamodule.tokenizer_name == "byte")
+        if notes and is_launching_process():
+            print("\n".join(notes), flush=True)
+        if error:
+            raise ConfigError(error)
     if not hasattr(source, "check_reachable"):
         return
     if os.path.isdir(datamodule._cache_path()):

@@ -67,7 +67,10 @@ class MetricsFile(Logger):
     def finalize(self, status: str) -> None:
         if self.plot and os.path.isfile(self.path):
             run = os.path.join(*os.path.normpath(os.path.abspath(self._save_dir)).split(os.sep)[-2:])
-            plot_metrics(self.path, self.plot_path, title=f"{run} ({status})")
+            try:
+                plot_metrics(self.path, self.plot_path, title=f"{run} ({status})")
+            except OSError as exc:  # a full disk is reported once, by whoever hit it first
+                print(f"note: {self.plot_path} not drawn ({exc.strerror or exc})", flush=True)
 
 
 def read_metrics(path: str) -> List[Dict[str, float]]:

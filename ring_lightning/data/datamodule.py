@@ -113,6 +113,8 @@ class LongDocumentDataModule(pl.LightningDataModule):
         else:
             # Built now so that a missing hub_name or a glob matching nothing fails here.
             self.text_source = text_source(source, paths, hub_name, hub_config, hub_split, text_column)
+        if paths is not None and not isinstance(paths, str):
+            paths = [str(p) for p in paths]  # a plain list (Hydra hands a ListConfig): weights_only loads it
         self.save_hyperparameters()
         self.source, self.seq_len, self.batch_size, self.num_workers = source, seq_len, batch_size, num_workers
         self.val_fraction, self.seed, self.tokenizer_name, self.max_tokens = val_fraction, seed, tokenizer, max_tokens
@@ -220,6 +222,8 @@ class LongDocumentDataModule(pl.LightningDataModule):
             # not from the global one (whose state a checkpoint restores: RandomState)
             generator=torch.Generator().manual_seed(self.seed),
             position=self._training_position,
+            # the position is tied to these windows: another corpus restarts the epoch (resumable.py)
+            corpus=os.path.basename(self._cache_path()) if self.text_source is not None else None,
         )
 
     def val_dataloader(self) -> DataLoader:

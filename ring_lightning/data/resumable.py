@@ -14,6 +14,10 @@ others (docs/ARCHITECTURE.md, "Runs that survive").
   Lightning fetches one batch ahead, so the loader's own count runs one too high.
 * On resume the first iterator skips that many batches at the sampler (indices only: no
   skipped sample is loaded), so resuming costs nothing however far into the epoch.
+* The position belongs to one corpus: ``corpus`` (a key that changes with the windows: the data
+  module passes its window-cache key, which covers the files' names, sizes and modification
+  times) is saved beside it, and a resume over another corpus restarts the epoch with a note
+  instead of skipping into windows the checkpoint never saw.
 """
 
 from __future__ import annotations
@@ -67,16 +71,18 @@ class ResumableDataLoader(DataLoader):
     processed in it, batches the loop takes per epoch: fewer than ``len(self)`` under
     ``limit_train_batches``); every other argument is ``DataLoader``'s."""
 
-    def __init__(self, dataset, *args: Any, position: Optional[Position] = None, **kwargs: Any) -> None:
+    def __init__(self, dataset, *args: Any, position: Optional[Position] = None, corpus: Optional[str] = None,
+                 **kwargs: Any) -> None:
         super().__init__(dataset, *args, **kwargs)
-        self.position = position
+        self.position, self.corpus = position, corpus
         self._resume: Optional[Dict[str, int]] = None  # the checkpoint's position, until first used
         self._skip_now = 0
 
     def state_dict(self) -> Dict[str, int]:
         epoch, batches, epoch_batches = self.position() if self.position is not None else (0, 0, len(self))
-        return {"epoch": int(epoch), "batches": int(batches), "epoch_batches": int(epoch_batches),
-                "num_batches": len(self)}
+        state = {"epoch": int(epoch), "batches": int(batches), "epoch_batches": int(epoch_batches),
+                 "num_batches": len(self)}
+        return {**state, "corpus": self.corpus} if self.corpus is not None else state
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self._resume = dict(state)
@@ -97,6 +103,12 @@ class ResumableDataLoader(DataLoader):
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(state["epoch"] + 1 if finished else state["epoch"])
         if finished:
+            return 0
+        if state.get("corpus") is not None and self.corpus is not None and state["corpus"] != self.corpus:
+            warnings.warn(
+                f"the checkpoint was taken {state['batches']} batches into an epoch of another corpus (the data "
+                f"files' names, sizes or modification times changed, or data.seq_len / data.max_tokens / the "
+                f"tokenizer): the epoch restarts at its first batch of the new windows", stacklevel=2)
             return 0
         if state["num_batches"] != len(self):
             warnings.warn(

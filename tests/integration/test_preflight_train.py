@@ -11,6 +11,7 @@ NOT_STARTED = ("Traceback", "Initializing distributed", "GLOBAL_RANK", "wandb: T
 @pytest.mark.parametrize("args, env, message", [
     (["data.seq_len=5000", "variant.segment_lengths=[2048,4096]"], {}, "Set data.seq_len=8192"),
     (["data=hub"], {"HF_HUB_OFFLINE": "1"}, "data=hub: cannot reach hub dataset data.hub_name='emozilla/pg19'"),
+    (["data=files", "data.paths=[conf/data/files.yaml]"], {}, "data.paths: the corpus is too short: "),
 ])
 def test_train_refuses_a_bad_config_before_starting_anything(tmp_path, data_cache, args, env, message):
     out = run_train([*args, f"hydra.run.dir={tmp_path}"], data_cache, expect_failure=True,

@@ -186,14 +186,19 @@ def test_slurm_launcher_config_composes(tmp_path):
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
 
 
-def test_resume_path_prefers_ckpt_path_then_last_checkpoint(tmp_path):
+def test_resume_choice_prefers_ckpt_path_then_the_newest_checkpoint(tmp_path):
+    from ring_lightning.run_dir import choose
+
     cfg = compose_cfg(tmp_path)
-    assert TRAIN.resume_path(cfg) is None
-    last = Path(cfg.callbacks.model_checkpoint.dirpath) / "last.ckpt"
+    ckpt_dir = cfg.callbacks.model_checkpoint.dirpath
+    assert choose(cfg, ckpt_dir).ckpt_path is None
+    last = Path(ckpt_dir) / "last.ckpt"
     last.parent.mkdir(parents=True)
     torch.save({"global_step": 1}, last)  # a complete checkpoint file (damaged ones are skipped)
-    assert TRAIN.resume_path(cfg) is None  # resume=false: a fresh run
+    assert choose(cfg, ckpt_dir).ckpt_path is None  # resume=false: a fresh run
     cfg.resume = True
-    assert TRAIN.resume_path(cfg) == str(last)
-    cfg.ckpt_path = "/elsewhere/step.ckpt"
-    assert TRAIN.resume_path(cfg) == "/elsewhere/step.ckpt"
+    assert choose(cfg, ckpt_dir).ckpt_path == str(last)
+    elsewhere = tmp_path / "elsewhere.ckpt"
+    torch.save({"global_step": 7}, elsewhere)
+    cfg.ckpt_path = str(elsewhere)
+    assert (choose(cfg, ckpt_dir).ckpt_path, choose(cfg, ckpt_dir).step) == (str(elsewhere), 7)

@@ -35,3 +35,38 @@ def test_exits_and_backend_words_are_said_plainly():
     assert describe_exit(-15) == "killed by SIGTERM"
     assert describe_exit(1) == "exited with status 1"
     assert first_line(RuntimeError(GLOO_CLOSED + "\nmore")) == "RuntimeError: " + GLOO_CLOSED
+
+
+def test_a_ranks_own_failure_is_told_to_its_peers_and_not_read_as_a_lost_rank(tmp_path):
+    """Rank 1 fails with its own error (noted by FailureRecord before its process group goes):
+    rank 0 finds it and says one line naming it; its own rank and an earlier run's notes are not
+    counted; interruptions and a peer's connection error are not a rank's own failure."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from ring_lightning.faults import FailureRecord, clear_failures, failed_peers, peer_failed_message
+
+    run = str(tmp_path)
+    record = FailureRecord(run)
+    record.on_exception(SimpleNamespace(global_rank=0), None, SIGTERMException())
+    record.on_exception(SimpleNamespace(global_rank=0), None, RuntimeError(GLOO_CLOSED))
+    assert failed_peers(run, rank=1, wait_s=0) == []
+    record.on_exception(SimpleNamespace(global_rank=1), None, ValueError("bad batch\nmore"))
+    assert failed_peers(run, rank=1, wait_s=0) == []  # its own note
+    failed = failed_peers(run, rank=0, wait_s=0)
+    assert failed == [(1, "ValueError: bad batch")]
+    assert peer_failed_message(0, failed) == "rank 0: stopping because rank 1 (ValueError) failed; its own report is above."
+    clear_failures(run)
+    assert failed_peers(run, rank=0, wait_s=0) == []
+
+
+def test_the_same_error_on_every_rank_is_reported_by_the_lowest_one(tmp_path):
+    from types import SimpleNamespace
+
+    from ring_lightning.faults import FailureRecord, same_error_elsewhere
+
+    error = RuntimeError("shape mismatch in my module")
+    FailureRecord(str(tmp_path)).on_exception(SimpleNamespace(global_rank=0), None, error)
+    assert same_error_elsewhere(str(tmp_path), 1, RuntimeError("shape mismatch in my module"), wait_s=0) == 0
+    assert same_error_elsewhere(str(tmp_path), 1, ValueError("another one"), wait_s=0) is None
