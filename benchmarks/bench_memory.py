@@ -183,6 +183,9 @@ def main() -> None:
     ap.add_argument("--cost-len", type=int, default=131072)
     ap.add_argument("--longest", default=",".join(LONGEST), help="preset:vocab:option:tokens, comma-separated")
     ap.add_argument("--cost-steps", type=int, default=3)
+    ap.add_argument("--longest-steps", type=int, default=2,
+                    help="steps of each longest run (1: one whole step; its peak lacks AdamW's state, "
+                         "allocated after backward)")
     ap.add_argument("--name", default="bench_memory", help="results file name (<out>/<name>.json)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, short sequences")
@@ -210,7 +213,7 @@ def main() -> None:
         result["longest"] = []
         for spec in args.longest.split(","):
             n = int(spec.split(":")[3])
-            result["longest"].append(one_row(spec, n, device, dilated=True))
+            result["longest"].append(one_row(spec, n, device, dilated=True, steps=args.longest_steps))
             print({k: v for k, v in result["longest"][-1].items() if k != "losses"}, flush=True)
             _free()
     with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
