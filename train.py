@@ -36,11 +36,11 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from ring_lightning import preflight
+from ring_lightning import preflight, run_log
 from ring_lightning.callbacks import ConfigAgreement, config_fingerprint, newest_valid_checkpoint
 from ring_lightning.faults import first_line, lost_rank_message, peer_failure, stop_local_ranks
 from ring_lightning.hydra_presets import register_model_presets
-from ring_lightning.run_report import MetricsFile
+from ring_lightning.run_report import MetricsFile, StepMetric
 
 CUDA_AVAILABLE = CUDAAccelerator.is_available()  # fork-safe: does not initialise CUDA
 # ${if_cuda:a,b} is a when CUDA is available, else b: conf/trainer/default.yaml uses it so the
@@ -95,7 +95,11 @@ def resume_path(cfg: DictConfig) -> "str | None":
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    pl.seed_everything(cfg.seed, workers=True)  # first: the model's initial weights depend on it
+    # What this rank prints also goes to <run dir>/train.log (rank k: train_ddp_process_<k>.log)
+    job = HydraConfig.get().job.name
+    rank = run_log.launch_rank()
+    run_log.start(run_log.log_path(cfg.paths.output_dir, job, rank), rank)
+    pl.seed_everything(cfg.seed, workers=True)  # the model's initial weights depend on it
     # Pre-flight (ring_lightning/preflight.py): every user error is reported here, once, before
     # any process, process group or logger exists.
     with preflight.user_errors(cfg, "data"):
@@ -113,7 +117,8 @@ def main(cfg: DictConfig) -> dict:
     if cfg.get("metrics_file"):
         loggers.append(instantiate(cfg.metrics_file))  # last: wandb / CSV stay the trainer's logger
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    callbacks.append(ConfigAgreement(config_fingerprint(flat_config(cfg))))
+    callbacks += [ConfigAgreement(config_fingerprint(flat_config(cfg))), StepMetric(),
+                  run_log.RunLog(cfg.paths.output_dir, job)]
     trainer = instantiate(cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=callbacks)
 
     ckpt_path = resume_path(cfg)
@@ -156,12 +161,38 @@ def main(cfg: DictConfig) -> dict:
     return metrics
 
 
+def continue_command(cfg, step: int) -> str:
+    """The command that continues this run (a sweep's job too: its own overrides, not the sweep's):
+    the run dir, resume=true, and trainer.max_steps to the planned end, or twice the steps done."""
+    import shlex
+    import sys
+
+    hydra_cfg = HydraConfig.get()
+    replaced = ("hydra.run.dir=", "hydra.sweep.dir=", "resume=", "trainer.max_steps=", "ckpt_path=")
+    words = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(replaced)]
+    main_dir = next((s.path for s in hydra_cfg.runtime.config_sources if s.provider == "main"), "")
+    config_dir = os.path.relpath(main_dir.removeprefix("file://")) if main_dir.startswith("file://") else None
+    head = ["python", os.path.relpath(sys.argv[0]) if sys.argv[0].endswith(".py") else "train.py"]
+    if config_dir not in (None, "conf") or hydra_cfg.job.config_name != "config":
+        head += ["-cd", config_dir or "conf", "-cn", hydra_cfg.job.config_name]
+    planned = int(cfg.trainer.max_steps or 0)
+    target = planned if step < planned else 2 * max(step, 1)  # stopped early: its own end; else as many again
+    words += [f"hydra.run.dir={cfg.paths.output_dir}", "resume=true", f"trainer.max_steps={target}"]
+    return " ".join(shlex.quote(w) for w in head + words)
+
+
 def summarize(cfg, trainer, loggers, metrics, ckpt_path) -> str:
-    """Where the outputs, checkpoints and logs went, and the final losses."""
+    """Where the outputs, checkpoints and logs went, the steps done and the final losses."""
+    # Under spawn (sweeps) the main process's trainer does not count the steps; the logged
+    # `step` (run_report.StepMetric: optimizer steps done) does.
+    step = trainer.global_step or int(metrics.get("step", 0))
+    for lg in loggers:
+        if isinstance(lg, MetricsFile):
+            lg.record_final_step(step)
     ckpt_dir = cfg.callbacks.model_checkpoint.dirpath
     lines = [f"outputs      {cfg.paths.output_dir}",
-             f"checkpoints  {ckpt_dir}  (continue: the same command + hydra.run.dir={cfg.paths.output_dir} "
-             f"resume=true trainer.max_steps=<more than {trainer.global_step}>)"]
+             f"checkpoints  {ckpt_dir}",
+             f"continue     {continue_command(cfg, step)}"]
     if ckpt_path:
         lines.append(f"resumed from {ckpt_path}")
     for lg in loggers:
@@ -180,9 +211,7 @@ def summarize(cfg, trainer, loggers, metrics, ckpt_path) -> str:
         elif getattr(lg, "log_dir", None):
             lines.append(f"{type(lg).__name__:<12} {lg.log_dir}")
     shown = [k for k in ("train/loss", "val/loss", "val/ppl", "val/retrieval_acc") if k in metrics]
-    # Under spawn (sweeps) the main process's trainer does not see the step count; the metrics it does.
-    step = f"step {trainer.global_step}  " if trainer.global_step else ""
-    lines.append("final        " + step + "  ".join(f"{k} {metrics[k]:.4f}" for k in shown))
+    lines.append("final        " + "  ".join([f"step {step}"] + [f"{k} {metrics[k]:.4f}" for k in shown]))
     return "\n== ring_lightning run finished ==\n" + "\n".join(lines)
 
 
