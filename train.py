@@ -170,11 +170,13 @@ def continue_command(cfg, step: int) -> str:
     hydra_cfg = HydraConfig.get()
     replaced = ("hydra.run.dir=", "hydra.sweep.dir=", "resume=", "trainer.max_steps=", "ckpt_path=")
     words = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(replaced)]
-    main_dir = next((s.path for s in hydra_cfg.runtime.config_sources if s.provider == "main"), "")
-    config_dir = os.path.relpath(main_dir.removeprefix("file://")) if main_dir.startswith("file://") else None
+    # `-cd <dir>` is the source Hydra calls "command-line"; without it the decorator's conf/ ("main")
+    sources = {s.provider: s for s in hydra_cfg.runtime.config_sources if s.schema == "file"}
+    chosen = sources.get("command-line") or sources.get("main")
+    config_dir = os.path.relpath(chosen.path) if chosen is not None else "conf"
     head = ["python", os.path.relpath(sys.argv[0]) if sys.argv[0].endswith(".py") else "train.py"]
-    if config_dir not in (None, "conf") or hydra_cfg.job.config_name != "config":
-        head += ["-cd", config_dir or "conf", "-cn", hydra_cfg.job.config_name]
+    if config_dir != "conf" or hydra_cfg.job.config_name != "config":
+        head += ["-cd", config_dir, "-cn", hydra_cfg.job.config_name]
     planned = int(cfg.trainer.max_steps or 0)
     target = planned if step < planned else 2 * max(step, 1)  # stopped early: its own end; else as many again
     words += [f"hydra.run.dir={cfg.paths.output_dir}", "resume=true", f"trainer.max_steps={target}"]
