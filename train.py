@@ -169,7 +169,8 @@ def continue_command(cfg, step: int) -> str:
 
     hydra_cfg = HydraConfig.get()
     replaced = ("hydra.run.dir=", "hydra.sweep.dir=", "resume=", "trainer.max_steps=", "ckpt_path=")
-    words = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(replaced)]
+    words = [o for o in hydra_cfg.overrides.hydra if o.startswith("hydra.searchpath=")]  # e.g. a module of your own
+    words += [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(replaced)]
     # `-cd <dir>` is the source Hydra calls "command-line"; without it the decorator's conf/ ("main")
     sources = {s.provider: s for s in hydra_cfg.runtime.config_sources if s.schema == "file"}
     chosen = sources.get("command-line") or sources.get("main")
@@ -212,7 +213,7 @@ def summarize(cfg, trainer, loggers, metrics, ckpt_path) -> str:
                 lines.append(f"wandb        {run_dir}  (online)")
         elif getattr(lg, "log_dir", None):
             lines.append(f"{type(lg).__name__:<12} {lg.log_dir}")
-    shown = [k for k in ("train/loss", "val/loss", "val/ppl", "val/retrieval_acc") if k in metrics]
+    shown = [k for k in ("train/loss", "train/group_loss", "val/loss", "val/ppl", "val/retrieval_acc") if k in metrics]
     lines.append("final        " + "  ".join([f"step {step}"] + [f"{k} {metrics[k]:.4f}" for k in shown]))
     return "\n== ring_lightning run finished ==\n" + "\n".join(lines)
 

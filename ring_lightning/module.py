@@ -23,11 +23,14 @@ Example (tested in tests/unit/test_module.py)::
                                    ignore_index=-100, label_smoothing=0.1, reduction="sum")
             return loss, (labels != -100).sum()
 
-Logged: train/loss, train/ppl, val/loss, val/ppl (token-weighted over all ranks), lr,
-perf/tokens_per_s (global), perf/peak_memory_mb (max over ranks, and per rank), on CUDA
-perf/tflops_per_gpu and perf/mfu, ring/{total,compute,comm}_ms, ring/{comm,all_to_all}_volume_mb
-(first ring attention module, last call), ring/compression_ratio, and val/<task metric>
-(val/retrieval_acc for the retrieval task).
+Logged: train/loss, train/ppl (exact: the sequence group's per-token mean), val/loss, val/ppl
+(token-weighted over all ranks), lr (the rate the optimizer used at that step), step (optimizer
+steps done; run_report.StepMetric), perf/tokens_per_s (global), perf/peak_memory_mb (max over
+ranks, and per rank), on CUDA perf/tflops_per_gpu and perf/mfu (model FLOPs of the attention's
+allowed pairs on each whole batch: ``attention_pairs`` / ``train_flops``) and
+perf/dense_equivalent_tflops_per_gpu, ring/{total,compute,comm}_ms,
+ring/{comm,all_to_all}_volume_mb (first ring attention module, last call),
+ring/compression_ratio, and val/<task metric> (val/retrieval_acc for the retrieval task).
 """
 
 from __future__ import annotations

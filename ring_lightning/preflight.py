@@ -165,7 +165,8 @@ def check_sequence_length(cfg: DictConfig, per_node: int) -> None:
     from ring_lightning.attention.config import RingAttentionConfig
 
     seq_len = cfg.data.get("seq_len")
-    attention = OmegaConf.to_container(cfg.module.get("attention") or {}, resolve=True)
+    node = cfg.module.get("attention")  # None for a module of the user's own (examples/conf/module/own_lm.yaml)
+    attention = OmegaConf.to_container(node, resolve=True) if node is not None else {}
     if not isinstance(seq_len, int) or not isinstance(attention, dict):
         return  # the data module / LM report a malformed value themselves
     variant = attention.pop("variant", "standard")

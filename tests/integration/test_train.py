@@ -10,9 +10,8 @@ import os
 from pathlib import Path
 
 import pytest
-from train_runner import RUN_TIMEOUT_S, final_metrics, run_train
-
 from omegaconf import OmegaConf
+from train_runner import RUN_TIMEOUT_S, final_metrics, run_train
 
 from ring_lightning.run_report import final_metrics as run_final, read_metrics
 from ring_lightning.sweep_report import bar_labels, collect_jobs
@@ -141,6 +140,19 @@ def test_multirun_sweep_runs_each_job_with_spawned_ranks(tmp_path, data_cache):
     assert bar_labels(collect_jobs(str(tmp_path))) == ["variant=standard", "variant=hilbert"]  # the plot's bars
     assert f"table {tmp_path / 'sweep_summary.md'}" in out
     assert "categorical units" not in out and "<more than" not in out
+
+
+def test_a_module_of_your_own_trains_through_train_py_as_the_readme_says(tmp_path, data_cache):
+    """examples/own_module.py's OwnLM through train.py (examples/conf/module/own_lm.yaml), sp=2: the
+    strategy logs its exact train/group_loss and the continue command keeps the search path."""
+    root = Path(__file__).resolve().parents[2]
+    env = {"PYTHONPATH": os.pathsep.join([str(root / "examples"), os.environ.get("PYTHONPATH", "")])}
+    out = run_train(["hydra.searchpath=[file://examples/conf]", "module=own_lm", f"hydra.run.dir={tmp_path}",
+                     *[o for o in TINY if not o.startswith("module.")]], data_cache, env=env)
+    metrics = final_metrics(out)
+    assert metrics["step"] == 4 and 0 < metrics["train/group_loss"] < 10
+    assert "'hydra.searchpath=[file://examples/conf]' module=own_lm" in out  # the continue command, shell-quoted
+    assert "== ring_lightning run finished ==" in (tmp_path / "train.log").read_text()
 
 
 def test_default_logger_writes_an_offline_wandb_run(tmp_path, data_cache):
