@@ -7,8 +7,9 @@
   and the progress bars of Hugging Face ``datasets`` (the corpus is packed once) are dropped;
   warnings of ``ring_lightning`` itself and every UserWarning stay.
 * ``is_noise(text)``: wandb's messages about what Lightning's WandbLogger passes it
-  (``wandb.require('service')``, a ``resume`` that offline mode ignores), which the run's
-  log tee (run_log.py) drops from the console and the log file.
+  (``wandb.require('service')``, a ``resume`` that offline mode ignores) and its offline
+  header (the run's summary names the same run dir and commands), which the run's log tee
+  (run_log.py) drops from the console and the log file.
 * ``progress_bar()`` (conf/callbacks/default.yaml): tqdm's bar on a terminal; in redirected
   output (a log file, CI, a pipe) one plain line every ``every_n_steps`` steps instead of
   carriage returns and cursor-movement codes.
@@ -27,7 +28,9 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 _TIP_PREFIX = "💡 Tip"
 _LIGHTNING_ADVICE = ("set_float32_matmul_precision",)
 # wandb's own words about what Lightning's WandbLogger passes it: nothing a user can act on
-_NOISE = ("`wandb.require('service')` is a no-op", "will be ignored since W&B syncing is set to")
+# and its offline header, which the run's summary replaces (it names the run dir, `wandb leet` and `wandb sync`)
+_NOISE = ("`wandb.require('service')` is a no-op", "will be ignored since W&B syncing is set to",
+          "W&B syncing is set to `offline`", "wandb: Run data is saved locally in", "wandb: View this run in the terminal")
 
 
 def is_noise(text: str) -> bool:

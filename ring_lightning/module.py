@@ -36,8 +36,8 @@ ring/compression_ratio, and val/<task metric> (val/retrieval_acc for the retriev
 from __future__ import annotations
 
 import collections
-import math
 import dataclasses
+import math
 import resource
 import time
 from dataclasses import asdict, is_dataclass
