@@ -39,14 +39,14 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from ring_lightning import preflight, run_dir
+from ring_lightning import preflight, run_dir, run_log
 from ring_lightning.callbacks import ConfigAgreement, config_fingerprint, interrupted_by
 from ring_lightning.checkpoint_io import CheckpointWriteError
 from ring_lightning.faults import (FailureRecord, clear_failures, failed_peers, first_line, lost_rank_message,
                                    peer_failed_message, peer_failure, same_error_elsewhere, stop_local_ranks)
 from ring_lightning.hydra_presets import register_model_presets
 from ring_lightning.resume_compat import ConfigRecord, load_weights
-from ring_lightning.run_report import MetricsFile
+from ring_lightning.run_report import MetricsFile, StepMetric
 
 CUDA_AVAILABLE = CUDAAccelerator.is_available()  # fork-safe: does not initialise CUDA
 # ${if_cuda:a,b} is a when CUDA is available, else b: conf/trainer/default.yaml uses it so the
@@ -83,7 +83,11 @@ def flat_config(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    pl.seed_everything(cfg.seed, workers=True)  # first: the model's initial weights depend on it
+    # What this rank prints also goes to <run dir>/train.log (rank k: train_ddp_process_<k>.log)
+    job = HydraConfig.get().job.name
+    rank = run_log.launch_rank()
+    run_log.start(run_log.log_path(cfg.paths.output_dir, job, rank), rank)
+    pl.seed_everything(cfg.seed, workers=True)  # the model's initial weights depend on it
     # Pre-flight (ring_lightning/preflight.py): every user error is reported here, once, before
     # any process, process group or logger exists.
     with preflight.user_errors(cfg, "data"):
@@ -112,7 +116,7 @@ def main(cfg: DictConfig) -> dict:
         loggers.append(instantiate(cfg.metrics_file))  # last: wandb / CSV stay the trainer's logger
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     callbacks += [ConfigAgreement(config_fingerprint(flat_config(cfg))), ConfigRecord(flat_config(cfg)),
-                  FailureRecord(cfg.paths.output_dir)]
+                  FailureRecord(cfg.paths.output_dir), StepMetric(), run_log.RunLog(cfg.paths.output_dir, job)]
     trainer = instantiate(cfg.trainer, strategy=strategy, logger=loggers or False, callbacks=callbacks)
 
     ckpt_path = start.ckpt_path
@@ -129,8 +133,8 @@ def main(cfg: DictConfig) -> dict:
                          "is off): resume=true takes the newest checkpoint there is")
             how = "SIGINT (Ctrl-C)" if signame == "SIGINT" else signame
             print(f"\n== ring_lightning run interrupted by {how} at step {step} ==\n"
-                  f"checkpoints  {held} (continue: the same command + hydra.run.dir={cfg.paths.output_dir} "
-                  f"resume=true)", flush=True)
+                  f"checkpoints  {held}\n"
+                  f"continue     {continue_command(cfg, step)}", flush=True)
         raise SystemExit(128 + (2 if signame == "SIGINT" else 15))  # the conventional status of the signal
     except Exception as exc:
         write_error = next((e for e in _chain(exc) if isinstance(e, CheckpointWriteError)), None)
@@ -177,12 +181,40 @@ def _chain(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
+def continue_command(cfg, step: int) -> str:
+    """The command that continues this run (a sweep's job too: its own overrides, not the sweep's):
+    the run dir, resume=true, and trainer.max_steps to the planned end, or twice the steps done."""
+    import shlex
+
+    hydra_cfg = HydraConfig.get()
+    replaced = ("hydra.run.dir=", "hydra.sweep.dir=", "resume=", "trainer.max_steps=", "ckpt_path=")
+    words = [o for o in hydra_cfg.overrides.hydra if o.startswith("hydra.searchpath=")]  # e.g. a module of your own
+    words += [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(replaced)]
+    # `-cd <dir>` is the source Hydra calls "command-line"; without it the decorator's conf/ ("main")
+    sources = {s.provider: s for s in hydra_cfg.runtime.config_sources if s.schema == "file"}
+    chosen = sources.get("command-line") or sources.get("main")
+    config_dir = os.path.relpath(chosen.path) if chosen is not None else "conf"
+    head = ["python", os.path.relpath(sys.argv[0]) if sys.argv[0].endswith(".py") else "train.py"]
+    if config_dir != "conf" or hydra_cfg.job.config_name != "config":
+        head += ["-cd", config_dir, "-cn", hydra_cfg.job.config_name]
+    planned = int(cfg.trainer.max_steps or 0)
+    target = planned if step < planned else 2 * max(step, 1)  # stopped early: its own end; else as many again
+    words += [f"hydra.run.dir={cfg.paths.output_dir}", "resume=true", f"trainer.max_steps={target}"]
+    return " ".join(shlex.quote(w) for w in head + words)
+
+
 def summarize(cfg, trainer, loggers, metrics, ckpt_path) -> str:
-    """Where the outputs, checkpoints and logs went, and the final losses."""
+    """Where the outputs, checkpoints and logs went, the steps done and the final losses."""
+    # Under spawn (sweeps) the main process's trainer does not count the steps; the logged
+    # `step` (run_report.StepMetric: optimizer steps done) does.
+    step = trainer.global_step or int(metrics.get("step", 0))
+    for lg in loggers:
+        if isinstance(lg, MetricsFile):
+            lg.record_final_step(step)
     ckpt_dir = cfg.callbacks.model_checkpoint.dirpath
     lines = [f"outputs      {cfg.paths.output_dir}",
-             f"checkpoints  {ckpt_dir}  (continue: the same command + hydra.run.dir={cfg.paths.output_dir} "
-             f"resume=true trainer.max_steps=<more than {trainer.global_step}>)"]
+             f"checkpoints  {ckpt_dir}",
+             f"continue     {continue_command(cfg, step)}"]
     if ckpt_path:
         lines.append(f"resumed from {ckpt_path}")
     for lg in loggers:
@@ -200,10 +232,8 @@ def summarize(cfg, trainer, loggers, metrics, ckpt_path) -> str:
                 lines.append(f"wandb        {run_dir}  (online)")
         elif getattr(lg, "log_dir", None):
             lines.append(f"{type(lg).__name__:<12} {lg.log_dir}")
-    shown = [k for k in ("train/loss", "val/loss", "val/ppl", "val/retrieval_acc") if k in metrics]
-    # Under spawn (sweeps) the main process's trainer does not see the step count; the metrics it does.
-    step = f"step {trainer.global_step}  " if trainer.global_step else ""
-    lines.append("final        " + step + "  ".join(f"{k} {metrics[k]:.4f}" for k in shown))
+    shown = [k for k in ("train/loss", "train/group_loss", "val/loss", "val/ppl", "val/retrieval_acc") if k in metrics]
+    lines.append("final        " + "  ".join([f"step {step}"] + [f"{k} {metrics[k]:.4f}" for k in shown]))
     return "\n== ring_lightning run finished ==\n" + "\n".join(lines)
 
 

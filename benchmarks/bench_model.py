@@ -12,9 +12,12 @@ without the Trainer, so the figures are the model's, not the loop's (train.py re
 its own tokens/s and MFU as perf/*). Timed with CUDA events over ``--steps`` steps after
 ``--warmup`` (compilation, cuDNN plans and the allocator's growth stay out).
 
-MFU = model FLOPs per token (``LongDocTransformer.flops_per_token``: 6 x parameters plus
-the causal attention scores) x tokens/s / the card's dense bf16 peak (989 TFLOP/s for
-H100/H200). Recomputation from activation checkpointing is NOT counted as useful work.
+MFU = model FLOPs per token (``LongDocumentLM.train_flops``: 6 x parameters plus the
+attention's allowed pairs, counted by ``ring_lightning.flops`` exactly as the training
+module logs ``perf/mfu``; here random tokens, one document: dense causal) x tokens/s / the
+card's dense bf16 peak (989 TFLOP/s for H100/H200). Recomputation from activation
+checkpointing is NOT counted as useful work. ``recipe_mfu.py`` runs this step on a recipe's
+own module and batch (packed documents) next to the recipe's logged figures.
 
 Also measured: the attention core alone at the model's shapes (fwd+bwd TFLOP/s, the
 ceiling the model can approach at long context) and AdamW's step time fused vs foreach.
@@ -71,26 +74,35 @@ def _free() -> None:
 
 
 def train_step_bench(preset: str, seq_len: int, checkpointing: str, compile_blocks: bool, steps: int,
-                     warmup: int, device: torch.device) -> dict:
-    """Time ``steps`` training steps of LongDocumentLM at ``seq_len`` tokens (batch 1)."""
+                     warmup: int, device: torch.device, module: "LongDocumentLM | None" = None,
+                     batch: "dict | None" = None) -> dict:
+    """Time ``steps`` training steps of LongDocumentLM at ``seq_len`` tokens (batch 1), or of a given
+    ``module`` on a given whole ``batch`` (recipe_mfu.py: a recipe's module and first batch, its
+    packed documents masked as in training)."""
     cuda = device.type == "cuda"
     compile_blocks = compile_blocks and cuda  # compiled only on CUDA
     row = dict(kind="train", preset=preset, seq_len=seq_len, checkpointing=checkpointing, compile=compile_blocks)
-    module = LongDocumentLM(model={"preset": preset, "checkpointing": checkpointing},
-                            attention={"variant": "standard"}, max_steps=1000, compile=compile_blocks).to(device)
+    if module is None:
+        module = LongDocumentLM(model={"preset": preset, "checkpointing": checkpointing},
+                                attention={"variant": "standard"}, max_steps=1000, compile=compile_blocks)
+    module = module.to(device)
     if compile_blocks and cuda:
         module.model.compile_blocks()
     optimizer = module.configure_optimizers()["optimizer"]
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    vocab = module.model.config.vocab_size
-    tokens = torch.randint(0, vocab, (1, seq_len + 1), generator=gen).to(device)
-    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:],
-             "position_ids": torch.arange(seq_len, device=device)[None]}
+    if batch is None:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        tokens = torch.randint(0, module.model.config.vocab_size, (1, seq_len + 1), generator=gen)
+        batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    # the attention work of this batch, counted as the training module logs it (flops.py)
+    pairs, (B, N) = module.attention_pairs(batch), batch["input_ids"].shape
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch.setdefault("position_ids", torch.arange(N, device=device).expand(B, N))
+    documents = module.document_ids(batch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
 
     def step():
         with autocast:
-            logits = module(batch["input_ids"], batch["position_ids"])
+            logits = module(batch["input_ids"], batch["position_ids"], documents)
         loss_sum, count = module.compute_loss(logits, batch)
         (loss_sum / count).backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
@@ -103,8 +115,8 @@ def train_step_bench(preset: str, seq_len: int, checkpointing: str, compile_bloc
         row.update(status="OOM")
         return row
     step_s = sorted(times)[len(times) // 2]
-    flops_per_token = module.model.flops_per_token(seq_len, causal=True)
-    tokens_per_s = seq_len / step_s
+    flops_per_token = module.train_flops(B, N, pairs) / (B * N)
+    tokens_per_s = B * N / step_s
     row.update(status="ok", step_s=step_s, tokens_per_s=tokens_per_s,
                tflops=flops_per_token * tokens_per_s / 1e12, mfu=flops_per_token * tokens_per_s / _peak_flops(),
                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,

@@ -5,8 +5,9 @@
 #   bash benchmarks/run_model_gpu.sh                 # from the repository root
 #   STAGES="bench" BENCH_ARGS="--longest 350m:full:524288" bash benchmarks/run_model_gpu.sh
 #
-# Environment: OUT (default ./bench_out), STAGES (any of: train tests bench longest; default
-# the first three), BENCH_ARGS (extra bench_model.py flags), LONGEST (space-separated
+# Environment: OUT (default ./bench_out), STAGES (any of: train tests bench longest recipe; default
+# the first three; recipe: benchmarks/recipe_mfu.py, a recipe's logged MFU next to the bare step,
+# RECIPE_ARGS its flags), BENCH_ARGS (extra bench_model.py flags), LONGEST (space-separated
 # preset:checkpointing:len1,len2 lists for the longest-sequence search). Packages missing on the machine (hydra-core,
 # omegaconf, antlr4, datasets, dill, multiprocess) are installed from ./.whl when present.
 # wandb is not on the lent GPU image, so train.py runs with logger=csv there.
@@ -49,6 +50,11 @@ if [[ $STAGES == *longest* ]]; then  # one training step per length, ascending, 
       --configs "" --attention "" --optimizer "" --longest "$spec" 2>&1 | grep -v "^{'kind'" | tail -4
     rc=$((rc | PIPESTATUS[0]))
   done
+fi
+if [[ $STAGES == *recipe* ]]; then  # the recipe's logged perf/mfu next to bench_model.py's step (same module, same batch)
+  echo "=== benchmarks/recipe_mfu.py ${RECIPE_ARGS:-} ==="
+  timeout -k 10 "${RECIPE_TIMEOUT:-540}" python3 benchmarks/recipe_mfu.py --out "$OUT" ${RECIPE_ARGS:-} 2>&1 | tee "$OUT/recipe_mfu.log" | grep -v "^{'kind'"
+  rc=$((rc | PIPESTATUS[0]))
 fi
 echo "=== exit: $rc; files in $OUT ==="
 exit $rc

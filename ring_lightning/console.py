@@ -1,9 +1,15 @@
 """What a run prints: the project's own warnings and progress, not third-party noise.
 
-* ``quiet_third_party()`` (train.py calls it first): deprecation and future warnings raised
-  inside other packages (torch, Lightning, wandb: nothing a user of this project can act on)
-  and Lightning's "Tip" advertisements are dropped; warnings of ``ring_lightning`` itself and
-  every UserWarning stay.
+* ``quiet_third_party()`` (train.py and examples/quickstart.py call it first): deprecation
+  and future warnings raised inside other packages (torch, Lightning, wandb: nothing a user
+  of this project can act on), Lightning's "Tip" advertisements and its advice to set
+  ``torch.set_float32_matmul_precision`` (runs train in bf16-mixed, where it does not apply),
+  and the progress bars of Hugging Face ``datasets`` (the corpus is packed once) are dropped;
+  warnings of ``ring_lightning`` itself and every UserWarning stay.
+* ``is_noise(text)``: wandb's messages about what Lightning's WandbLogger passes it
+  (``wandb.require('service')``, a ``resume`` that offline mode ignores) and its offline
+  header (the run's summary names the same run dir and commands), which the run's log tee
+  (run_log.py) drops from the console and the log file.
 * ``progress_bar()`` (conf/callbacks/default.yaml): tqdm's bar on a terminal; in redirected
   output (a log file, CI, a pipe) one plain line every ``every_n_steps`` steps instead of
   carriage returns and cursor-movement codes.
@@ -12,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from typing import Any
@@ -19,16 +26,28 @@ from typing import Any
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
 _TIP_PREFIX = "💡 Tip"
+_LIGHTNING_ADVICE = ("set_float32_matmul_precision",)
+# wandb's own words about what Lightning's WandbLogger passes it: nothing a user can act on
+# and its offline header, which the run's summary replaces (it names the run dir, `wandb leet` and `wandb sync`)
+_NOISE = ("`wandb.require('service')` is a no-op", "will be ignored since W&B syncing is set to",
+          "W&B syncing is set to `offline`", "wandb: Run data is saved locally in", "wandb: View this run in the terminal")
+
+
+def is_noise(text: str) -> bool:
+    """A third-party message with nothing for the user to act on (wandb on Lightning's calls)."""
+    return any(n in text for n in _NOISE)
 
 
 class _DropTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith(_TIP_PREFIX)
+        message = str(record.getMessage())
+        return not (message.startswith(_TIP_PREFIX) or any(a in message for a in _LIGHTNING_ADVICE))
 
 
 def quiet_third_party() -> None:
     """Filter third-party deprecation noise and Lightning's tips (this process; ranks that
     Lightning starts re-run train.py, which calls this again)."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is imported
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
         # ...unless ring_lightning raised it: a project warning is for the user
@@ -44,10 +63,14 @@ def quiet_third_party() -> None:
 
 def quiet_wandb(logger: Any) -> Any:
     """A WandbLogger without the deprecation warning Lightning's own arguments cause: it always
-    passes ``anonymous`` to ``wandb.init`` (None when unset), which wandb >= 0.19 warns about."""
+    passes ``anonymous`` to ``wandb.init`` (None when unset), which wandb >= 0.19 warns about,
+    and ``resume="allow"``, which an offline run cannot honour (wandb warns on every run)."""
     init = getattr(logger, "_wandb_init", None)
     if isinstance(init, dict) and init.get("anonymous") is None:
         init.pop("anonymous", None)
+    # offline, wandb cannot resume a run and says so on every run: do not ask it to
+    if isinstance(init, dict) and (getattr(logger, "_offline", False) or os.environ.get("WANDB_MODE") == "offline"):
+        init.pop("resume", None)
     return logger
 
 

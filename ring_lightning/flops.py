@@ -235,3 +235,93 @@ def _pattern_pairs(n: int, heads: int, w: int, r: int, causal: bool, mask: torch
             seen = torch.bmm(weight, c)  # (s, rows, R): kept keys each query slot sees
             total += float((c[:, qi] * seen * head_count).sum())
     return total
+
+
+# ------------------------------------------------------------------ the pairs of a batch
+def batch_attention_pairs(
+    seq_len: int,
+    num_heads: int = 1,
+    *,
+    causal: bool = True,
+    batch_size: int = 1,
+    segment_lengths: Optional[Sequence[int]] = None,
+    dilation_rates: Optional[Sequence[int]] = None,
+    block_mask: Optional[torch.Tensor] = None,
+    block_size: Optional[int] = None,
+    document_ids: Optional[torch.Tensor] = None,
+    grid_shape: Optional[Sequence[int]] = None,
+    grid_window: Optional[Sequence[int]] = None,
+) -> float:
+    """Allowed (query, key) pairs of a whole batch under every mask the attention applies.
+
+    ``attention_pairs`` for one pattern, plus what a training batch adds: packed documents
+    (a query sees only keys with its own ``document_ids``, ANDed into every pattern, as in
+    ``reference_attention``) and token grids (``grid_shape`` + ``grid_window``, causal in
+    raster order; one image or video per row, so never with documents). What
+    ``LongDocumentLM`` logs as ``perf/tflops_per_gpu`` and ``perf/mfu`` counts.
+
+    Args:
+        seq_len, num_heads, causal, segment_lengths, dilation_rates, block_mask, block_size:
+            as in ``attention_pairs``.
+        batch_size: samples, used when ``document_ids`` is None (every sample is alike).
+        document_ids: optional (B, N) or (N,) integer ids of the WHOLE sequences (before
+            sharding); pairs are summed over its rows.
+        grid_shape, grid_window: a token grid and its box radius (one per grid dim); the
+            grid excludes segments and block masks, as ``RingAttentionConfig`` does.
+
+    Returns:
+        ``P`` summed over the batch's samples (and query heads).
+
+    Cost: ``O(B * N * patterns * rates)`` without a block mask or grid; with a block mask
+    plus documents ``O(B * nnz * N / block_size)`` (nnz: non-empty (block, document) cells).
+    """
+    if document_ids is None:
+        if grid_shape is not None:
+            return batch_size * grid_window_pairs(grid_shape, grid_window, num_heads, causal=causal)
+        return batch_size * attention_pairs(seq_len, num_heads, causal=causal, segment_lengths=segment_lengths,
+                                            dilation_rates=dilation_rates, block_mask=block_mask,
+                                            block_size=block_size)
+    ids = document_ids.detach().to("cpu").reshape(-1, document_ids.shape[-1])  # (B, N)
+    if ids.shape[1] != seq_len:
+        raise ValueError(f"document_ids must hold the whole sequence of {seq_len} tokens, got {tuple(ids.shape)}")
+    if grid_shape is not None:
+        raise ValueError("document_ids cannot be combined with grid_shape (the attention refuses it too)")
+    patterns = _patterns(seq_len, segment_lengths, dilation_rates)
+    mask, bs = _block_mask(seq_len, block_mask, block_size)
+    weight = mask.to(torch.float64)
+    if causal:  # query block after key block: 1, the same block: 1/2 (m^2/2 inside it), before: 0
+        weight = weight * (torch.tril(torch.ones_like(weight), -1) + 0.5 * torch.eye(weight.shape[0]))
+    total = 0.0
+    t = torch.arange(seq_len)
+    for row in ids:
+        doc = torch.unique(row, return_inverse=True)[1]  # ids -> 0..D-1 (an id may recur anywhere)
+        num_docs = int(doc.max()) + 1
+        for w, r in patterns:
+            group = (t // w) * num_docs + doc  # tokens that may see each other: same segment and document
+            phase = (t % w) % r
+            for o in range(min(r, num_heads)):
+                kept = phase == o
+                total += len(range(o, num_heads, r)) * _group_pairs(group[kept], t[kept] // bs, weight)
+    return total
+
+
+def _group_pairs(group: torch.Tensor, block: torch.Tensor, weight: torch.Tensor) -> float:
+    """``sum_g c_g^T W c_g``: ``c_g[a]`` the tokens of group ``g`` in block ``a`` (a group's tokens
+    all see each other, the block weight ``W`` aside)."""
+    if group.numel() == 0:
+        return 0.0
+    if weight.shape[0] == 1:  # one block: m^2 * W per group
+        counts = torch.unique(group, return_counts=True)[1].to(torch.float64)
+        return float(weight[0, 0] * (counts ** 2).sum())
+    nb = weight.shape[0]
+    cells, counts = torch.unique(group * nb + block, return_counts=True)  # the non-empty (group, block) cells
+    g, a = torch.unique(cells // nb, return_inverse=True)[1], cells % nb
+    total, rows = 0.0, max(1, _CHUNK_ELEMENTS // nb)
+    for g0 in range(0, int(g.max()) + 1, rows):  # groups in chunks: (rows, nb) dense at a time
+        sel = (g >= g0) & (g < g0 + rows)
+        gi, ai, ci = g[sel] - g0, a[sel], counts[sel].to(torch.float64)
+        c = torch.sparse_coo_tensor(torch.stack([gi, ai]), ci, (min(rows, int(g.max()) + 1 - g0), nb),
+                                    check_invariants=False)
+        seen = torch.sparse.mm(c, weight.T)  # (rows, nb): (W c_g)[a] for each group of the chunk
+        total += float((ci * seen[gi, ai]).sum())
+    return total

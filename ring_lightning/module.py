@@ -23,17 +23,21 @@ Example (tested in tests/unit/test_module.py)::
                                    ignore_index=-100, label_smoothing=0.1, reduction="sum")
             return loss, (labels != -100).sum()
 
-Logged: train/loss, train/ppl, val/loss, val/ppl (token-weighted over all ranks), lr,
-perf/tokens_per_s (global), perf/peak_memory_mb (max over ranks, and per rank), on CUDA
-perf/tflops_per_gpu and perf/mfu, ring/{total,compute,comm}_ms, ring/{comm,all_to_all}_volume_mb
-(first ring attention module, last call), ring/compression_ratio, and val/<task metric>
-(val/retrieval_acc for the retrieval task).
+Logged: train/loss, train/ppl (exact: the sequence group's per-token mean), val/loss, val/ppl
+(token-weighted over all ranks), lr (the rate the optimizer used at that step), step (optimizer
+steps done; run_report.StepMetric), perf/tokens_per_s (global), perf/peak_memory_mb (max over
+ranks, and per rank), on CUDA perf/tflops_per_gpu and perf/mfu (model FLOPs of the attention's
+allowed pairs on each whole batch: ``attention_pairs`` / ``train_flops``) and
+perf/dense_equivalent_tflops_per_gpu, ring/{total,compute,comm}_ms,
+ring/{comm,all_to_all}_volume_mb (first ring attention module, last call),
+ring/compression_ratio, and val/<task metric> (val/retrieval_acc for the retrieval task).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import resource
 import time
 from dataclasses import asdict, is_dataclass
@@ -46,7 +50,7 @@ from torch import nn
 
 from ring_lightning import sharding
 from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
-from ring_lightning.flops import PEAK_BF16_FLOPS, attention_fraction
+from ring_lightning.flops import PEAK_BF16_FLOPS, attention_pairs
 from ring_lightning.loss import linear_cross_entropy
 from ring_lightning.attention.documents import document_position_ids
 from ring_lightning.model import LongDocTransformer, ModelConfig, default_position_ids
@@ -144,8 +148,11 @@ class LongDocumentLM(pl.LightningModule):
         self.document_mask, self.restart_positions = bool(document_mask), bool(restart_positions_per_document)
         self._ring_modules: List[nn.Module] = []
         self._previous_sharding: Any = _NOT_SET  # the default sharding before setup() under DDP
-        self._tput = collections.deque(maxlen=throughput_window + 1)  # (time, cumulative global tokens)
-        self._tokens_seen = 0
+        # (time, cumulative global tokens, cumulative model FLOPs of one GPU, the same with dense attention)
+        self._tput = collections.deque(maxlen=throughput_window + 1)
+        self._tokens_seen, self._flops_seen, self._dense_flops_seen = 0, 0.0, 0.0
+        self._batch_pairs: Optional[float] = None  # attention pairs of the next training batch, counted unsharded
+        self._lr_used: Optional[float] = None
         self._val_stats: Optional[torch.Tensor] = None
 
     def _checkpointing_from_attention(self, config: ModelConfig) -> ModelConfig:
@@ -213,6 +220,8 @@ class LongDocumentLM(pl.LightningModule):
         if self.restart_positions and isinstance(batch, dict) and "document_ids" in batch \
                 and "position_ids" not in batch:
             batch = {**batch, "position_ids": document_position_ids(batch["document_ids"])}
+        if self._trainer is not None and self.trainer.training and isinstance(batch, dict):
+            self._batch_pairs = self.attention_pairs(batch)  # whole sequences, on the host: no sync
         return batch
 
     def compute_loss(self, logits: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -349,35 +358,74 @@ class LongDocumentLM(pl.LightningModule):
             self._previous_sharding = _NOT_SET
 
     # ----------------------------------------------------------------------- metrics
-    def _attention_fraction(self, seq_len: int) -> float:
-        """Fraction of the dense score matrix the attention pattern computes (for FLOPs)."""
-        cfg = self.attention_config
+    def attention_pairs(self, batch: Dict[str, torch.Tensor]) -> float:
+        """Allowed (query, key) pairs of one layer's attention on a WHOLE (unsharded) batch.
+
+        Every mask the attention applies is counted (``ring_lightning.flops.batch_attention_pairs``):
+        the dilated segments, the block-sparse block mask, a token grid's window, and the
+        batch's packed documents when ``document_mask`` is on. Every layer is assumed to use
+        ``attention`` (a ``build_attention`` that differs per layer is not seen here).
+        """
+        from ring_lightning.flops import batch_attention_pairs
+
+        input_ids = batch["input_ids"]
+        B, N = input_ids.shape[0], input_ids.shape[1]
+        cfg, pattern = self.attention_config, {}
         if self.attention_variant == "block_sparse":
-            return float(cfg.sparsity_ratio)
-        if cfg.segment_lengths is None:
-            return 1.0
-        return attention_fraction(seq_len, self.model.config.n_heads, causal=self.is_causal,
-                                  segment_lengths=cfg.segment_lengths, dilation_rates=cfg.dilation_rates)
+            from ring_lightning.attention.masks import block_mask_for
+
+            pattern = dict(block_size=cfg.block_size, block_mask=block_mask_for(
+                N, cfg.block_size, cfg.sparse_pattern, cfg.sparsity_ratio, cfg.sparse_seed))
+        if cfg.grid_shape is not None:
+            pattern.update(grid_shape=cfg.grid_shape, grid_window=cfg.grid_window)
+        documents = self.document_ids(batch)
+        return batch_attention_pairs(N, self.model.config.n_heads, causal=self.is_causal, batch_size=B,
+                                     segment_lengths=cfg.segment_lengths, dilation_rates=cfg.dilation_rates,
+                                     document_ids=documents if isinstance(documents, torch.Tensor) else None,
+                                     **pattern)
+
+    def train_flops(self, batch_size: int, seq_len: int, pairs: float) -> float:
+        """Model FLOPs (forward + backward, PaLM's count: no recomputation) of a batch of
+        ``batch_size`` whole sequences whose attention allows ``pairs`` pairs per layer: what
+        ``perf/tflops_per_gpu`` and ``perf/mfu`` count (divided by the sequence-parallel size)."""
+        dense = attention_pairs(seq_len, self.model.config.n_heads, causal=self.is_causal)
+        fraction = pairs / (batch_size * dense)
+        return batch_size * seq_len * self.model.flops_per_token(seq_len, causal=self.is_causal,
+                                                                 attention_fraction=fraction)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The scheduler steps right after the optimizer, before on_train_batch_end: the rate
+        # this step's optimizer uses is the one it holds now.
+        if self._trainer is not None and self.trainer.optimizers:
+            self._lr_used = float(self.trainer.optimizers[0].param_groups[0]["lr"])
 
     def on_train_batch_end(self, outputs: Any, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
         trainer, now = self.trainer, time.perf_counter()
-        world = trainer.world_size
+        world, sp = trainer.world_size, int(getattr(trainer.strategy, "sp_size", 1))
         input_ids = batch["input_ids"]
+        B, N = input_ids.shape[0], input_ids.shape[1] * sp  # this rank's shard -> the whole sequence
         # Every rank holds different tokens (other samples, or other shards of one), so the
         # global count is the local one times the world size: a sequence group counts once.
         self._tokens_seen += input_ids.numel() * world
-        self._tput.append((now, self._tokens_seen))
-        self.log("lr", trainer.optimizers[0].param_groups[0]["lr"])
+        pairs, self._batch_pairs = self._batch_pairs, None
+        if pairs is None and sp == 1:  # the counting hook did not run (overridden): the batch is whole
+            pairs = self.attention_pairs(batch)
+        # A GPU does 1/sp of its sequence group's batch (rank 0's group is what is logged); a
+        # step whose work is unknown makes every later window unknown (nan), never a guess.
+        self._flops_seen += self.train_flops(B, N, pairs) / sp if pairs is not None else float("nan")
+        dense = B * attention_pairs(N, self.model.config.n_heads, causal=self.is_causal)
+        self._dense_flops_seen += self.train_flops(B, N, dense) / sp
+        self._tput.append((now, self._tokens_seen, self._flops_seen, self._dense_flops_seen))
+        if self._lr_used is not None:
+            self.log("lr", self._lr_used)
         if len(self._tput) >= 2:
-            (t0, n0), (t1, n1) = self._tput[0], self._tput[-1]
-            tokens_per_s = (n1 - n0) / max(t1 - t0, 1e-9)
-            self.log("perf/tokens_per_s", tokens_per_s, prog_bar=True)
-            if self.device.type == "cuda":
-                seq_len = input_ids.shape[1] * getattr(trainer.strategy, "sp_size", 1)
-                flops = self.model.flops_per_token(seq_len, causal=self.is_causal,
-                                                   attention_fraction=self._attention_fraction(seq_len))
-                per_gpu = flops * tokens_per_s / world
+            (t0, n0, f0, d0), (t1, n1, f1, d1) = self._tput[0], self._tput[-1]
+            elapsed = max(t1 - t0, 1e-9)
+            self.log("perf/tokens_per_s", (n1 - n0) / elapsed, prog_bar=True)
+            per_gpu = (f1 - f0) / elapsed
+            if self.device.type == "cuda" and math.isfinite(per_gpu):
                 self.log("perf/tflops_per_gpu", per_gpu / 1e12)
+                self.log("perf/dense_equivalent_tflops_per_gpu", (d1 - d0) / elapsed / 1e12)
                 name = torch.cuda.get_device_name(self.device)
                 peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
                 if peak is not None:

@@ -16,7 +16,9 @@ a traceback (``HYDRA_FULL_ERROR=1`` shows one). What is checked:
 * the data source (``data=hub``: the hub is asked once, unless the windows are cached;
   ``data=files``: binary files and hidden entries named, an empty or too-short corpus refused);
 * the schedule: a validation interval past ``trainer.max_steps`` is clamped to it, so a run
-  shortened on the command line still validates (a note says so).
+  shortened on the command line still validates (a note says so);
+* a mandatory value left unset (``???``, e.g. ``data.paths`` of ``data=files``): its override;
+* more CPU processes than cores: a note (they run, sharing the cores).
 
 Constructor errors (``ValueError`` from the data module, the LM, the strategy) are user errors
 too; :func:`user_errors` prefixes the field they name with its config group (``data.batch_size``).
@@ -32,6 +34,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from ring_lightning.lengths import LengthRules, length_error
 
@@ -75,6 +78,8 @@ def user_errors(cfg: DictConfig, group: Optional[str] = None) -> Iterator[None]:
         cause = exc
         while type(cause).__name__ == "InstantiationException" and cause.__cause__ is not None:
             cause = cause.__cause__  # hydra wraps the constructor's own error
+        if isinstance(cause, MissingMandatoryValue) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            fail(missing_value_message(str(getattr(cause, "full_key", "") or "")))
         if not isinstance(cause, (ValueError, TypeError, ConnectionError)) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         if isinstance(cause, ConfigError):
@@ -82,6 +87,16 @@ def user_errors(cfg: DictConfig, group: Optional[str] = None) -> Iterator[None]:
         groups = [(g, cfg.get(g)) for g in ([group] if group else []) + ["variant", "model", "module", "data",
                                                                           "strategy", "trainer"]]
         fail(_with_group(str(cause), groups))
+
+
+# A value that works for the mandatory fields of conf/ (``???`` there), for the message
+_MISSING_EXAMPLES = {"data.paths": "\"data.paths=['docs/**/*.md','~/books']\" (files, directories or quoted globs)"}
+
+
+def missing_value_message(key: str) -> str:
+    """``???`` left in the composed config: which override sets it, with an example."""
+    example = _MISSING_EXAMPLES.get(key, f"{key}=<value>")
+    return f"{key} is required and not set (??? in the config); add {example} to the command"
 
 
 def fail(message: str) -> None:
@@ -155,7 +170,8 @@ def check_sequence_length(cfg: DictConfig, per_node: int) -> None:
     from ring_lightning.attention.config import RingAttentionConfig
 
     seq_len = cfg.data.get("seq_len")
-    attention = OmegaConf.to_container(cfg.module.get("attention") or {}, resolve=True)
+    node = cfg.module.get("attention")  # None for a module of the user's own (examples/conf/module/own_lm.yaml)
+    attention = OmegaConf.to_container(node, resolve=True) if node is not None else {}
     if not isinstance(seq_len, int) or not isinstance(attention, dict):
         return  # the data module / LM report a malformed value themselves
     variant = attention.pop("variant", "standard")
@@ -189,12 +205,24 @@ def clamp_schedule(cfg: DictConfig) -> List[str]:
     return []
 
 
+def cpu_oversubscription(trainer: DictConfig, per_node: int) -> List[str]:
+    """A note (not an error) when more CPU processes are asked for than this machine has cores."""
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and _visible_gpus() > 0):
+        return []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if per_node <= cores:
+        return []
+    return [f"note: trainer.devices={per_node} starts {per_node} CPU processes on {cores} core(s): they share "
+            f"the cores, so each step is slower than with trainer.devices={cores} (results are the same)"]
+
+
 def check_config(cfg: DictConfig) -> List[str]:
     """Every check that needs only the composed config. Returns notes to print; raises ConfigError."""
     per_node = devices_per_node(cfg.trainer)
     _sequence_parallel(cfg, per_node)
     check_sequence_length(cfg, per_node)
-    return check_memory(cfg, per_node) + clamp_schedule(cfg)
+    return check_memory(cfg, per_node) + cpu_oversubscription(cfg.trainer, per_node) + clamp_schedule(cfg)
 
 
 def check_data_source(datamodule: Any) -> None:

@@ -5,6 +5,12 @@ CSV): rank 0 appends one JSON line per logging call, ``{"step": s, "<name>": val
 exactly the values Lightning hands every logger; at the end of fit ``plot_metrics`` draws
 ``metrics.png``: loss (train and validation), throughput (tokens/s) and peak memory per rank.
 ``final_metrics`` reads a file back (last value of each name), which the sweep table uses.
+
+Steps are counted one way everywhere: the number of optimizer steps done. ``StepMetric``
+(train.py adds it to every run) logs ``step`` = ``trainer.global_step`` with the training and
+validation metrics, which Lightning then hands every logger (wandb, CSV, this file) as the
+step, instead of its 0-based logging counter; the progress lines and the summary count the
+same way, and ``MetricsFile.record_final_step`` writes the last step when it was not logged.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import math
 import os
 from typing import Any, Dict, List, Mapping, Optional
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -64,6 +71,14 @@ class MetricsFile(Logger):
             f.write(json.dumps(row) + "\n")
 
     @rank_zero_only
+    def record_final_step(self, step: int) -> None:
+        """Append ``{"step": step}`` when the last row is of an earlier step (the last steps
+        fell between two logging steps), so ``final_metrics`` reads the steps done."""
+        if step > 0 and os.path.isfile(self.path) and final_metrics(self.path).get("step") != step:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step}) + "\n")
+
+    @rank_zero_only
     def finalize(self, status: str) -> None:
         if self.plot and os.path.isfile(self.path):
             run = os.path.join(*os.path.normpath(os.path.abspath(self._save_dir)).split(os.sep)[-2:])
@@ -71,6 +86,18 @@ class MetricsFile(Logger):
                 plot_metrics(self.path, self.plot_path, title=f"{run} ({status})")
             except OSError as exc:  # a full disk is reported once, by whoever hit it first
                 print(f"note: {self.plot_path} not drawn ({exc.strerror or exc})", flush=True)
+
+
+class StepMetric(Callback):
+    """Logs ``step`` = optimizer steps done (``trainer.global_step``) with every training step and
+    validation, so every logger's x axis is the count the progress lines and summaries use."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        pl_module.log("step", float(trainer.global_step))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:  # the same on every rank: the "sync" is a max of equals
+            pl_module.log("step", float(trainer.global_step), sync_dist=True, reduce_fx="max")
 
 
 def read_metrics(path: str) -> List[Dict[str, float]]:

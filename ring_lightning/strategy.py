@@ -13,7 +13,8 @@ are data-parallel replicas (``dp`` axis). The strategy
   layout)``, which the ring attention modules read: nothing is pushed into them,
 * rescales the loss each rank returns so that DDP's average over the whole world is
   the ``sp=1`` gradient for the per-token mean users write (``ring_lightning.loss_contract``;
-  :meth:`RingStrategy.reduce_token_loss` is the explicit alternative),
+  :meth:`RingStrategy.reduce_token_loss` is the explicit alternative), and logs that mean
+  over the sequence group, the one-device loss, as ``train/group_loss``,
 * registers a gradient-compression DDP hook (``ring_lightning.compression``).
 
 Usage::
@@ -51,6 +52,8 @@ from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
 MESH_AXES: Tuple[str, str] = ("dp", "sp")
 DP_AXIS, SP_AXIS = MESH_AXES
 LAYOUT_CHOICES = ("auto",) + sharding.LAYOUTS
+#: Logged each training step for a module that returns its shard's mean: the exact loss of the group's samples.
+GROUP_LOSS_KEY = "train/group_loss"
 
 
 def _within_batch_sharding(hook: str):
@@ -288,6 +291,7 @@ class RingStrategy(DDPStrategy):
             self._ring_calls_unchecked = False
             ring_usage.check_ring_called(self.lightning_module, self._ring_modules, before,
                                          self.sequence_parallel_size)
+        self._log_group_loss(out, args[0] if args else None)
         return out
 
     validation_step = _within_batch_sharding("validation_step")
@@ -366,6 +370,29 @@ class RingStrategy(DDPStrategy):
             closure_loss = closure_loss * scale
         with self._batch_sharding():
             return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def _log_group_loss(self, out: Any, batch: Any) -> None:
+        """Log ``train/group_loss``: the per-token mean over the whole samples of this rank's
+        sequence group, what one device computes on them, for a module that returns its own
+        shard's mean (``loss_reduction="mean"``). Rank r's mean ``L_r`` times its scale
+        ``sp * n_r / n``, summed over the group and divided by sp, is ``sum_r L_r n_r / n``
+        (one all-reduce of a scalar per step). A module that reduces its loss itself
+        (``reduce_token_loss``, as LongDocumentLM does) logs the exact value already."""
+        if self._loss_reduced_by_module or self.loss_reduction != "mean" or self.lightning_module is None:
+            return
+        loss = out.get("loss") if isinstance(out, Mapping) else out
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            return
+        sp, scale = self.sequence_parallel_size, self._loss_scale
+        value = loss.detach().float().reshape(())
+        if scale is not None:  # a shard with no labelled token: its mean is nan, its share 0
+            value = torch.where(torch.as_tensor(scale, device=value.device) == 0, torch.zeros_like(value),
+                                value * scale)
+        if sp > 1:
+            value = value / sp
+            dist.all_reduce(value, group=self.sp_group)
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+        self.lightning_module.log(GROUP_LOSS_KEY, value, prog_bar=True, batch_size=ids.shape[0] if isinstance(ids, Tensor) else 1)
 
     def reduce_token_loss(self, loss_sum: Tensor, num_tokens: Union[Tensor, int]) -> Tuple[Tensor, Tensor]:
         """The explicit path: ``loss_contract.reduce_token_loss`` over this rank's sequence group.

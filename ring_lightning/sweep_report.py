@@ -5,9 +5,10 @@ sweep ends it reads every job's ``metrics.jsonl`` (``run_report.MetricsFile``) a
 overrides Hydra saved beside it, so it works for any launcher (the jobs may have run
 elsewhere, e.g. under SLURM), and writes into the sweep directory:
 
-* ``sweep_summary.md`` and ``sweep_summary.csv``: one row per job, its overrides and the
-  last value of each metric in ``METRICS``;
-* ``sweep_summary.png``: those metrics per job, one bar chart each.
+* ``sweep_summary.md`` and ``sweep_summary.csv``: one row per job, its overrides, the
+  optimizer steps it did (``step``) and the last value of each metric in ``METRICS``;
+* ``sweep_summary.png``: those metrics per job, one bar chart each, bars labelled with the
+  job's overrides.
 """
 
 from __future__ import annotations
@@ -68,13 +69,23 @@ def _plot(jobs: List[Dict[str, Any]], metrics: List[str], png: str) -> None:
 
     fig = Figure(figsize=(4 * max(1, len(metrics)), 3.6), layout="constrained")
     axes = fig.subplots(1, max(1, len(metrics)), squeeze=False)[0]
-    labels = [j["job"] for j in jobs]
+    # bars at numeric positions, labelled with the job's overrides (string positions that
+    # parse as numbers make matplotlib log "Using categorical units..." once per bar)
+    labels = bar_labels(jobs)
     for ax, metric in zip(axes, metrics):
-        ax.bar(labels, [j.get(metric, float("nan")) for j in jobs])
+        ax.bar(range(len(jobs)), [j.get(metric, float("nan")) for j in jobs])
+        ax.set_xticks(range(len(jobs)), labels, rotation=30 if len(jobs) > 3 else 0, ha="right" if len(jobs) > 3 else "center",
+                      fontsize=8)
         ax.set_title(metric)
-        ax.set_xlabel("job")
-    fig.suptitle("sweep: final metrics per job (overrides in sweep_summary.md)")
+    fig.suptitle("sweep: final metrics per job (step = optimizer steps done; table: sweep_summary.md)")
     fig.savefig(png, dpi=100)
+
+
+def bar_labels(jobs: List[Dict[str, Any]]) -> List[str]:
+    """Each job's overrides that not every job shares, one per line (``job <n>`` when none)."""
+    words = [str(j["overrides"]).split() for j in jobs]
+    shared = set.intersection(*map(set, words)) if len(jobs) > 1 else set()
+    return ["\n".join(w for w in ws if w not in shared) or f"job {j['job']}" for ws, j in zip(words, jobs)]
 
 
 class SweepSummary(Callback):

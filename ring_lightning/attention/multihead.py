@@ -4,10 +4,14 @@ Same constructor order (``embed_dim, num_heads, dropout, bias``), same ``batch_f
 (default False: (T, B, E) like torch), same return value: ``(out, weights)``, so
 ``out, _ = mha(x, x, x)`` works as with torch. ``weights`` is None with
 ``need_weights=False``; with ``need_weights=True`` (torch's default) they are computed
-only where they exist as one matrix: one device, dense pattern, no block mask, no packed
-documents, no token grid (then, like torch, an (B, T, S) matrix averaged over heads, or
-(B, H, T, S) with ``average_attn_weights=False``; unlike torch's, before dropout: the ring
-applies dropout inside its kernels, so with dropout > 0 these are the undropped weights). Under a split sequence the full weights
+wherever one device holds the whole sequence, for every pattern: like torch, an (B, T, S)
+matrix averaged over heads, or (B, H, T, S) with ``average_attn_weights=False``, the weight
+each value gets in the output (``out = weights @ v`` per head, before ``out_proj``). Masks
+(causal, block mask, packed documents, token grid) zero the weights they exclude; dilated
+patterns are separate softmaxes merged by their denominators (LongNet), which equals one
+softmax over all patterns' keys (reference.py), so a key's weight is summed over the patterns
+that select it. Unlike torch's, before dropout: the ring applies dropout inside its kernels,
+so with dropout > 0 these are the undropped weights. Under a split sequence the full weights
 are never formed (that is the point of the ring): a ValueError says to pass
 ``need_weights=False``. ``attn_mask`` / ``key_padding_mask`` are not supported: use
 ``is_causal=True`` and ``document_ids=`` (packed documents).
@@ -90,7 +94,7 @@ class MultiheadRingAttention(nn.Module):
         weights = None
         if need_weights:
             self._check_weights_exist(already_split, document_ids)
-            weights = self._weights(q, k, is_causal, average_attn_weights)
+            weights = self._weights(q, k, is_causal, average_attn_weights, document_ids)
         out = self.attention(q, k, v, is_causal=is_causal, already_split=already_split,
                              document_ids=document_ids, qkv_layout="bthd")  # (B, T, H, D)
         out = self.out_proj(out.reshape(B, out.shape[1], self.embed_dim))  # (B, T, E)
@@ -98,26 +102,36 @@ class MultiheadRingAttention(nn.Module):
 
     def _check_weights_exist(self, already_split: bool, document_ids) -> None:
         group, _ = self.attention._sharding()
-        split = already_split or (group is not None and dist.get_world_size(group) > 1)
-        cfg = self.attention.config
-        where = ("the sequence is split over ranks" if split else
-                 "the pattern is dilated or segmented" if cfg.segment_lengths is not None else
-                 "the block_sparse variant masks blocks" if self.attention.variant == "block_sparse" else
-                 "packed documents mask it" if document_ids is not None else
-                 "a token grid windows it" if getattr(cfg, "grid_shape", None) is not None else None)
-        if where is not None:
-            raise ValueError(f"need_weights=True: the attention weights are never formed as one matrix here "
-                             f"({where}); pass need_weights=False (weights is then None)")
+        if already_split or (group is not None and dist.get_world_size(group) > 1):
+            raise ValueError("need_weights=True: the attention weights are never formed as one matrix here "
+                             "(the sequence is split over ranks); pass need_weights=False (weights is then None)")
 
-    def _weights(self, q, k, is_causal: bool, average: bool) -> torch.Tensor:
-        """softmax(q k^T * scale) on one device, (B, T, S) averaged over heads or (B, H, T, S)."""
-        scale = self.attention.config.scale or 1.0 / math.sqrt(self.head_dim)
+    def _weights(self, q, k, is_causal: bool, average: bool, document_ids=None) -> torch.Tensor:
+        """The weights of every value in the output on one device: (B, T, S) averaged over heads
+        or (B, H, T, S), under the core's whole pattern (the masks of reference.py)."""
+        from .reference import block_to_token_mask, grid_window_mask, pattern_mask
+
+        cfg = self.attention.config
+        scale = cfg.scale or 1.0 / math.sqrt(self.head_dim)
         k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)  # (B, S, H, D)
-        scores = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) * scale  # (B, H, T, S)
+        dtype = torch.promote_types(q.dtype, torch.float32)  # bf16 inputs: float32 scores; float64 stays
+        scores = torch.einsum("bthd,bshd->bhts", q.to(dtype), k.to(dtype)) * scale  # (B, H, T, S)
+        T, S, H = scores.shape[-2], scores.shape[-1], self.num_heads
+        extra = torch.ones(T, S, dtype=torch.bool, device=q.device)  # (T, S): masks shared by every pattern
         if is_causal:
-            T, S = scores.shape[-2:]
-            scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-        weights = scores.softmax(dim=-1).to(q.dtype)
+            extra &= ~torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)
+        if self.attention.variant == "block_sparse":
+            extra &= block_to_token_mask(self.attention.block_mask(S).to(q.device), cfg.block_size)
+        if getattr(cfg, "grid_shape", None) is not None:
+            extra &= grid_window_mask(cfg.grid_shape, cfg.grid_window, q.device)
+        if document_ids is not None:
+            ids = document_ids.to(q.device)
+            extra = extra & (ids[:, :, None] == ids[:, None, :])[:, None]  # (B, 1, T, S)
+        patterns = cfg.patterns(S) if cfg.segment_lengths is not None else [(S, 1)]
+        masked = [scores.masked_fill(~(pattern_mask(S, H, w, r, False, q.device)[:, :T] & extra), float("-inf"))
+                  for w, r in patterns]  # each (B, H, T, S)
+        probs = torch.cat(masked, dim=-1).softmax(dim=-1).nan_to_num(0.0)  # one softmax: the LongNet merge
+        weights = probs.view(*scores.shape[:-1], len(patterns), S).sum(dim=-2).to(q.dtype)  # (B, H, T, S)
         return weights.mean(dim=1) if average else weights
 
     def get_profiling_stats(self) -> dict:

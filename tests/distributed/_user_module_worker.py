@@ -8,6 +8,8 @@ with the default mean: no ``reduce_token_loss``, no knowledge of the strategy. U
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Dict, List
 
 import torch
@@ -17,6 +19,9 @@ from torch.utils.data import DataLoader
 import _strategy_worker as W
 from ring_lightning.module import LongDocumentLM
 from ring_lightning.strategy import RingStrategy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))  # the README's own_module.py
+from own_module import OwnLM  # noqa: E402
 
 STEPS = 4
 # Zigzag over 2 ranks with SEQ=16: rank 1 holds positions 4-11.
@@ -85,6 +90,37 @@ class RecordingDocumentLM(LongDocumentLM):
 
     def on_before_optimizer_step(self, optimizer):
         self.record["grads"].append({n: p.grad.detach().clone() for n, p in self.named_parameters()})
+
+
+class RecordingOwnLM(OwnLM):
+    """examples/own_module.py's module as written, recording what the test compares."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(vocab_size=W.VOCAB, embed_dim=16, num_heads=4, max_len=W.SEQ, lr=1e-2)
+        self.record: Dict[str, List] = {"loss": [], "grads": [], "samples": []}
+
+    def token_loss(self, batch):
+        """The sp=1 reference's loss (one process, whole sequences): the module's own."""
+        loss = self.loss(batch)
+        self.record["loss"].append(loss.item())
+        return loss, loss.detach()
+
+    def training_step(self, batch, batch_idx):
+        self.record["samples"].append(batch["sample_id"].tolist())
+        return super().training_step(batch, batch_idx)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):  # what the strategy logged this step
+        self.record["loss"].append(float(self.trainer.callback_metrics["train/group_loss"]))
+
+    def on_before_optimizer_step(self, optimizer):
+        self.record["grads"].append({n: p.grad.detach().clone() for n, p in self.named_parameters()})
+
+
+def fit_example(rank: int, world_size: int, ckpt_dir: str) -> Dict:
+    """examples/own_module.py's OwnLM for STEPS steps under RingStrategy(sequence_parallel_size=2)."""
+    W._lightning_env(rank, world_size)
+    return _fit(rank, world_size, 2, "uneven", ckpt_dir, make_model=RecordingOwnLM)
 
 
 def _fit(rank: int, world_size: int, sp: int, data: str, ckpt_dir: str, shift_inside: bool = False,

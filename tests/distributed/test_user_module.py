@@ -89,3 +89,14 @@ def test_without_the_rescaling_the_same_run_differs_from_sp1(run_distributed, tm
     ref = U.reference(1, "uneven", _samples(results, 2))
     with pytest.raises(AssertionError):
         _assert_same_training(results[0], ref, "rank 0")
+
+
+def test_the_readme_example_module_trains_as_sp1_and_logs_the_exact_loss(run_distributed, tmp_path):
+    """examples/own_module.py (the README's own module: global positions, aligned labels, a plain
+    mean loss) under sp=2 == sp=1 in every step's gradients, and the strategy's train/group_loss
+    is the sp=1 loss of the same samples (the module's own train/loss is its shard's)."""
+    results = run_distributed(U.fit_example, 2, str(tmp_path), timeout=SPAWN_TIMEOUT_S)
+    ref = U.reference(1, "uneven", _samples(results, 2), make_model=U.RecordingOwnLM)
+    for rank, res in enumerate(results):
+        _assert_same_training(res, ref, f"rank {rank}", params=False)  # AdamW: see the hybrid test
+        assert res["loss"] == pytest.approx(ref["loss"], rel=PARITY_TOL), f"rank {rank}: train/group_loss"

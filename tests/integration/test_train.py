@@ -10,9 +10,11 @@ import os
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from train_runner import RUN_TIMEOUT_S, final_metrics, run_train
 
 from ring_lightning.run_report import final_metrics as run_final, read_metrics
+from ring_lightning.sweep_report import bar_labels, collect_jobs
 
 SWEEP_TIMEOUT_S = 420
 # pytest-timeout's limit per test, above the subprocess limits (a test runs up to 2 of them).
@@ -111,19 +113,46 @@ def test_multirun_sweep_runs_each_job_with_spawned_ranks(tmp_path, data_cache):
                     timeout=SWEEP_TIMEOUT_S)
     assert out.count("== ring_lightning run finished ==") == 2
     summaries = out.split("== ring_lightning run finished ==")[1:]  # one per job, in job order
-    for job, summary in zip(("0", "1"), summaries):
+    for job, variant, summary in zip(("0", "1"), ("standard", "hilbert"), summaries):
         assert (tmp_path / job / "checkpoints" / "last.ckpt").is_file()
         check_metrics_file(summary, tmp_path / job)
+        # steps done, and a continue command for this job alone: its own overrides, its dir, more steps
+        assert final_metrics(summary)["step"] == 4
+        command = next(ln for ln in summary.splitlines() if ln.startswith("continue ")).split()[1:]
+        job_overrides = [o for o in OmegaConf.load(tmp_path / job / ".hydra" / "overrides.yaml")
+                         if not o.startswith(("hydra.", "trainer.max_steps="))]
+        assert command == ["python", "train.py", *job_overrides, f"hydra.run.dir={tmp_path / job}", "resume=true",
+                           "trainer.max_steps=8"] and f"variant={variant}" in command
+        # the job's own log holds what it printed: progress (spawned rank 0), summary; rank 1 has its file
+        log = (tmp_path / job / "train.log").read_text()
+        assert "step 4/4" in log and "== ring_lightning run finished ==" in log and "final        step 4" in log
+        assert (tmp_path / job / "train_ddp_process_1.log").read_text().startswith("== ring_lightning rank 1")
     assert not (tmp_path / "2").exists()  # no job re-launched the sweep
-    # the sweep's table: one row per job with its overrides and final metrics (conf: hydra.callbacks)
+    # the sweep's table: one row per job with its overrides, steps done and final metrics (conf: hydra.callbacks)
     with open(tmp_path / "sweep_summary.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["overrides"].split()[0] for r in table] == ["variant=standard", "variant=hilbert"]
+    assert [int(r["step"]) for r in table] == [4, 4]
     for job, row in zip(("0", "1"), table):
         assert float(row["val/loss"]) == run_final(str(tmp_path / job / "metrics.jsonl"))["val/loss"]
     assert "| job | overrides | step |" in (tmp_path / "sweep_summary.md").read_text()
     assert (tmp_path / "sweep_summary.png").read_bytes()[:4] == b"\x89PNG"
+    assert bar_labels(collect_jobs(str(tmp_path))) == ["variant=standard", "variant=hilbert"]  # the plot's bars
     assert f"table {tmp_path / 'sweep_summary.md'}" in out
+    assert "categorical units" not in out and "<more than" not in out
+
+
+def test_a_module_of_your_own_trains_through_train_py_as_the_readme_says(tmp_path, data_cache):
+    """examples/own_module.py's OwnLM through train.py (examples/conf/module/own_lm.yaml), sp=2: the
+    strategy logs its exact train/group_loss and the continue command keeps the search path."""
+    root = Path(__file__).resolve().parents[2]
+    env = {"PYTHONPATH": os.pathsep.join([str(root / "examples"), os.environ.get("PYTHONPATH", "")])}
+    out = run_train(["hydra.searchpath=[file://examples/conf]", "module=own_lm", f"hydra.run.dir={tmp_path}",
+                     *[o for o in TINY if not o.startswith("module.")]], data_cache, env=env)
+    metrics = final_metrics(out)
+    assert metrics["step"] == 4 and 0 < metrics["train/group_loss"] < 10
+    assert "'hydra.searchpath=[file://examples/conf]' module=own_lm" in out  # the continue command, shell-quoted
+    assert "== ring_lightning run finished ==" in (tmp_path / "train.log").read_text()
 
 
 def test_default_logger_writes_an_offline_wandb_run(tmp_path, data_cache):
@@ -151,3 +180,9 @@ def test_readme_quickstart_runs_as_written(tmp_path):
     proc = subprocess.run([sys.executable, str(root / "examples" / "quickstart.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # quiet, and it writes where the README says (not ./checkpoints)
+    out = proc.stdout + proc.stderr
+    for noise in ("Tip:", "deprecated", "\r", "\x1b["):
+        assert noise not in out, (noise, out[-3000:])
+    assert "step 2/2" in out
+    assert not (tmp_path / "checkpoints").exists() and (tmp_path / "outputs" / "quickstart" / "checkpoints").is_dir()

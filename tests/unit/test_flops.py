@@ -144,3 +144,29 @@ def test_document_work_per_rank_matches_brute_force_and_pins_the_imbalance():
             assert causal_document_pairs_per_rank(BALANCE_LENGTHS, world, layout) == expected, (world, layout)
     with pytest.raises(ValueError, match="multiples of 16"):
         causal_document_pairs_per_rank([8, 16], 8, "per_document")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_size, segments, rates", [(None, None, None), (None, [24, 96], [1, 2]),
+                                                         (16, None, None), (12, [32, 48], [2, 3])])
+def test_batch_pairs_with_documents_match_brute_force(block_size, segments, rates, causal):
+    from ring_lightning.flops import batch_attention_pairs
+
+    n, heads = 96, 5
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 4, (2, n), generator=g).sort(dim=1).values
+    ids[1, 10:20] = 0  # an id that recurs after other documents: still one document to the mask
+    mask = None if block_size is None else torch.rand(n // block_size, n // block_size, generator=g) < 0.5
+    got = batch_attention_pairs(n, heads, causal=causal, segment_lengths=segments, dilation_rates=rates,
+                                block_mask=mask, block_size=block_size, document_ids=ids)
+    t = torch.arange(n)
+    patterns = [(n, 1)] if segments is None else list(zip(segments, rates))
+    want = 0.0
+    for row in ids:
+        for w, r in patterns:
+            m = pattern_mask(n, heads, w, r, is_causal=False) & (row[:, None] == row[None, :])[None]
+            if mask is not None:
+                m &= block_to_token_mask(mask, block_size)[None]
+            want += ((m & (t[None, :] < t[:, None])).sum().item() + (m & (t[None, :] == t[:, None])).sum().item() / 2
+                     if causal else m.sum().item())
+    assert got == want

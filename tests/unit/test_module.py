@@ -131,13 +131,6 @@ def test_optimizer_groups_and_warmup_cosine_schedule():
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
 
 
-def test_flops_attention_fraction_follows_the_pattern():
-    dense = LongDocumentLM(model=TINY)
-    dilated = LongDocumentLM(model=TINY, attention={"segment_lengths": [256, 1024], "dilation_rates": [1, 2]})
-    assert dense._attention_fraction(1024) == 1.0
-    assert dilated._attention_fraction(1024) == pytest.approx(256 / 1024 + 1024 / (4 * 1024))
-
-
 @pytest.mark.parametrize(
     "kwargs, field",
     [

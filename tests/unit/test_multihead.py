@@ -58,9 +58,7 @@ def test_multihead_matches_torch_multihead_attention_unpacked_as_torch_users_do(
 def test_multihead_says_when_weights_do_not_exist_and_what_to_pass():
     mha = MultiheadRingAttention(16, 4, batch_first=True, segment_lengths=[4, 8], dilation_rates=[1, 2])
     x = torch.randn(2, 8, 16)
-    with pytest.raises(ValueError, match=r"need_weights=True.*dilated.*pass need_weights=False"):
-        mha(x, x, x)
-    with pytest.raises(ValueError, match="need_weights=False"):
+    with pytest.raises(ValueError, match=r"need_weights=True.*split over ranks.*pass need_weights=False"):
         MultiheadRingAttention(16, 4)(x, x, x, already_split=True)
     with pytest.raises(ValueError, match="is_causal=True"):
         mha(x, x, x, need_weights=False, attn_mask=torch.zeros(8, 8))
@@ -84,9 +82,27 @@ def test_every_variant_runs_under_multihead_and_qkv_layout(variant):
     assert create_ring_attention(variant, **fields)(q, q, q, qkv_layout="bhtd").shape == q.shape
 
 
-def test_multihead_refuses_weights_under_a_token_grid():
-    mha = MultiheadRingAttention(16, 4, batch_first=True, variant="hilbert", grid_shape=[4, 4], grid_window=1)
-    x = torch.randn(1, 16, 16)
-    with pytest.raises(ValueError, match=r"token grid.*need_weights=False"):
-        mha(x, x, x)
-    assert mha(x, x, x, need_weights=False)[0].shape == x.shape
+@pytest.mark.parametrize("variant, fields, documents", [
+    ("standard", dict(segment_lengths=[16], dilation_rates=[1]), False),  # one segment over the sequence: dense
+    ("standard", dict(segment_lengths=[4, 16], dilation_rates=[1, 2]), False),  # LongNet: two merged patterns
+    ("standard", dict(segment_lengths=[8, 16], dilation_rates=[2, 4]), True),
+    ("block_sparse", dict(block_size=4, sparsity_ratio=0.5, sparse_pattern="random"), False),
+    ("hilbert", dict(grid_shape=[4, 4], grid_window=1), False),
+])
+@pytest.mark.parametrize("causal", [False, True])
+def test_weights_on_one_device_are_what_the_output_is_made_of(variant, fields, documents, causal):
+    """Wherever one device holds the sequence, weights exist for every pattern and mask: the
+    output is exactly weights @ v (then out_proj), per head; masked keys get weight 0."""
+    torch.manual_seed(0)
+    mha = MultiheadRingAttention(16, 4, batch_first=True, variant=variant, **fields).double()
+    x = torch.randn(2, 16, 16, dtype=torch.float64)
+    ids = torch.tensor([[0] * 5 + [1] * 11, [0] * 9 + [1] * 7]) if documents else None
+    out, weights = mha(x, x, x, is_causal=causal, document_ids=ids, average_attn_weights=False)
+    v = mha.v_proj(x).view(2, 16, 4, 4)  # (B, S, H, D)
+    rebuilt = mha.out_proj(torch.einsum("bhts,bshd->bthd", weights, v).reshape(2, 16, 16))
+    torch.testing.assert_close(out, rebuilt, atol=1e-10, rtol=1e-10)
+    if causal:
+        assert (weights.triu(1) == 0).all()
+    if documents:
+        assert (weights[0, :, :5, 5:] == 0).all() and (weights[0, :, 5:, :5] == 0).all()
+    assert mha(x, x, x, is_causal=causal, document_ids=ids)[1].shape == (2, 16, 16)  # averaged over heads

@@ -116,6 +116,28 @@ def test_user_errors_print_once_without_traceback_and_exit_2(tmp_path, capsys, m
         LongDocumentDataModule(batch_size=0)
 
 
+def test_files_without_paths_names_data_paths_instead_of_a_hydra_traceback(tmp_path, capsys, monkeypatch):
+    from hydra.utils import instantiate
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    cfg = compose_cfg(tmp_path, "data=files")
+    with pytest.raises(SystemExit) as exit_info, preflight.user_errors(cfg, "data"):
+        instantiate(cfg.data)  # what train.py does first
+    assert exit_info.value.code == preflight.EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert err.count("data.paths is required and not set") == 1 and "data.paths=['" in err
+    assert "Traceback" not in err and "MissingMandatoryValue" not in err
+
+
+def test_more_cpu_processes_than_cores_is_a_note_not_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(preflight, "_visible_gpus", lambda: 0)
+    monkeypatch.setattr(preflight.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    notes = preflight.check_config(compose_cfg(tmp_path, "trainer.devices=4"))
+    assert any("trainer.devices=4 starts 4 CPU processes on 2 core(s)" in n and "trainer.devices=2" in n
+               for n in notes)
+    assert not any("CPU processes" in n for n in preflight.check_config(compose_cfg(tmp_path, "trainer.devices=2")))
+
+
 def test_data_module_checks_its_length_against_the_trainers_attention_at_setup():
     """Plain Lightning users (no train.py): the data module's setup refuses seq_len before any batch."""
     from types import SimpleNamespace
