@@ -18,7 +18,7 @@ part() { local name=$1 limit=$2; shift 2; local t0=$SECONDS left=$((DEADLINE - S
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 30 ]; then echo "== $name: skipped (no time left)"; return; fi
   timeout "$limit" "$@" > "$R/$name.log" 2>&1; echo "rc=$? wall=$((SECONDS - t0))s limit=${limit}s" >> "$R/$name.log"
-  echo "== $name: $(tail -1 "$R/$name.log")"; tar czf "$OUT/results.tgz" -C "$R" . ; }
+  echo "== $name: $(tail -1 "$R/$name.log")"; tar czf "$OUT/results.tgz" --exclude="*.ckpt" --exclude="checkpoints" --exclude="wandb" -C "$R" . ; }
 
 part longest_recipe 240 python train.py -cd recipes -cn longest_1gpu logger=csv trainer.max_steps=3 \
   trainer.val_check_interval=3 hydra.run.dir=/tmp/longest_recipe
@@ -32,10 +32,10 @@ tail -4 "$R/train_default.log"
 part bench_hf 120 python benchmarks/bench_hf.py --steps 2 --json "$R/bench_hf.json"
 tail -6 "$R/bench_hf.log"
 if [ -f benchmarks/recipe_mfu.py ]; then
-  part recipe_mfu 120 python benchmarks/recipe_mfu.py --out "$R"
+  part recipe_mfu 170 python benchmarks/recipe_mfu.py --steps 12 --window 5 --bench-steps 2 --out "$R"
   tail -6 "$R/recipe_mfu.log"
 fi
 part longest_2m 150 python benchmarks/bench_memory.py --suite longest --longest 350m:259:all-k3:2097152 \
   --longest-steps 1 --out "$R" --name longest_2m
 tail -2 "$R/longest_2m.log"
-tar czf "$OUT/results.tgz" -C "$R" .
+tar czf "$OUT/results.tgz" --exclude="*.ckpt" --exclude="checkpoints" --exclude="wandb" -C "$R" .
