@@ -194,6 +194,12 @@ def ring_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     if documents is None and not kwargs.get("use_cache") and isinstance(kwargs.get("position_ids"), torch.Tensor) \
             and kwargs["position_ids"].dim() == 2:
         documents = _documents_from_positions(kwargs["position_ids"], query.shape[0], query.shape[2])
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        # What sdpa does under autocast: the rotary embeddings leave q and k in float32 (float32
+        # cos/sin) while v is in the autocast dtype; the kernels take one dtype.
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     out_BHTD = core(query, key, value, is_causal=causal, already_split=True, document_ids=documents,
                     qkv_layout="bhtd")
     return out_BHTD.transpose(1, 2), None  # (B, T, H, D), as every AttentionInterface function returns

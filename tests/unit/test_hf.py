@@ -56,6 +56,21 @@ def test_registered_implementation_equals_sdpa_at_sp1(family):
     assert sum(m.ring_attention.profiler.calls > 0 for m in model.modules() if hasattr(m, "ring_attention")) == 2
 
 
+def test_bf16_autocast_as_the_trainer_runs_it_matches_sdpa():
+    """Under bf16-mixed the rotary embeddings leave q/k in float32 and v in bf16 (seen on an
+    H200 with transformers 5.17): the implementation casts them as sdpa does under autocast."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny("llama"), attn_implementation=IMPLEMENTATION)
+    ids = torch.randint(0, 64, (2, 24))
+    outs = {}
+    for impl in ("sdpa", IMPLEMENTATION):
+        model.set_attn_implementation(impl)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[impl] = model(input_ids=ids, use_cache=False).logits.float()
+    err = (outs[IMPLEMENTATION] - outs["sdpa"]).norm() / outs["sdpa"].norm()
+    assert err < 2e-2, float(err)  # bf16 operands both ways
+
+
 def test_what_the_ring_cannot_honour_is_refused_by_name():
     torch.manual_seed(0)
     ids = torch.randint(0, 64, (2, 16))
