@@ -43,6 +43,7 @@ from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
 from ring_lightning.loss_contract import labels_follow_inputs
 from ring_lightning.attention.documents import document_position_ids
 from ring_lightning.schedule import WarmupCosine, keep_configured_schedule
+from ring_lightning.module import _plain  # Hydra containers -> plain Python (one owner)
 
 from .attention import IMPLEMENTATION, attach_ring_attention
 
@@ -50,15 +51,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _NOT_SET = object()
 
 
-def _plain(value: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:
-        pass
-    return value
 
 
 def build_hf_model(name_or_path: Optional[str], config: Optional[Dict[str, Any]], dtype: str = "float32",
