@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import dataclasses
 import os
 import shutil
 import zipfile
@@ -54,6 +55,8 @@ def plain(value: Any) -> Any:
         return tuple(plain(v) for v in value)
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # e.g. a ModelConfig in hparams
+        return plain(dataclasses.asdict(value))
     return value
 
 

@@ -28,7 +28,10 @@ import lightning.pytorch as pl
 CONFIG_KEY = "ring_lightning_config"  #: checkpoint entry: the composed config, {"group.key": value}
 WEIGHTS_ONLY_OVERRIDE = "resume_weights_only"
 
-_MODEL_FREE = ("checkpointing", "checkpoint_every_n_layers", "init_std")  # no effect on trained weights
+# No effect on the trained weights: activation checkpointing and the memory options (the same
+# numbers, recomputed or on the host), and the init of weights that are loaded anyway.
+_MODEL_FREE = ("checkpointing", "checkpoint_every_n_layers", "offload_activations", "blocks_per_checkpoint",
+               "mlp_tile_tokens", "init_std")
 _PATTERN = ("variant", "segment_lengths", "dilation_rates", "scale", "use_hilbert", "hilbert_curve_level",
             "grid_shape", "grid_window", "grid_order", "block_size", "sparsity_ratio", "sparse_pattern",
             "sparse_seed", "compression_method")

@@ -23,6 +23,7 @@ ranks started by torchrun or SLURM choose alike (the choice is deterministic).
 from __future__ import annotations
 
 import atexit
+import glob
 import json
 import os
 import shutil
@@ -209,6 +210,12 @@ def choose(cfg, ckpt_dir: Optional[str], quiet: bool = False) -> RunStart:
         start.ckpt_path, start.step = path, step
     elif cfg.get("resume"):
         path, step, damaged = newest_checkpoint(ckpt_dir) if ckpt_dir else (None, None, [])
+        if path is None and damaged:
+            # Checkpoints are there but none loads: starting from 0 would silently drop the run.
+            raise ConfigError(
+                f"resume=true: no checkpoint in {ckpt_dir} loads ({', '.join(map(os.path.basename, damaged))}: "
+                f"damaged, or holding objects a weights_only load refuses); point ckpt_path=<file> at one that "
+                f"loads, or start a new run in another hydra.run.dir")
         start.notes += [f"resume=true: {p} is damaged (not a complete checkpoint); skipping it" for p in damaged]
         if path is None:
             start.notes.append(f"resume=true: no checkpoint to resume in {ckpt_dir}; starting from step 0 (point "
@@ -219,6 +226,26 @@ def choose(cfg, ckpt_dir: Optional[str], quiet: bool = False) -> RunStart:
         start.notes.append(f"resume_weights_only=true: the weights of {start.weights_from} (step {start.step}); "
                            f"a fresh optimizer and LR schedule, from step 0")
     return start
+
+
+def set_aside_newer(ckpt_dir: Optional[str], chosen: str, step: Optional[int]) -> List[str]:
+    """A rollback (``ckpt_path`` at an older checkpoint of this run dir): the checkpoints of later
+    steps move to ``checkpoints/abandoned-<time>/``, or a later ``resume=true`` (newest by step)
+    would jump forward to the abandoned branch."""
+    from ring_lightning.checkpoint_io import checkpoint_step
+
+    if not ckpt_dir or step is None or not os.path.isdir(ckpt_dir) \
+            or os.path.dirname(os.path.abspath(chosen)) != os.path.abspath(ckpt_dir):
+        return []
+    newer = [p for p in sorted(glob.glob(os.path.join(ckpt_dir, "*.ckpt")))
+             if os.path.abspath(p) != os.path.abspath(chosen) and (checkpoint_step(p) or 0) > step]
+    if not newer:
+        return []
+    aside = os.path.join(ckpt_dir, f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(aside, exist_ok=True)
+    for p in newer:
+        shutil.move(p, os.path.join(aside, os.path.basename(p)))
+    return [f"note: continuing from step {step}: {len(newer)} checkpoint(s) of later steps moved to {aside}"]
 
 
 def trim_metrics(run_dir: str, step: Optional[int]) -> Optional[str]:
@@ -233,7 +260,14 @@ def trim_metrics(run_dir: str, step: Optional[int]) -> Optional[str]:
         return f"note: {path} of an earlier run (no checkpoint) moved to {aside}"
     with open(path) as f:
         rows = [line for line in f if line.strip()]
-    kept = [line for line in rows if (json.loads(line).get("step") or 0) < step]
+
+    def step_of(line: str) -> float:
+        try:
+            return json.loads(line).get("step") or 0
+        except ValueError:  # a row cut short by a kill or a full disk: dropped, logged again
+            return float("inf")
+
+    kept = [line for line in rows if step_of(line) < step]
     if len(kept) == len(rows):
         return None
     tmp = path + ".tmp"
@@ -259,11 +293,19 @@ def start_run(cfg, flat: Dict[str, Any], launching: bool) -> RunStart:
         ckpt, weights = (p or None for p in decided.split("|", 1))
         return RunStart(ckpt_path=ckpt, weights_from=weights)
     notes = acquire(run_dir) if launching else []
-    continuing = bool(cfg.get("ckpt_path")) or (bool(cfg.get("resume")) and not cfg.get("resume_weights_only"))
+    if cfg.get("resume") and cfg.get("resume_weights_only"):
+        from ring_lightning.preflight import ConfigError
+
+        raise ConfigError("resume=true continues this run dir's own run; resume_weights_only=true starts a new "
+                          "one from another run's weights: use hydra.run.dir=<new dir> ckpt_path=<file> "
+                          "resume_weights_only=true (without resume=true)")
+    continuing = bool(cfg.get("ckpt_path")) or bool(cfg.get("resume"))
     if not continuing:
         refuse_fresh_run_over_checkpoints(ckpt_dir, run_dir)
     start = choose(cfg, ckpt_dir, quiet=not launching)
     start.notes = notes + start.notes
+    if launching and cfg.get("ckpt_path") and start.ckpt_path and not cfg.get("resume_weights_only"):
+        start.notes += set_aside_newer(ckpt_dir, start.ckpt_path, start.step)
     chosen = start.ckpt_path or start.weights_from
     if chosen:
         start.notes += resume_compat.check_resume(chosen, flat, weights_only=bool(cfg.get("resume_weights_only")))

@@ -90,3 +90,13 @@ def test_leftovers_of_a_killed_write_are_removed(tmp_path):
     assert clean_leftovers(str(tmp_path)) == sorted([str(tmp_path / ".last.ckpt.tmp-1234"),
                                                      str(tmp_path / "step000004.ckpt.tmp")])
     assert os.listdir(tmp_path) == ["step000002.ckpt"]
+
+
+def test_a_dataclass_in_the_hyper_parameters_loads_with_weights_only(tmp_path):
+    """LongDocumentLM(model=ModelConfig(...)) keeps the dataclass in its hparams (the plugin route)."""
+    from ring_lightning.model_config import ModelConfig
+
+    path = tmp_path / "a.ckpt"
+    AtomicCheckpointIO().save_checkpoint(a_checkpoint(4, hyper_parameters={"model": ModelConfig()}), path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["hyper_parameters"]["model"]["vocab_size"] == 259 and checkpoint_step(str(path)) == 4

@@ -112,6 +112,9 @@ def test_shape_or_meaning_changing_keys_are_refused_by_name(key, old, new):
     ("data.paths", ["a"], ["a", "b"], "data position"),
     ("logger.wandb.project", "a", "b", "logging only"),
     ("model.checkpointing", "none", "full", "taken as given"),  # activation checkpointing: same weights
+    ("model.offload_activations", False, True, "taken as given"),  # the memory options: same numbers
+    ("model.blocks_per_checkpoint", 1, 2, "taken as given"),
+    ("model.mlp_tile_tokens", 0, 16384, "taken as given"),
 ])
 def test_keys_that_may_change_are_accepted_with_one_line_each(key, old, new, effect):
     refused, notes = classify({key: old}, {key: new})
@@ -185,3 +188,31 @@ def test_weights_only_loads_matching_shapes_and_names_the_ones_that_do_not(tmp_p
     assert torch.equal(same.weight, torch.load(path, weights_only=True)["state_dict"]["weight"])
     with pytest.raises(ConfigError, match=r"do not fit this model: size mismatch for weight"):
         load_weights(torch.nn.Linear(4, 8), path)
+
+
+def test_resume_with_no_loadable_checkpoint_is_refused_not_restarted_from_zero(tmp_path):
+    os.makedirs(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="no checkpoint in .* loads .*last.ckpt"):
+        run_dir.start_run(cfg_for(tmp_path, resume=True), FLAT, launching=True)
+
+
+def test_resume_and_weights_only_together_name_the_way_to_start_from_weights(tmp_path):
+    with pytest.raises(ConfigError, match="ckpt_path=<file> resume_weights_only=true"):
+        run_dir.start_run(cfg_for(tmp_path, resume=True, resume_weights_only=True), FLAT, launching=True)
+
+
+def test_a_rollback_sets_the_later_checkpoints_aside_so_resume_never_jumps_forward(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    os.makedirs(ckpts)
+    for step in (5, 10, 15):
+        save(ckpts / f"step{step:06d}.ckpt", step)
+    start = run_dir.start_run(cfg_for(tmp_path, ckpt_path=str(ckpts / "step000005.ckpt")), FLAT, launching=True)
+    assert start.step == 5 and any("2 checkpoint(s) of later steps moved to" in n for n in start.notes)
+    assert sorted(os.listdir(ckpts))[-1] == "step000005.ckpt"  # resume=true now finds step 5 as the newest
+
+
+def test_a_row_cut_short_by_a_kill_does_not_stop_the_resume(tmp_path):
+    rows = "".join(json.dumps({"step": s}) + "\n" for s in range(4)) + '{"step": 4, "train/lo'
+    (tmp_path / "metrics.jsonl").write_text(rows)
+    assert "2 row(s) logged after step 3 dropped" in run_dir.trim_metrics(str(tmp_path), 3)
