@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -183,6 +182,9 @@ class FinalCheckpoint(pl.Callback):
                 self._stop_now()
             if self._first_sigint is None:
                 self._first_sigint = now
+                if trainer_rank() == 0:  # os.write: print() may be mid-write on this thread
+                    os.write(2, b"\nCtrl-C: finishing this step and writing last.ckpt (Ctrl-C again: stop at once, "
+                                b"without it)\n")
         self._signal = max(self._signal, int(signum))
 
     @staticmethod
@@ -190,12 +192,17 @@ class FinalCheckpoint(pl.Callback):
         """The second Ctrl-C: out at once (no checkpoint, no collective), the run-dir lock freed."""
         from ring_lightning import run_dir
 
-        if trainer_rank() == 0:
-            print("\nsecond Ctrl-C: stopping now, without a checkpoint of this step", file=sys.stderr, flush=True)
+        if trainer_rank() == 0:  # os.write, not print: the handler may interrupt a print
+            os.write(2, b"\nsecond Ctrl-C: stopping now, without a checkpoint of this step\n")
         run_dir.release_owned_lock()
         os._exit(128 + int(signal.SIGINT))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        epoch_loop = getattr(trainer.fit_loop, "epoch_loop", None)
+        if epoch_loop is not None and epoch_loop._should_accumulate():
+            # Mid gradient accumulation: stopping here would checkpoint a data position past
+            # micro-batches whose gradients no optimizer step has used. Every rank skips alike.
+            return
         flag = torch.tensor([self._signal], device=pl_module.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)

@@ -216,3 +216,26 @@ def test_a_row_cut_short_by_a_kill_does_not_stop_the_resume(tmp_path):
     rows = "".join(json.dumps({"step": s}) + "\n" for s in range(4)) + '{"step": 4, "train/lo'
     (tmp_path / "metrics.jsonl").write_text(rows)
     assert "2 row(s) logged after step 3 dropped" in run_dir.trim_metrics(str(tmp_path), 3)
+
+
+def test_ctrl_c_waits_for_the_end_of_a_gradient_accumulation(capfd):
+    """A Ctrl-C noted mid-accumulation stops nothing until the micro-batch of the optimizer step:
+    the checkpoint's data position never runs past gradients no step used. The first press says so."""
+    import signal
+    from types import SimpleNamespace
+
+    from ring_lightning.callbacks import FinalCheckpoint
+
+    callback = FinalCheckpoint()
+    callback._note_signal(signal.SIGINT, None)
+    assert "Ctrl-C: finishing this step and writing last.ckpt" in capfd.readouterr().err
+    accumulating = [True]
+    trainer = SimpleNamespace(world_size=1, _signal_connector=SimpleNamespace(received_sigterm=False),
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+                                  _should_accumulate=lambda: accumulating[0])))
+    module = SimpleNamespace(device=torch.device("cpu"))
+    callback.on_train_batch_end(trainer, module, None, None, 0)
+    assert not trainer._signal_connector.received_sigterm
+    accumulating[0] = False
+    callback.on_train_batch_end(trainer, module, None, None, 1)
+    assert trainer._signal_connector.received_sigterm and callback.stopped_by == "SIGINT"
