@@ -15,7 +15,7 @@ first allocates AdamW's state); host = the pinned bytes of the offloaded inputs.
 Bytes per token = (peak at 64K - peak at 32K) / 32K; longest = (card memory - intercept) /
 bytes per token (an extrapolation: the ``longest`` suite runs the real thing). Options:
 
-    full-logits   checkpointing=full, plain logits (the state before issue 19)
+    full-logits   checkpointing=full, plain logits (before the memory options)
     selective-logits
     full          full + the chunked loss
     tiles         full + MLP tiles + chunked loss

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call for what this session's issues must show on one GPU (results: $OUT/results.tgz,
+# One device call for the one-GPU checks of the memory options, HF models and MFU (results: $OUT/results.tgz,
 # plus the short summary on stdout). Each part has its own time limit, most important first:
 #   1. the longest recipe through train.py (recipes/longest_1gpu.yaml: 1,048,576 tokens, 3 steps)
 #   2. `python train.py` with the GPU defaults (the README's command; 30 steps)

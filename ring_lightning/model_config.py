@@ -45,7 +45,7 @@ class ModelConfig:
     offload_activations: bool = False
     """With checkpointing="full": what is kept of each checkpointed group (its input, the
     residual stream) goes to pinned host memory on a side stream and comes back one group
-    ahead in backward (ring_lightning/activations.py). Same numbers, less device memory."""
+    ahead in backward (ring_lightning/activations.py). Same numbers (recomputed), less device memory."""
     blocks_per_checkpoint: int = 1
     """With checkpointing="full": k blocks recomputed together, one saved input per k blocks
     (host memory with offload: ceil(n_layers / k) inputs)."""

@@ -1,4 +1,4 @@
-"""The model's vocabulary follows the data's tokenizer (issue 19, item 4): a BPE tokenizer
+"""The model's vocabulary follows the data's tokenizer: a BPE tokenizer
 trained here with the `tokenizers` package (no download), saved as a bare tokenizer.json and as
 a save_pretrained directory, sets model.vocab_size (rounded up to a multiple of 64); an explicit
 model.vocab_size below the tokenizer's ids is refused by the pre-flight before anything starts."""
