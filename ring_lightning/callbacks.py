@@ -40,6 +40,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ring_lightning.checkpoint_io import AtomicCheckpointIO, newest_valid_checkpoint, readable  # noqa: F401
+from ring_lightning.run_log import launch_rank
 
 POLICIES = ("stop", "skip")
 _NEVER = 2**62  # "no bad step yet" in the device-side first-bad-step tensors
@@ -182,7 +183,7 @@ class FinalCheckpoint(pl.Callback):
                 self._stop_now()
             if self._first_sigint is None:
                 self._first_sigint = now
-                if trainer_rank() == 0:  # os.write: print() may be mid-write on this thread
+                if launch_rank() == 0:  # os.write: print() may be mid-write on this thread
                     os.write(2, b"\nCtrl-C: finishing this step and writing last.ckpt (Ctrl-C again: stop at once, "
                                 b"without it)\n")
         self._signal = max(self._signal, int(signum))
@@ -192,7 +193,7 @@ class FinalCheckpoint(pl.Callback):
         """The second Ctrl-C: out at once (no checkpoint, no collective), the run-dir lock freed."""
         from ring_lightning import run_dir
 
-        if trainer_rank() == 0:  # os.write, not print: the handler may interrupt a print
+        if launch_rank() == 0:  # os.write, not print: the handler may interrupt a print
             os.write(2, b"\nsecond Ctrl-C: stopping now, without a checkpoint of this step\n")
         run_dir.release_owned_lock()
         os._exit(128 + int(signal.SIGINT))
@@ -228,14 +229,6 @@ class FinalCheckpoint(pl.Callback):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if threading_main() and signal.getsignal(signal.SIGINT) == self._note_signal:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # after fit: Ctrl-C as usual
-
-
-def trainer_rank() -> int:
-    """This process's global rank as the launchers tell it (0 when none does)."""
-    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
 
 
 def interrupted_by(trainer) -> str:
