@@ -4,7 +4,8 @@ shared helpers in tests/train_runner.py; its `data_cache` fixture is registered 
 Two tiers. ``pytest -q`` runs the fast one: every unit test and a parity core (the
 standard variant against the float64 reference on 2 gloo ranks), a few minutes on 2
 cores. ``pytest -q --full`` runs everything (the distributed, integration and GPU tiers
-too): what CI runs. Naming a file or test on the command line runs it whatever its tier.
+too): what CI runs. Naming a file or test on the command line runs it whatever its tier; so does
+a bare ``pytest`` started inside tests/ (pytest then collects the folder, not the testpaths).
 """
 
 from train_runner import data_cache  # noqa: F401  (a fixture)
