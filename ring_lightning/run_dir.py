@@ -267,7 +267,9 @@ def trim_metrics(run_dir: str, step: Optional[int]) -> Optional[str]:
         except ValueError:  # a row cut short by a kill or a full disk: dropped, logged again
             return float("inf")
 
-    kept = [line for line in rows if step_of(line) < step]
+    # A row's `step` is the optimizer steps done when it was logged (run_report.StepMetric): rows
+    # up to the checkpoint's step belong to it, later ones are logged again by the resumed run.
+    kept = [line for line in rows if step_of(line) <= step]
     if len(kept) == len(rows):
         return None
     tmp = path + ".tmp"

@@ -85,8 +85,9 @@ def test_a_fresh_run_is_refused_over_another_runs_checkpoints_and_resume_takes_t
 def test_metrics_keep_the_rows_up_to_the_resumed_step(tmp_path):
     rows = [{"step": s, "train/loss": 1.0} for s in range(8)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert "3 row(s) logged after step 5 dropped" in run_dir.trim_metrics(str(tmp_path), 5)
-    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 4]
+    assert "2 row(s) logged after step 5 dropped" in run_dir.trim_metrics(str(tmp_path), 5)
+    # a row's step counts the optimizer steps done: the rows of steps 1-5 are the checkpoint's
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 4, 5]
     assert "moved to" in run_dir.trim_metrics(str(tmp_path), None)  # a fresh run: the old file set aside
     assert not (tmp_path / "metrics.jsonl").exists()
 
@@ -215,7 +216,7 @@ def test_a_rollback_sets_the_later_checkpoints_aside_so_resume_never_jumps_forwa
 def test_a_row_cut_short_by_a_kill_does_not_stop_the_resume(tmp_path):
     rows = "".join(json.dumps({"step": s}) + "\n" for s in range(4)) + '{"step": 4, "train/lo'
     (tmp_path / "metrics.jsonl").write_text(rows)
-    assert "2 row(s) logged after step 3 dropped" in run_dir.trim_metrics(str(tmp_path), 3)
+    assert "1 row(s) logged after step 3 dropped" in run_dir.trim_metrics(str(tmp_path), 3)
 
 
 def test_ctrl_c_waits_for_the_end_of_a_gradient_accumulation(capfd):
