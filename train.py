@@ -40,9 +40,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from ring_lightning import preflight, run_dir, run_log
-from ring_lightning.callbacks import ConfigAgreement, config_fingerprint, interrupted_by
+from ring_lightning.callbacks import ConfigAgreement, FailureRecord, config_fingerprint, interrupted_by
 from ring_lightning.checkpoint_io import CheckpointWriteError
-from ring_lightning.faults import (FailureRecord, clear_failures, failed_peers, first_line, lost_rank_message,
+from ring_lightning.faults import (clear_failures, failed_peers, first_line, lost_rank_message,
                                    peer_failed_message, peer_failure, same_error_elsewhere, stop_local_ranks)
 from ring_lightning.hydra_presets import register_model_presets
 from ring_lightning.resume_compat import ConfigRecord, load_weights

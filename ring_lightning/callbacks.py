@@ -326,3 +326,20 @@ def config_fingerprint(flat: dict) -> dict:
     import hashlib
 
     return {k: hashlib.blake2b(repr(v).encode(), digest_size=8).hexdigest() for k, v in flat.items()}
+
+
+class FailureRecord(pl.Callback):
+    """Notes this rank's own exception for its peers (faults.py: a rank's own failure is not a lost rank).
+
+    Here, not in faults.py: the ring reads backend errors through faults.py, and importing
+    Lightning there would add seconds to the first error a ring reports."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = str(run_dir)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from ring_lightning.faults import peer_failure, record_failure
+
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or peer_failure(exception) is not None:
+            return  # an interruption, or a peer's failure seen from here: not this rank's own
+        record_failure(self.run_dir, trainer.global_rank, exception)

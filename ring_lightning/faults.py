@@ -14,7 +14,7 @@ fails; this module only makes sure the user reads why (docs/ARCHITECTURE.md, "Ru
 survive").
 
 A rank that fails with its own exception (a bug, a data error, a full disk) is not a lost rank:
-``FailureRecord`` notes it in the run directory (``.ring_lightning/failed-rank<N>``, written in
+``callbacks.FailureRecord`` notes it in the run directory (``.ring_lightning/failed-rank<N>``, written in
 ``on_exception``, before the process group goes), the failing rank reports its exception, and
 a peer whose collective then breaks finds the note (``failed_peers``) and says one line
 instead of the lost-rank message.
@@ -29,8 +29,6 @@ import signal
 import tempfile
 import time
 from typing import List, Optional, Tuple
-
-import lightning.pytorch as pl
 
 _CONNECTION = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket closed",
                "remote process exited", "connection refused", "ncclremoteerror")
@@ -191,17 +189,3 @@ def same_error_elsewhere(run_dir: str, rank: int, exc: BaseException, wait_s: fl
     mine = first_line(exc)
     same = [r for r, line in failed_peers(run_dir, rank, wait_s) if line == mine and r < rank]
     return same[0] if same else None
-
-
-class FailureRecord(pl.Callback):
-    """Notes this rank's own exception for its peers (see the module docstring)."""
-
-    def __init__(self, run_dir: str) -> None:
-        self.run_dir = str(run_dir)
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or peer_failure(exception) is not None:
-            return  # an interruption, or a peer's failure seen from here: not this rank's own
-        record_failure(self.run_dir, trainer.global_rank, exception)

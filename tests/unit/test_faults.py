@@ -45,7 +45,8 @@ def test_a_ranks_own_failure_is_told_to_its_peers_and_not_read_as_a_lost_rank(tm
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from ring_lightning.faults import FailureRecord, clear_failures, failed_peers, peer_failed_message
+    from ring_lightning.callbacks import FailureRecord
+    from ring_lightning.faults import clear_failures, failed_peers, peer_failed_message
 
     run = str(tmp_path)
     record = FailureRecord(run)
@@ -64,7 +65,8 @@ def test_a_ranks_own_failure_is_told_to_its_peers_and_not_read_as_a_lost_rank(tm
 def test_the_same_error_on_every_rank_is_reported_by_the_lowest_one(tmp_path):
     from types import SimpleNamespace
 
-    from ring_lightning.faults import FailureRecord, same_error_elsewhere
+    from ring_lightning.callbacks import FailureRecord
+    from ring_lightning.faults import same_error_elsewhere
 
     error = RuntimeError("shape mismatch in my module")
     FailureRecord(str(tmp_path)).on_exception(SimpleNamespace(global_rank=0), None, error)
