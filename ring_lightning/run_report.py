@@ -80,6 +80,11 @@ class MetricsFile(Logger):
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
+        if status == "failed":
+            # A failed run (a lost rank, an error) must report first: Lightning's child observer
+            # ends rank 0 seconds after a child dies, and drawing takes seconds on a loaded host.
+            # metrics.jsonl holds every value; run_report.plot_metrics draws it afterwards.
+            return
         if self.plot and os.path.isfile(self.path):
             run = os.path.join(*os.path.normpath(os.path.abspath(self._save_dir)).split(os.sep)[-2:])
             try:
