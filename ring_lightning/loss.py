@@ -47,20 +47,33 @@ def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """loss_sum = sum_t w_t * CE(h_t W^T, y_t); gradients of h and W made chunk by chunk."""
+    """loss_sum = sum_t w_t * CE(pre_head(h_t) W^T, y_t); gradients made chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, token_weight, chunk_tokens, dtype, ignore_index, grad_mode):
+    def forward(ctx, hidden, weight, labels, token_weight, chunk_tokens, dtype, ignore_index, grad_mode,
+                pre_head, *pre_params):
         # hidden (N, C), weight (V, C), labels (N,), token_weight (N,) float32. ``grad_mode``:
         # the caller's (forward always runs without grad), so validation makes no gradients.
+        # ``pre_head``: a per-token module (the final norm) run on each chunk, its parameters
+        # ``pre_params`` (inputs here, so autograd hands their gradients back through backward).
         need_h, need_w = grad_mode and ctx.needs_input_grad[0], grad_mode and ctx.needs_input_grad[1]
-        want_grad = need_h or need_w
+        need_p = [grad_mode and ctx.needs_input_grad[9 + i] for i in range(len(pre_params))]
+        want_grad = need_h or need_w or any(need_p)
         w = weight.to(dtype)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_params = [torch.zeros_like(p, dtype=torch.float32) if n else None for p, n in zip(pre_params, need_p)]
+        wanted = [p for p, n in zip(pre_params, need_p) if n]
         for start in range(0, hidden.shape[0], chunk_tokens):
-            h = hidden[start:start + chunk_tokens].to(dtype)  # (n, C)
+            x = hidden[start:start + chunk_tokens]  # (n, C)
+            if pre_head is not None:  # the norm's activations live for one chunk only
+                with torch.set_grad_enabled(want_grad):
+                    x = x.detach().requires_grad_(need_h)
+                    normed = pre_head(x)  # (n, C)
+            else:
+                normed = x
+            h = normed.detach().to(dtype)  # (n, C) in the matmul dtype
             y = labels[start:start + chunk_tokens]
             tw = token_weight[start:start + chunk_tokens]
             logits = (h @ w.t()).float()  # (n, V) float32: a bf16 softmax loses the small terms
@@ -76,21 +89,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                      torch.full_like(lse, -1.0).unsqueeze(1))
             grad_logits.mul_((tw * valid).unsqueeze(1))
             grad_logits = grad_logits.to(dtype)  # (n, V): autograd casts it so for the plain head
-            if grad_hidden is not None:
-                grad_hidden[start:start + chunk_tokens] = (grad_logits @ w).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += (grad_logits.t() @ h).float()
+            grad_normed = (grad_logits @ w).to(normed.dtype) if (need_h or wanted) else None  # (n, C)
             del logits, grad_logits
-        ctx.save_for_backward(grad_hidden, grad_weight)
+            if grad_normed is None:
+                continue
+            if pre_head is None:
+                grad_hidden[start:start + chunk_tokens] = grad_normed
+                continue
+            grads = torch.autograd.grad(normed, ([x] if need_h else []) + wanted, grad_normed)
+            if need_h:
+                grad_hidden[start:start + chunk_tokens] = grads[0]
+                grads = grads[1:]
+            for acc, g in zip([a for a in grad_params if a is not None], grads):
+                acc += g.float()
+        ctx.save_for_backward(grad_hidden, grad_weight, *grad_params)
         ctx.weight_dtype = weight.dtype
+        ctx.param_dtypes = [p.dtype for p in pre_params]
         return loss_sum
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight, *grad_params = ctx.saved_tensors
         gh = grad_hidden * grad_out.to(grad_hidden.dtype) if grad_hidden is not None else None
         gw = (grad_weight * grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None, None, None, None
+        gp = [None if g is None else (g * grad_out).to(dt) for g, dt in zip(grad_params, ctx.param_dtypes)]
+        return (gh, gw, None, None, None, None, None, None, None, *gp)
 
 
 def linear_cross_entropy(
@@ -101,16 +126,21 @@ def linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     loss_weight: Optional[torch.Tensor] = None,
     chunk_tokens: Optional[int] = None,
+    pre_head: Optional[torch.nn.Module] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy of ``hidden @ weight.T`` without the logits.
 
     Args:
-        hidden: (..., C) final hidden states (after the last norm) of this rank's tokens.
+        hidden: (..., C) final hidden states of this rank's tokens: after the last norm, or
+            before it when ``pre_head`` is that norm.
         weight: (V, C) the LM head's weight (``nn.Linear(C, V, bias=False).weight``).
         labels: (...) target ids aligned with ``hidden``; ``ignore_index`` where no loss.
         loss_weight: optional (...) per-token weights (e.g. a ``loss_mask``).
         chunk_tokens: tokens per chunk; default ``default_chunk_tokens(V)`` (~512 MB of
             float32 logits per chunk).
+        pre_head: optional per-token module run on each chunk before the head (the model's
+            final norm): its activations then live for one chunk, not the whole shard (8
+            bytes x C per token less at the peak); its parameters get their gradients.
 
     Returns:
         ``(loss_sum, num_tokens)``: float32 scalars; ``num_tokens`` counts labels
@@ -134,5 +164,6 @@ def linear_cross_entropy(
     token_weight = valid if loss_weight is None else valid * loss_weight.reshape(-1).float()
     loss_sum = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat_labels,
                                          token_weight, int(chunk_tokens), _matmul_dtype(hidden),
-                                         ignore_index, torch.is_grad_enabled())
+                                         ignore_index, torch.is_grad_enabled(), pre_head,
+                                         *(pre_head.parameters() if pre_head is not None else ()))
     return loss_sum, token_weight.sum()

@@ -209,12 +209,12 @@ def estimate_memory(model: Any, seq_len: int, batch_size: int = 1, sp: int = 1, 
         else:
             kept = math.ceil(L / k) * block_input
             recompute = group_inputs + per_block + extra
-    kept += b["inputs_per_token"] + b["rope_fp32_per_head_dim"] * D + b["norm_fp32_per_dim"] * C  # final norm
+    kept += b["inputs_per_token"] + b["rope_fp32_per_head_dim"] * D
 
     # The loss: the plain head holds (T, V) logits; the chunked one a gradient of the hidden states
     # per token and one chunk's logits (a constant).
-    if loss_chunk_tokens == 0:
-        kept += elem * b["head_input_per_dim"] * C
+    if loss_chunk_tokens == 0:  # the final norm's float32 tensors too; the chunked loss runs it per chunk
+        kept += elem * b["head_input_per_dim"] * C + b["norm_fp32_per_dim"] * C
         loss_peak = tokens * b["logits_per_vocab"] * V * b["fit_logits"]
         loss_fixed = 0.0
     else:

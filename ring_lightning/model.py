@@ -307,11 +307,12 @@ class LongDocTransformer(nn.Module):
         return h
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                      document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      document_ids: Optional[torch.Tensor] = None, final_norm: bool = True) -> torch.Tensor:
         """The final normed hidden states (B, T, C), what the LM head reads (see ``forward``).
 
         With ``ring_lightning.loss.linear_cross_entropy(h, model.output.weight, labels)`` the
-        loss never holds the (B, T, V) logits.
+        loss never holds the (B, T, V) logits; with ``final_norm=False`` and
+        ``pre_head=model.norm`` there the final norm runs per chunk too (docs/MEMORY.md).
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -322,7 +323,8 @@ class LongDocTransformer(nn.Module):
             position_ids = position_ids.unsqueeze(0).expand(B, T)  # (T,) -> (B, T)
         cos, sin = self.rope(position_ids)  # (B, T, 1, D/2) each, shared by every layer
         h = self.tok_embeddings(input_ids)  # (B, T, C)
-        return self.norm(self._run_blocks(h, cos, sin, document_ids))  # (B, T, C)
+        h = self._run_blocks(h, cos, sin, document_ids)  # (B, T, C)
+        return self.norm(h) if final_norm else h
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

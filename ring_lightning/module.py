@@ -280,9 +280,10 @@ class LongDocumentLM(TrainingMetrics, pl.LightningModule):
         if self.loss_chunk_tokens == 0 or need_logits or not own:
             logits = self(*inputs)
             return (*self.compute_loss(logits, batch), logits)
+        # the final norm runs per chunk inside the loss: its float32 activations never span the shard
         loss_sum, num_tokens = linear_cross_entropy(
-            self.model.hidden_states(*inputs), self.model.output.weight, batch["labels"],
-            loss_weight=batch.get("loss_mask"), chunk_tokens=self.loss_chunk_tokens)
+            self.model.hidden_states(*inputs, final_norm=False), self.model.output.weight, batch["labels"],
+            loss_weight=batch.get("loss_mask"), chunk_tokens=self.loss_chunk_tokens, pre_head=self.model.norm)
         return loss_sum, num_tokens, None
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

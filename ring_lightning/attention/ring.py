@@ -157,7 +157,10 @@ def _backward_step(ctx: RingContext, src: int, saved, q, out, lse, dout, kv_of, 
                 continue
             spec = ctx.path.spec(ctx, task, src, q.shape[0])
             kv = kv_of(task)
-            merged = [q_view(plan, x, me, task).flatten(0, 1) for x in (out, dout, lse)]  # (B*S, M, Hs[, D])
+            # dout reaches here in the caller's dtype: converted per task, so no float32 copy of the
+            # whole shard is alive (the same values: a widening cast is exact)
+            merged = [q_view(plan, x, me, task).flatten(0, 1).to(out.dtype)
+                      for x in (out, dout, lse)]  # (B*S, M, Hs[, D]) each
             gq, gk, gv = ctx.path.backward(ctx, task, src, spec, state, *_inputs(ctx, task, q, kv), *merged)
             dq_t = q_view(plan, dq, me, task)  # (B, S, M, Hs, D)
             dq_t.add_(gq.reshape(dq_t.shape).to(dq.dtype))
@@ -183,7 +186,6 @@ def ring_backward(ctx: RingContext, q, k, v, out, lse, dout, saved):
     dq = torch.zeros(B, T, H, D, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-    dout = dout.to(acc)
     me, W = ctx.rank, ctx.world
     ring = ctx.transfers(B, D) if W > 1 else None
     nxt = ring.post_kv(k, v, 1) if W > 1 else None  # the same keys again: recomputed, not stored

@@ -91,3 +91,34 @@ def test_bad_shapes_are_named():
 def test_default_chunk_bounds_the_logits():
     assert default_chunk_tokens(128256) * 128256 <= 2**27
     assert default_chunk_tokens(259) > 100_000
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_a_norm_run_per_chunk_equals_the_norm_run_once(chunk):
+    """pre_head (the final norm, per token) inside the chunks: the same loss and the same gradients
+    of the hidden states, the head and the norm's weight as norm -> head -> cross-entropy."""
+    from ring_lightning.model import RMSNorm
+
+    hidden, weight, labels = _case(11 + chunk)
+    norm = RMSNorm(hidden.shape[-1], 1e-5)
+    with torch.no_grad():
+        norm.weight.mul_(torch.rand(hidden.shape[-1], generator=torch.Generator().manual_seed(5)) + 0.5)
+    ref_sum, ref_n = _plain(norm(hidden), weight, labels)
+    ref_grads = torch.autograd.grad(ref_sum * 0.7, (hidden, weight, norm.weight))
+    got_sum, got_n = linear_cross_entropy(hidden, weight, labels, chunk_tokens=chunk, pre_head=norm)
+    got_grads = torch.autograd.grad(got_sum * 0.7, (hidden, weight, norm.weight))
+    torch.testing.assert_close(got_sum, ref_sum, rtol=TOL, atol=TOL)
+    assert float(got_n) == float(ref_n)
+    for got, ref in zip(got_grads, ref_grads):
+        torch.testing.assert_close(got, ref, rtol=TOL, atol=TOL)
+
+
+def test_a_norm_per_chunk_makes_no_gradient_without_grad_mode():
+    from ring_lightning.model import RMSNorm
+
+    hidden, weight, labels = _case(2)
+    norm = RMSNorm(hidden.shape[-1], 1e-5)
+    with torch.no_grad():
+        loss_sum, _ = linear_cross_entropy(hidden, weight, labels, chunk_tokens=8, pre_head=norm)
+    assert not loss_sum.requires_grad
+    assert norm.weight.grad is None
