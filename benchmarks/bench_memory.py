@@ -68,8 +68,24 @@ def _free() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def _option(option: str):
+    """``name[+c<tokens>][+t<tokens>]``: an OPTIONS entry, with the loss's chunk (``+c``) or the
+    tile (``+t``) set: ``tiles+t32768``, ``full+c4096``."""
+    name, *extras = option.split("+")
+    model_fields, chunk = OPTIONS[name]
+    model_fields = dict(model_fields)
+    for extra in extras:
+        if extra.startswith("c"):
+            chunk = int(extra[1:])
+        elif extra.startswith("t"):
+            model_fields["mlp_tile_tokens"] = int(extra[1:])
+        else:
+            raise ValueError(f"option {option!r}: '+{extra}' is neither +c<chunk tokens> nor +t<tile tokens>")
+    return model_fields, chunk
+
+
 def _ours(preset: str, vocab: int, option: str, dilated: bool, device):
-    model_fields, chunk = OPTIONS[option]
+    model_fields, chunk = _option(option)
     attention = {"variant": "standard", **(DILATED if dilated else {})}
     module = LongDocumentLM(model={"preset": preset, "vocab_size": vocab, **model_fields}, attention=attention,
                             max_steps=1000, loss_chunk_tokens=chunk).to(device)
@@ -140,12 +156,16 @@ def one_row(spec: str, seq_len: int, device, dilated: bool = False, steps: int =
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-    except torch.OutOfMemoryError:
-        row.update(status="OOM")
+    except torch.OutOfMemoryError as err:  # how far it got: the peak before the failed allocation
+        row.update(status="OOM", peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                   oom=str(err).split(". ")[0], steps_done=len(losses))
         del model, optimizer
         return row
+    # the first step allocates AdamW's state and warms the kernels: the mean of the others
+    timed = times[1:] or times
+    step_s = sum(timed) / len(timed)
     row.update(status="ok" if all(l == l and abs(l) < 1e4 for l in losses) else "non-finite",
-               losses=losses, step_s=times[-1], tokens_per_s=seq_len / times[-1],
+               losses=losses, step_s=step_s, step_times=times, tokens_per_s=seq_len / step_s,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                host_gib=host() / 2**30, params_m=sum(p.numel() for p in model.parameters()) / 1e6)
     del model, optimizer
@@ -182,7 +202,7 @@ def main() -> None:
     ap.add_argument("--cost", default=",".join(COST))
     ap.add_argument("--cost-len", type=int, default=131072)
     ap.add_argument("--longest", default=",".join(LONGEST), help="preset:vocab:option:tokens, comma-separated")
-    ap.add_argument("--cost-steps", type=int, default=3)
+    ap.add_argument("--cost-steps", type=int, default=4, help="steps per cost row; the first is not timed")
     ap.add_argument("--longest-steps", type=int, default=2,
                     help="steps of each longest run (1: one whole step; its peak lacks AdamW's state, "
                          "allocated after backward)")
