@@ -141,8 +141,8 @@ class _OffloadPass:
 
 class _RecomputeOffloaded(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, offload, x, *params):
-        ctx.run, ctx.offload, ctx.params = run, offload, params
+    def forward(ctx, run, run_for_graph, offload, x, *params):
+        ctx.run, ctx.offload, ctx.params = run_for_graph or run, offload, params
         ctx.device = x.device
         ctx.autocast = _autocast_state(x.device.type)
         ctx.rng = _rng_state(x.device)
@@ -153,35 +153,40 @@ class _RecomputeOffloaded(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x = ctx.offload.get(ctx.slot).detach().requires_grad_(ctx.needs_input_grad[2])
+        x = ctx.offload.get(ctx.slot).detach().requires_grad_(ctx.needs_input_grad[3])
         with _replayed(ctx.rng, ctx.device, ctx.autocast):
             y = ctx.run(x)
         wanted = [x] if x.requires_grad else []
-        wanted += [p for p, need in zip(ctx.params, ctx.needs_input_grad[3:]) if need]
+        wanted += [p for p, need in zip(ctx.params, ctx.needs_input_grad[4:]) if need]
         grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True)) if wanted else iter(())
         grad_x = next(grads) if x.requires_grad else None
-        grad_params = [next(grads) if need else None for need in ctx.needs_input_grad[3:]]
-        return (None, None, grad_x, *grad_params)
+        grad_params = [next(grads) if need else None for need in ctx.needs_input_grad[4:]]
+        return (None, None, None, grad_x, *grad_params)
 
 
 def recompute_offloaded(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                        params: Sequence[torch.Tensor], offload: "_OffloadPass") -> torch.Tensor:
+                        params: Sequence[torch.Tensor], offload: "_OffloadPass",
+                        run_for_graph: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """``run(x)``, keeping only ``x`` (on the host, in a slot of ``offload``, this forward
     pass's ``HostOffload.new_pass()``) for backward; ``params``: every tensor requiring grad
-    that ``run`` reads besides ``x`` (its parameters)."""
-    return _RecomputeOffloaded.apply(run, offload, x, *params)
+    that ``run`` reads besides ``x`` (its parameters). ``run_for_graph``: what backward
+    recomputes instead of ``run``, when the caller has a cheaper one: the same autograd graph,
+    but its output's values may be left unset (backward only differentiates through it)."""
+    return _RecomputeOffloaded.apply(run, run_for_graph, offload, x, *params)
 
 
 class _Tiled(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, tile, n_inputs, *tensors):
+    def forward(ctx, fn, tile, values_needed, n_inputs, *tensors):
         inputs, params = tensors[:n_inputs], tensors[n_inputs:]
         ctx.fn, ctx.tile, ctx.params = fn, tile, params
         ctx.autocast = _autocast_state(inputs[0].device.type)
         T = inputs[0].shape[1]
         outs = None
         with torch.no_grad():
-            for s in range(0, T, tile):
+            # values not needed: the first tile gives the shapes, the outputs are NaN (so any reader
+            # would see it), backward recomputes every tile from the saved inputs as always
+            for s in range(0, T if values_needed else 1, tile):
                 piece = fn(*(x[:, s:s + tile] for x in inputs))
                 piece = piece if isinstance(piece, tuple) else (piece,)
                 if outs is None:  # filled tile by tile: never a second copy of the whole output
@@ -189,6 +194,9 @@ class _Tiled(torch.autograd.Function):
                 for out, p in zip(outs, piece):
                     out[:, s:s + tile] = p
                 del piece
+            if not values_needed:
+                for out in outs:
+                    out.fill_(float("nan"))
         ctx.save_for_backward(*inputs)
         return tuple(outs) if len(outs) > 1 else outs[0]
 
@@ -196,7 +204,7 @@ class _Tiled(torch.autograd.Function):
     def backward(ctx, *grad_outs):
         inputs = ctx.saved_tensors
         n_in = len(inputs)
-        needs_in, needs_p = ctx.needs_input_grad[3:3 + n_in], ctx.needs_input_grad[3 + n_in:]
+        needs_in, needs_p = ctx.needs_input_grad[4:4 + n_in], ctx.needs_input_grad[4 + n_in:]
         grad_in = [torch.empty_like(x) if need else None for x, need in zip(inputs, needs_in)]
         grad_params: List[Optional[torch.Tensor]] = [None] * len(ctx.params)
         wanted_params = [p for p, need in zip(ctx.params, needs_p) if need]
@@ -223,18 +231,20 @@ class _Tiled(torch.autograd.Function):
                     # float32 sums across tiles (the parameters' own dtype, float32 under AMP)
                     grad_params[i] = g.float() if grad_params[i] is None else grad_params[i] + g
         grad_params = [g.to(p.dtype) if g is not None else None for g, p in zip(grad_params, ctx.params)]
-        return (None, None, None, *grad_in, *grad_params)
+        return (None, None, None, None, *grad_in, *grad_params)
 
 
-def tiled(fn: Callable, inputs, params: Sequence[torch.Tensor], tile: int):
+def tiled(fn: Callable, inputs, params: Sequence[torch.Tensor], tile: int, values_needed: bool = True):
     """``fn(*inputs)`` computed over tiles of ``tile`` tokens along dim 1, forward and backward.
 
     ``inputs``: a tensor or a tuple of (B, T, ...) tensors; ``fn`` must act per token and
     return a tensor or a tuple of (B, T, ...) tensors; ``params``: every tensor requiring grad
     that ``fn`` reads besides ``inputs``. Only the inputs are kept for backward; each tile is
-    recomputed there and back-propagated at once.
+    recomputed there and back-propagated at once. ``values_needed=False``: only the autograd
+    graph of the output is wanted (a recomputation whose output nothing reads): forward then
+    computes one tile, not all of them, and the output holds NaN.
     """
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     if tile <= 0 or inputs[0].shape[1] <= tile:
         return fn(*inputs)
-    return _Tiled.apply(fn, tile, len(inputs), *inputs, *params)
+    return _Tiled.apply(fn, tile, values_needed, len(inputs), *inputs, *params)

@@ -28,13 +28,16 @@ import torch
 
 from ring_lightning.constants import IGNORE_INDEX
 
-# Elements of one chunk's float32 logits: 2^27 (512 MB) keeps the transient a few GB
-# whatever the vocabulary (~1K tokens at V = 128256; the whole shard for a byte vocabulary).
-_CHUNK_ELEMENTS = 2**27
+# Elements of one chunk's float32 logits: 2^30 (4 GiB; with the chunk's bf16 gradient ~6 GiB
+# whatever the vocabulary: 8K tokens at V = 128256, the whole shard for a byte vocabulary).
+# Smaller chunks cost speed: at 32K tokens of the 350m model, V = 128256, one H200, the plain
+# head's step took 0.978 s, chunks of 2^27 1.028 s, 2^29 1.008 s, 2^30 1.002 s
+# (benchmarks/results/2026-12-02-h200x1-reach/cost_loss_32k.json).
+_CHUNK_ELEMENTS = 2**30
 
 
 def default_chunk_tokens(vocab_size: int) -> int:
-    """Tokens per chunk so one chunk's float32 logits hold about 2^27 elements."""
+    """Tokens per chunk so one chunk's float32 logits hold about 2^30 elements."""
     return max(256, _CHUNK_ELEMENTS // max(1, vocab_size))
 
 
@@ -136,7 +139,7 @@ def linear_cross_entropy(
         weight: (V, C) the LM head's weight (``nn.Linear(C, V, bias=False).weight``).
         labels: (...) target ids aligned with ``hidden``; ``ignore_index`` where no loss.
         loss_weight: optional (...) per-token weights (e.g. a ``loss_mask``).
-        chunk_tokens: tokens per chunk; default ``default_chunk_tokens(V)`` (~512 MB of
+        chunk_tokens: tokens per chunk; default ``default_chunk_tokens(V)`` (~4 GiB of
             float32 logits per chunk).
         pre_head: optional per-token module run on each chunk before the head (the model's
             final norm): its activations then live for one chunk, not the whole shard (8

@@ -70,8 +70,8 @@ WARN_ABOVE = 0.90
 # What `checkpointing=offload` (conf/checkpointing/offload.yaml) sets; a unit test keeps them equal.
 OFFLOAD_OPTIONS = {"checkpointing": "full", "offload_activations": True, "blocks_per_checkpoint": 1,
                    "mlp_tile_tokens": 16384}
-# linear_cross_entropy's default chunk: 2^27 float32 logits (ring_lightning/loss.py).
-_CHUNK_ELEMENTS = 2**27
+# linear_cross_entropy's default chunk: 2^30 float32 logits (ring_lightning/loss.py).
+_CHUNK_ELEMENTS = 2**30
 
 
 @dataclass

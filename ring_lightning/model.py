@@ -25,6 +25,7 @@ D head dim, C model dim (``config.dim``), V vocabulary.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Callable, Optional, Union
@@ -181,7 +182,8 @@ class Block(nn.Module):
                           torch.compile(self._post_attention, **compile_kwargs))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                keep_attention: bool = False, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                keep_attention: bool = False, document_ids: Optional[torch.Tensor] = None,
+                values_needed: bool = True) -> torch.Tensor:
         """One block; ``keep_attention``: recompute everything in backward except the core.
 
         At long context the attention core is most of the FLOPs, and it already keeps only
@@ -192,6 +194,8 @@ class Block(nn.Module):
         rotary, SwiGLU: all per token) run over sequence tiles in forward and again, tile by
         tile, in backward (activations.tiled): they keep only their inputs, so no (T, hidden)
         intermediate of the whole shard is ever alive, and ``keep_attention`` is implied.
+        ``values_needed=False`` (a recomputation whose output only its graph is wanted of):
+        the tiles after the core are not computed until backward (activations.tiled).
         """
         pre, post = self._compiled or (self._pre_attention, self._post_attention)
         tile = self.mlp_tile_tokens
@@ -199,7 +203,7 @@ class Block(nn.Module):
             pre_params, post_params = self._piece_params()
             q, k, v = tiled(pre, (x, cos, sin), pre_params, tile)
             out = self.attention.attend(q, k, v, document_ids)  # (B, T, H, D)
-            return tiled(post, (x, out), post_params, tile)
+            return tiled(post, (x, out), post_params, tile, values_needed)
         if keep_attention:
             q, k, v = checkpoint(pre, x, cos, sin, use_reentrant=False)
             out = self.attention.attend(q, k, v, document_ids)  # (B, T, H, D)
@@ -284,23 +288,26 @@ class LongDocTransformer(nn.Module):
         for first in range(0, c.n_layers, k):
             group = self.layers[first:first + k]
 
-            def run(x, group=group):
+            def run(x, group=group, values_needed=True):
                 recompute = torch.is_grad_enabled()  # in backward: this group's recomputation
-                for layer in group:
+                for i, layer in enumerate(group):
                     keep = self._recompute_keeps_attention and recompute
+                    # the group's output feeds nothing in its own recomputation: only its graph
+                    needed = values_needed or i < len(group) - 1
                     if recompute and len(group) > 1:
                         # Two levels: the group's recomputation keeps only each block's input
                         # and each block is recomputed once more in its own backward, so k
                         # blocks per group cost k inputs on the device, not k blocks' tensors.
                         x = checkpoint(layer, x, cos, sin, keep_attention=keep, document_ids=document_ids,
-                                       use_reentrant=False)
+                                       values_needed=needed, use_reentrant=False)
                     else:
-                        x = layer(x, cos, sin, keep_attention=keep, document_ids=document_ids)
+                        x = layer(x, cos, sin, keep_attention=keep, document_ids=document_ids, values_needed=needed)
                 return x
 
             if offload is not None:
                 params = [p for layer in group for p in layer.parameters() if p.requires_grad]
-                h = recompute_offloaded(run, h, params, offload)
+                h = recompute_offloaded(run, h, params, offload,
+                                        run_for_graph=functools.partial(run, values_needed=False))
             else:
                 # Non-reentrant: works with ring autograd Functions and keeps the RNG state.
                 h = checkpoint(run, h, use_reentrant=False)

@@ -86,7 +86,7 @@ class LongDocumentLM(TrainingMetrics, pl.LightningModule):
             projections, rotary, SwiGLU) on CUDA; the attention core stays eager.
         loss_chunk_tokens: the LM head and cross-entropy run in chunks of this many tokens
             (``ring_lightning.loss.linear_cross_entropy``), never holding the (B, T, V)
-            logits; None = about 512 MB of float32 logits per chunk, 0 = plain logits. A
+            logits; None = about 4 GiB of float32 logits per chunk, 0 = plain logits. A
             subclass overriding ``compute_loss`` or ``forward`` gets the logits.
 
     Raises:

@@ -147,8 +147,14 @@ def ring_forward(ctx: RingContext, q, k, v):
 
 
 # --------------------------------------------------------------------------- backward
-def _backward_step(ctx: RingContext, src: int, saved, q, out, lse, dout, kv_of, dq) -> Dict[Item, KV]:
-    """Add dQ of every task on ``src``'s keys into ``dq``; returns their dK/dV by item."""
+def _backward_step(ctx: RingContext, src: int, saved, q, out, lse, dout, kv_of, dq,
+                   local_kv: Optional[KV] = None) -> Dict[Item, KV]:
+    """Add dQ of every task on ``src``'s keys into ``dq``; returns their dK/dV by item.
+
+    ``local_kv``: this rank's (dk, dv) when the keys are its own: each task's dK/dV is added
+    there at once, so no per-item scratch (float32, up to the whole shard's keys per pattern)
+    is alive; returns nothing then.
+    """
     plan, me = ctx.plan, ctx.rank
     grads: Dict[Item, KV] = {}  # (B, S, L, Kn, D) each, in the accumulator dtype
     with ctx.profiler.compute.span():
@@ -164,10 +170,14 @@ def _backward_step(ctx: RingContext, src: int, saved, q, out, lse, dout, kv_of, 
             gq, gk, gv = ctx.path.backward(ctx, task, src, spec, state, *_inputs(ctx, task, q, kv), *merged)
             dq_t = q_view(plan, dq, me, task)  # (B, S, M, Hs, D)
             dq_t.add_(gq.reshape(dq_t.shape).to(dq.dtype))
+            shape = dq_t.shape[:2] + gk.shape[1:]  # (B, S, L, Hs, D)
+            if local_kv is not None:
+                for local, g in zip(local_kv, (gk, gv)):
+                    add_to_kv(plan, local, me, task.item, reduce_heads(plan, g.reshape(shape).to(dq.dtype), task))
+                continue
             if task.item not in grads:  # scratch per item: added where the keys live once complete
                 grads[task.item] = (torch.zeros(kv[0].shape, dtype=dq.dtype, device=dq.device),
                                     torch.zeros(kv[0].shape, dtype=dq.dtype, device=dq.device))
-            shape = dq_t.shape[:2] + gk.shape[1:]  # (B, S, L, Hs, D)
             for scratch, g in zip(grads[task.item], (gk, gv)):
                 scratch.add_(reduce_heads(plan, g.reshape(shape).to(dq.dtype), task))
     return grads
@@ -189,7 +199,7 @@ def ring_backward(ctx: RingContext, q, k, v, out, lse, dout, saved):
     me, W = ctx.rank, ctx.world
     ring = ctx.transfers(B, D) if W > 1 else None
     nxt = ring.post_kv(k, v, 1) if W > 1 else None  # the same keys again: recomputed, not stored
-    _add_to_kv(ctx, dk, dv, _backward_step(ctx, me, saved[0], q, out, lse, dout, _local_kv(ctx, k, v), dq))
+    _backward_step(ctx, me, saved[0], q, out, lse, dout, _local_kv(ctx, k, v), dq, local_kv=(dk, dv))
     homebound = []  # dK/dV transfers on their way to the keys' owners
     for step in range(1, W):
         cur = nxt
@@ -226,9 +236,11 @@ class RingAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse = fctx.saved_tensors
         ctx: RingContext = fctx.ring
         with ctx.profiler.total.span():
-            dq, dk, dv = ring_backward(ctx, q, k, v, out, lse, dout, fctx.kernel_state)
+            grads = list(ring_backward(ctx, q, k, v, out, lse, dout, fctx.kernel_state))  # dq, dk, dv
         if ctx.grad_check is not None:
             group = ctx.comm.group if ctx.comm is not None else None  # the group the ring ran on
-            for name, g in (("q", dq), ("k", dk), ("v", dv)):
+            for name, g in zip("qkv", grads):
                 ctx.grad_check(name, g, group)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        for i, x in enumerate((q, k, v)):  # one float32 gradient at a time becomes the input's dtype
+            grads[i] = grads[i].to(x.dtype)
+        return grads[0], grads[1], grads[2], None

@@ -43,6 +43,8 @@ BASE = dict(vocab_size=61, dim=32, n_layers=4, n_heads=4, n_kv_heads=2)
     dict(mlp_tile_tokens=7),
     dict(checkpointing="selective", mlp_tile_tokens=16),
     dict(checkpointing="full", offload_activations=True, mlp_tile_tokens=5),
+    dict(checkpointing="full", offload_activations=True, mlp_tile_tokens=5, blocks_per_checkpoint=3),
+    dict(checkpointing="full", offload_activations=True, mlp_tile_tokens=5, blocks_per_checkpoint=4),
 ])
 def test_same_loss_and_gradients_as_the_plain_model(options):
     g = torch.Generator().manual_seed(1)
@@ -148,3 +150,22 @@ def test_two_forwards_before_their_backwards_keep_their_own_inputs():
     (ref(a).square().mean() + ref(b).mean()).backward()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=TOL, atol=TOL, msg=name)
+
+
+def test_a_tiled_output_whose_values_are_not_needed_still_gives_every_gradient():
+    """values_needed=False (a recomputation that only differentiates through its output): the
+    output holds NaN, and the gradients are those of the computed output."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 23, 6, generator=g, requires_grad=True)
+    w = torch.randn(6, 6, generator=g, requires_grad=True)
+    grad_y = torch.randn(2, 23, 6, generator=g)
+
+    def fn(h):
+        return torch.tanh(h @ w) * h
+
+    ref = torch.autograd.grad(fn(x), (x, w), grad_y)
+    y = tiled(fn, x, [w], tile=5, values_needed=False)
+    assert y.shape == x.shape and torch.isnan(y).all()
+    got = torch.autograd.grad(y, (x, w), grad_y)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=TOL, atol=TOL)
