@@ -1,41 +1,72 @@
 #!/usr/bin/env bash
-# One device call for the one-GPU checks of the memory options, HF models and MFU (results: $OUT/results.tgz,
-# plus the short summary on stdout). Each part has its own time limit, most important first:
-#   1. the longest recipe through train.py (recipes/longest_1gpu.yaml: 1,048,576 tokens, 3 steps)
-#   2. `python train.py` with the GPU defaults (the README's command; 30 steps)
-#   3. a Hugging Face Llama of the 350m shapes through HFCausalLM vs its own sdpa (128K tokens)
-#   4. the recipe's logged perf/mfu next to bench_model.py's step (benchmarks/recipe_mfu.py)
-#   5. 2,097,152 byte tokens, checkpointing=offload with 3 blocks per saved input, one step
-# Usage: OUT=results bash benchmarks/gpu_session.sh   (hydra-core/omegaconf/datasets installed; logger=csv)
+# One device call for the one-GPU checks (results: $OUT/results.tgz, plus a short summary on stdout).
+# PARTS picks which run, in the order given (default: all, most important first); each has its own limit:
+#   longest_2m      2,097,152 byte tokens, checkpointing=offload, 3 blocks per saved input, one step (bench_memory)
+#   cost_128k       tokens/s of full, + tiles, + offload, all of them, at 128K (V = 128256)
+#   bench_hf        a Hugging Face Llama of the 350m shapes through HFCausalLM vs its own sdpa (128K tokens)
+#   train_hf        the same model through `python train.py model=hf` at 128K tokens, 4 steps
+#   longest_recipe  recipes/longest_1gpu.yaml through train.py (1,048,576 tokens, 3 steps)
+#   recipe_2m       the 2M byte-token run through train.py (recipes/longest_bytes_1gpu.yaml, 2 steps)
+#   train_default   `python train.py` with the GPU defaults (the README's command; 30 steps)
+#   recipe_mfu      the recipe's logged perf/mfu next to bench_model.py's step (benchmarks/recipe_mfu.py)
+#   estimate        the pre-flight's memory estimate against measured peaks (check_memory_estimate.py)
+# Usage: OUT=results PARTS="longest_2m bench_hf" bash benchmarks/gpu_session.sh
+#        (hydra-core/omegaconf/datasets installed; logger=csv: the device image has no wandb)
 set -u
 OUT=${OUT:?set OUT to a results folder}
 R=/tmp/gpu_session; rm -rf "$R"; mkdir -p "$R"
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$R/gpu.txt"
-git rev-parse --short HEAD > "$R/commit.txt" 2>/dev/null || cat COMMIT.txt > "$R/commit.txt" 2>/dev/null
+(git rev-parse --short HEAD 2>/dev/null || cat COMMIT.txt) > "$R/commit.txt" 2>/dev/null
 DEADLINE=$((SECONDS + ${BUDGET_S:-550}))  # the device call's limit is 600 s: results must be packed before
+pack() { tar czf "$OUT/results.tgz" --exclude="*.ckpt" --exclude="checkpoints" --exclude="wandb" -C "$R" . ; }
 part() { local name=$1 limit=$2; shift 2; local t0=$SECONDS left=$((DEADLINE - SECONDS))
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 30 ]; then echo "== $name: skipped (no time left)"; return; fi
   timeout "$limit" "$@" > "$R/$name.log" 2>&1; echo "rc=$? wall=$((SECONDS - t0))s limit=${limit}s" >> "$R/$name.log"
-  echo "== $name: $(tail -1 "$R/$name.log")"; tar czf "$OUT/results.tgz" --exclude="*.ckpt" --exclude="checkpoints" --exclude="wandb" -C "$R" . ; }
+  echo "== $name: $(tail -1 "$R/$name.log")"; pack; }
+B="python benchmarks/bench_memory.py --out $R"
+HF350='{model_type: llama, vocab_size: 259, hidden_size: 1024, intermediate_size: 3584, num_hidden_layers: 24, num_attention_heads: 16, num_key_value_heads: 8, head_dim: 64, rope_theta: 500000.0, rms_norm_eps: 1e-05, max_position_embeddings: 131072, tie_word_embeddings: false}'
 
-part longest_recipe 240 python train.py -cd recipes -cn longest_1gpu logger=csv trainer.max_steps=3 \
-  trainer.val_check_interval=3 hydra.run.dir=/tmp/longest_recipe
-cp /tmp/longest_recipe/metrics.jsonl "$R/longest_recipe_metrics.jsonl" 2>/dev/null
-grep -E "memory estimate|step [0-9]+/|val/loss|final|peak|Error|error" "$R/longest_recipe.log" | tail -12
-rm -rf /tmp/longest_recipe/checkpoints
-part train_default 90 python train.py logger=csv trainer.max_steps=30 trainer.val_check_interval=30 \
-  trainer.log_every_n_steps=1 hydra.run.dir=/tmp/train_default
-cp /tmp/train_default/metrics.jsonl "$R/train_default_metrics.jsonl" 2>/dev/null
-tail -4 "$R/train_default.log"
-part bench_hf 120 python benchmarks/bench_hf.py --steps 2 --json "$R/bench_hf.json"
-tail -6 "$R/bench_hf.log"
-if [ -f benchmarks/recipe_mfu.py ]; then
-  part recipe_mfu 170 python benchmarks/recipe_mfu.py --steps 12 --window 5 --bench-steps 2 --out "$R"
-  tail -6 "$R/recipe_mfu.log"
-fi
-part longest_2m 150 python benchmarks/bench_memory.py --suite longest --longest 350m:259:all-k3:2097152 \
-  --longest-steps 1 --out "$R" --name longest_2m
-tail -2 "$R/longest_2m.log"
-tar czf "$OUT/results.tgz" --exclude="*.ckpt" --exclude="checkpoints" --exclude="wandb" -C "$R" .
+for p in ${PARTS:-longest_2m cost_128k bench_hf train_hf longest_recipe train_default recipe_mfu estimate}; do case $p in
+  longest_2m)
+    part longest_2m 150 $B --suite longest --longest 350m:259:all-k3:2097152 --longest-steps 1 --name longest_2m
+    tail -2 "$R/longest_2m.log" ;;
+  cost_128k)
+    part cost_128k 200 $B --suite cost --cost-steps 4 --name cost_128k \
+      --cost 350m:128256:full,350m:128256:tiles,350m:128256:offload,350m:128256:all
+    grep "^| cost" "$R/cost_128k.log" ;;
+  bench_hf)
+    part bench_hf 120 python benchmarks/bench_hf.py --steps 2 --json "$R/bench_hf.json"
+    tail -6 "$R/bench_hf.log" ;;
+  train_hf)
+    part train_hf 150 python train.py experiment=base_gpu model=hf "model.config=$HF350" model.checkpointing=full \
+      data.seq_len=131072 data.max_tokens=2000000 data.return_document_ids=false logger=csv trainer.max_steps=4 \
+      trainer.val_check_interval=4 trainer.limit_val_batches=1 trainer.log_every_n_steps=1 model.export_dir=null \
+      hydra.run.dir=/tmp/train_hf
+    cp /tmp/train_hf/metrics.jsonl "$R/train_hf_metrics.jsonl" 2>/dev/null
+    grep -E "step [0-9]+/|final|Error" "$R/train_hf.log" | tail -6 ;;
+  longest_recipe)
+    part longest_recipe 240 python train.py -cd recipes -cn longest_1gpu logger=csv trainer.max_steps=3 \
+      trainer.val_check_interval=3 hydra.run.dir=/tmp/longest_recipe
+    cp /tmp/longest_recipe/metrics.jsonl "$R/longest_recipe_metrics.jsonl" 2>/dev/null
+    grep -E "memory estimate|step [0-9]+/|val/loss|final|peak|Error|error" "$R/longest_recipe.log" | tail -12 ;;
+  recipe_2m)
+    part recipe_2m 300 python train.py -cd recipes -cn longest_bytes_1gpu logger=csv trainer.max_steps=2 \
+      trainer.val_check_interval=2 hydra.run.dir=/tmp/recipe_2m
+    cp /tmp/recipe_2m/metrics.jsonl "$R/recipe_2m_metrics.jsonl" 2>/dev/null
+    grep -E "memory estimate|step [0-9]+/|val/loss|final|peak|Error|error" "$R/recipe_2m.log" | tail -12 ;;
+  train_default)
+    part train_default 90 python train.py logger=csv trainer.max_steps=30 trainer.val_check_interval=30 \
+      trainer.log_every_n_steps=1 hydra.run.dir=/tmp/train_default
+    cp /tmp/train_default/metrics.jsonl "$R/train_default_metrics.jsonl" 2>/dev/null
+    tail -4 "$R/train_default.log" ;;
+  recipe_mfu)
+    part recipe_mfu 170 python benchmarks/recipe_mfu.py --steps 12 --window 5 --bench-steps 2 --out "$R"
+    tail -6 "$R/recipe_mfu.log" ;;
+  estimate)
+    part estimate 150 python benchmarks/check_memory_estimate.py --out "$R"
+    tail -12 "$R/estimate.log" ;;
+  *) echo "unknown part $p" ;;
+esac; done
+pack
