@@ -6,7 +6,7 @@ and a value that works (``data.seq_len=8192``), and every process exits with sta
 a traceback (``HYDRA_FULL_ERROR=1`` shows one). What is checked:
 
 * devices: an accelerator that exists here, no more GPUs than are visible;
-* the sequence-parallel size against the world size (``RingStrategy``'s own check);
+* the parallel shape (``ParallelDims``, ring_lightning/sequence/dims.py: the strategy's own checks);
 * the sequence length against everything that constrains it (``ring_lightning.lengths``:
   ranks and layout, segments, dilations, block size);
 * memory: the estimate of one step (``memory_estimate.py``, docs/MEMORY.md) against the GPU
@@ -36,7 +36,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from ring_lightning.lengths import LengthRules, length_error
+from ring_lightning.sequence.dims import ParallelDims
 
 EXIT_CONFIG_ERROR = 2
 _RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK")  # torchrun, SLURM, Lightning's own launcher
@@ -136,58 +136,57 @@ def devices_per_node(trainer: DictConfig) -> int:
     return count
 
 
-def _sequence_parallel(cfg: DictConfig, per_node: int) -> Tuple[int, int, str]:
-    """(sp, ulysses_size, layout) the strategy will use; (1, 1, contiguous) for a strategy that
-    splits nothing. The rules themselves are the strategy's own (sequence_groups.py)."""
-    from ring_lightning.sequence_groups import check_ulysses_size, check_world_size
-
+def parallel_dims(cfg: DictConfig, per_node: int) -> ParallelDims:
+    """The parallel shape the strategy will build (ring_lightning/sequence/dims.py), from the
+    composed config: ``sp="auto"`` resolved there, every field validated there; a strategy that
+    splits nothing is sp=1. ``model.n_heads`` is checked against ``strategy.ulysses_size`` too."""
     strategy = cfg.get("strategy") or {}
-    if not str(strategy.get("_target_", "")).endswith("RingStrategy"):
-        return 1, 1, "contiguous"
-    sp = strategy.get("sequence_parallel_size", "auto")
     world = per_node * int(cfg.trainer.get("num_nodes", 1) or 1)
-    if sp == "auto":
-        sp = per_node
-    if not isinstance(sp, int) or isinstance(sp, bool) or sp < 1:
-        return 1, 1, str(strategy.get("layout", "auto"))  # the strategy names a malformed value itself
-    ulysses = strategy.get("ulysses_size", 1)
+    if not str(strategy.get("_target_", "")).endswith("RingStrategy"):
+        return ParallelDims(world, 1)
+    sp, layout = strategy.get("sequence_parallel_size", "auto"), str(strategy.get("layout", "auto"))
+    if sp != "auto" and (not isinstance(sp, int) or isinstance(sp, bool) or sp < 1):
+        return ParallelDims(world, 1, layout=layout)  # the strategy names a malformed value itself
     try:
-        check_world_size(world, sp)
-        check_ulysses_size(ulysses, sp)
+        dims = ParallelDims.resolve(world, per_node, sp, strategy.get("ulysses_size", 1), layout)
+        heads = (cfg.get("model") or {}).get("n_heads")
+        if isinstance(heads, int):
+            dims.check_heads(heads)
     except ValueError as exc:
-        raise ConfigError(str(exc).replace("sequence_parallel_size=", "strategy.sequence_parallel_size=", 1)
-                          if not str(exc).startswith("strategy.") else str(exc)) from exc
-    heads = (cfg.get("model") or {}).get("n_heads")
-    if isinstance(heads, int) and heads % ulysses:
-        raise ConfigError(f"strategy.ulysses_size={ulysses} must divide the model's heads (model.n_heads={heads}): "
-                          f"the all-to-all hands each rank heads/ulysses_size heads; valid values: "
-                          f"{[u for u in range(1, sp + 1) if sp % u == 0 and heads % u == 0]}")
-    return sp, ulysses, str(strategy.get("layout", "auto"))
+        raise ConfigError(str(exc)) from exc
+    return dims
 
 
-def check_sequence_length(cfg: DictConfig, per_node: int) -> None:
-    """``data.seq_len`` against every rule of the attention (lengths.py), as one message."""
+def _attention_rules(cfg: DictConfig):
+    """(the attention's length rules as a function of (ring ranks, layout), its layout), from
+    ``module.attention``; None for a module without one (a user's own module)."""
+    from functools import partial
+
     from ring_lightning.attention.config import RingAttentionConfig
 
-    seq_len = cfg.data.get("seq_len")
     node = cfg.module.get("attention")  # None for a module of the user's own (examples/conf/module/own_lm.yaml)
     attention = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-    if not isinstance(seq_len, int) or not isinstance(attention, dict):
-        return  # the data module / LM report a malformed value themselves
+    if not isinstance(attention, dict):
+        return None
     variant = attention.pop("variant", "standard")
     try:
         config = RingAttentionConfig(**attention)
     except (TypeError, ValueError) as exc:
         raise ConfigError(_with_group(str(exc), [("variant", cfg.get("variant"))])) from exc
-    sp, ulysses, layout = _sequence_parallel(cfg, per_node)
-    if layout == "auto":
-        layout = config.layout
-    # the ring (after the all-to-all) runs over sp/U ranks; the strategy still cuts over all sp
-    rules = config.length_rules(sp // ulysses, layout, variant)
-    message = length_error(seq_len, rules, override="data.seq_len") or (
-        length_error(seq_len, LengthRules(group_size=sp, layout=layout), override="data.seq_len") if ulysses > 1 else None)
+    return partial(config.length_rules, variant=variant), config.layout
+
+
+def check_sequence_length(cfg: DictConfig, per_node: int) -> None:
+    """``data.seq_len`` against every rule of the attention under the parallel shape, as one message."""
+    seq_len = cfg.data.get("seq_len")
+    attention = _attention_rules(cfg)
+    if not isinstance(seq_len, int) or attention is None:
+        return  # the data module / LM report a malformed value themselves
+    dims = parallel_dims(cfg, per_node)
+    message = dims.length_error(seq_len, *attention, override="data.seq_len")
     if message is None:
         return
+    rules = dims.length_rules(*attention)
     if rules.block_size and seq_len % rules.block_size:
         message += f"; or variant.block_size={math.gcd(seq_len, rules.block_size)}"
     raise ConfigError(message)
@@ -220,7 +219,7 @@ def cpu_oversubscription(trainer: DictConfig, per_node: int) -> List[str]:
 def check_config(cfg: DictConfig) -> List[str]:
     """Every check that needs only the composed config. Returns notes to print; raises ConfigError."""
     per_node = devices_per_node(cfg.trainer)
-    _sequence_parallel(cfg, per_node)
+    parallel_dims(cfg, per_node)
     check_sequence_length(cfg, per_node)
     return check_memory(cfg, per_node) + cpu_oversubscription(cfg.trainer, per_node) + clamp_schedule(cfg)
 
@@ -316,30 +315,24 @@ def _memory_inputs(cfg: DictConfig, per_node: int) -> Optional[dict]:
     seq_len, batch = cfg.data.get("seq_len"), cfg.data.get("batch_size", 1)
     if not isinstance(seq_len, int) or not isinstance(batch, int):
         return None
-    sp, ulysses, _ = _sequence_parallel(cfg, per_node)
+    dims = parallel_dims(cfg, per_node)
+    sp, ulysses = dims.sp, dims.ulysses
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and _visible_gpus() > 0)
     attention = cfg.module.get("attention") or {}
     return dict(model=OmegaConf.to_container(model, resolve=True), seq_len=seq_len, batch_size=batch, sp=sp,
                 ulysses=ulysses, precision=str(cfg.trainer.get("precision", "32-true")),
                 loss_chunk_tokens=cfg.module.get("loss_chunk_tokens", None),
-                merged_attention=attention.get("segment_lengths") is not None or sp // ulysses > 1,
-                on_gpu=on_gpu, ranks_per_node=per_node)
+                merged_attention=attention.get("segment_lengths") is not None or dims.ring > 1,
+                on_gpu=on_gpu, ranks_per_node=per_node, dims=dims)
 
 
-def _largest_length_that_fits(cfg: DictConfig, inputs: dict, fits) -> Optional[int]:
+def _largest_length_that_fits(cfg: DictConfig, dims: ParallelDims, inputs: dict, fits) -> Optional[int]:
     """The longest valid data.seq_len (ring_lightning.lengths) below the configured one that fits."""
-    from ring_lightning.attention.config import RingAttentionConfig
-
-    attention = OmegaConf.to_container(cfg.module.get("attention") or {}, resolve=True)
-    variant = attention.pop("variant", "standard")
-    sp, ulysses = inputs["sp"], inputs["ulysses"]
-    layout = str((cfg.get("strategy") or {}).get("layout", "auto"))
     try:
-        config = RingAttentionConfig(**attention)
-        rules = config.length_rules(sp // ulysses, config.layout if layout == "auto" else layout, variant)
-    except (TypeError, ValueError):
-        rules = LengthRules(group_size=sp)
+        rules = dims.length_rules(*(_attention_rules(cfg) or ()))
+    except ConfigError:
+        rules = dims.length_rules()
     low, high = 0, inputs["seq_len"]  # the largest fitting length, by bisection (memory grows with length)
     while high - low > max(1, low // 1024):
         mid = (low + high) // 2
@@ -366,6 +359,7 @@ def check_memory(cfg: DictConfig, per_node: int, device_bytes: Optional[int] = N
     inputs = _memory_inputs(cfg, per_node)
     if inputs is None:
         return []
+    dims = inputs.pop("dims")
     device_cap = device_bytes if device_bytes is not None else (_gpu_memory_bytes() if inputs["on_gpu"] else None)
     host_cap = host_bytes if host_bytes is not None else _host_available_bytes()
     if not inputs["on_gpu"]:
@@ -415,7 +409,7 @@ def check_memory(cfg: DictConfig, per_node: int, device_bytes: Optional[int] = N
     sp = next((inputs["sp"] * 2**e for e in range(1, 11) if fits(sp=inputs["sp"] * 2**e)), None)
     if sp and inputs["on_gpu"]:
         fixes.append(f"strategy.sequence_parallel_size={sp} ({sp} GPUs: trainer.devices / trainer.num_nodes)")
-    length = _largest_length_that_fits(cfg, inputs, fits)
+    length = _largest_length_that_fits(cfg, dims, inputs, fits)
     if length:
         fixes.append(f"data.seq_len={length}")
     needs = []
