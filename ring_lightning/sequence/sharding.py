@@ -187,6 +187,10 @@ class SequenceSharding:
             raise ValueError("a hybrid sequence sharding needs both ulysses_group and ring_group (or neither)")
 
 
+#: Nothing is split (one device, data parallelism only, or attention outside a step): the one
+#: declaration, used by the strategies and by LongDocumentLM under a plain strategy.
+NOTHING_SPLIT = SequenceSharding(None)
+
 # A process-wide slot, not a ContextVar: autograd runs backward (and with it the
 # recomputation of checkpointed blocks, which calls attention again) on its own device
 # threads, where a ContextVar set on the main thread would not be visible.
@@ -211,10 +215,18 @@ def sequence_sharding(group: Optional["dist.ProcessGroup"], layout: str = "conti
         with sequence_sharding(sp_group, "zigzag"):
             loss = model(shard_of_batch).backward()
     """
+    with use_sequence_sharding(SequenceSharding(group, layout, ulysses_group, ring_group, head_offset)) as active:
+        yield active
+
+
+@contextmanager
+def use_sequence_sharding(value: SequenceSharding) -> Iterator[SequenceSharding]:
+    """Make ``value`` the sharding of every ring attention call inside the block (a strategy
+    enters it with its batch's :class:`SequenceSharding`, built once per batch)."""
     global _active
-    previous, _active = _active, SequenceSharding(group, layout, ulysses_group, ring_group, head_offset)
+    previous, _active = _active, value
     try:
-        yield _active
+        yield value
     finally:
         _active = previous
 
