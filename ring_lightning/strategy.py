@@ -52,7 +52,6 @@ from ring_lightning.compression_checkpoint import CHECKPOINT_KEY as COMPRESSION_
 from ring_lightning.compression_checkpoint import gather_compression_state, restore_compression_state, this_rank_state
 from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX  # noqa: F401 (DEFAULT_SEQUENCE_KEYS re-exported)
 from ring_lightning.parallel.core import DP_AXIS, GROUP_LOSS_KEY, SP_AXIS, SequenceParallel  # noqa: F401 (re-exported)
-from ring_lightning.sequence import sharding
 from ring_lightning.sequence.dims import (LAYOUT_POLICIES, MESH_AXES, ParallelDims, check_layout_policy,  # noqa: F401
                                           check_sp_request, check_ulysses_size)
 
@@ -92,7 +91,7 @@ class RingStrategy(DDPStrategy):
         layout: ``"auto"`` (ask the attention modules, per sequence length) or a fixed
             ``"contiguous"`` / ``"zigzag"``.
         ulysses_size: U, ranks of a sequence group that trade sequence for heads with an
-            all-to-all before the ring (``sequence_groups``); divides ``sequence_parallel_size``
+            all-to-all before the ring (``ring_lightning.sequence.groups``); divides ``sequence_parallel_size``
             and the heads. 1 (default): the ring alone; ``sequence_parallel_size``: Ulysses alone.
         loss_reduction: what the module's ``training_step`` returns, so the strategy can
             make the gradient equal ``sp=1`` (``ring_lightning.loss_contract``): ``"mean"``

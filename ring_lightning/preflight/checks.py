@@ -28,9 +28,9 @@ def clamp_schedule(cfg: DictConfig) -> List[str]:
 def check_config(cfg: DictConfig) -> List[str]:
     """Every check that needs only the composed config. Returns notes to print; raises ConfigError."""
     per_node = machine.devices_per_node(cfg.trainer)
-    parallel_dims(cfg, per_node)
-    check_sequence_length(cfg, per_node)
-    return check_memory(cfg, per_node) + machine.cpu_oversubscription(cfg.trainer, per_node) + clamp_schedule(cfg)
+    dims = parallel_dims(cfg, per_node)  # the shape, built once: the later checks ask it
+    check_sequence_length(cfg, per_node, dims)
+    return check_memory(cfg, per_node, dims=dims) + machine.cpu_oversubscription(cfg.trainer, per_node) + clamp_schedule(cfg)
 
 
 def check_data_source(datamodule: Any) -> None:

@@ -14,7 +14,7 @@ from ring_lightning.preflight.shape import attention_rules, parallel_dims
 from ring_lightning.sequence.dims import ParallelDims
 
 
-def _memory_inputs(cfg: DictConfig, per_node: int) -> Optional[dict]:
+def _memory_inputs(cfg: DictConfig, per_node: int, dims: Optional[ParallelDims] = None) -> Optional[dict]:
     """The arguments of memory_estimate.estimate_memory for this config; None when the model is not
     described by ModelConfig fields (a Hugging Face or user model: nothing to estimate from)."""
     model = cfg.get("model")
@@ -23,7 +23,7 @@ def _memory_inputs(cfg: DictConfig, per_node: int) -> Optional[dict]:
     seq_len, batch = cfg.data.get("seq_len"), cfg.data.get("batch_size", 1)
     if not isinstance(seq_len, int) or not isinstance(batch, int):
         return None
-    dims = parallel_dims(cfg, per_node)
+    dims = dims or parallel_dims(cfg, per_node)
     sp, ulysses = dims.sp, dims.ulysses
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and machine.visible_gpus() > 0)
@@ -54,7 +54,7 @@ def _largest_length_that_fits(cfg: DictConfig, dims: ParallelDims, inputs: dict,
 
 
 def check_memory(cfg: DictConfig, per_node: int, device_bytes: Optional[int] = None,
-                 host_bytes: Optional[int] = None) -> List[str]:
+                 host_bytes: Optional[int] = None, dims: Optional[ParallelDims] = None) -> List[str]:
     """The memory estimate of one step (ring_lightning/memory_estimate.py, docs/MEMORY.md) against
     the GPU (GPU runs) and the host (offloaded activations of every rank of the node; on CPU runs
     everything). Refuses a configuration over capacity (with REFUSE_ABOVE's margin) naming the
@@ -64,7 +64,7 @@ def check_memory(cfg: DictConfig, per_node: int, device_bytes: Optional[int] = N
 
     if not (cfg.get("preflight") or {}).get("check_memory", True):
         return []
-    inputs = _memory_inputs(cfg, per_node)
+    inputs = _memory_inputs(cfg, per_node, dims)
     if inputs is None:
         return []
     dims = inputs.pop("dims")

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, Optional, Tuple
+from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from ring_lightning.preflight.errors import ConfigError, _with_group
 from ring_lightning.sequence.dims import ParallelDims
-
 
 def parallel_dims(cfg: DictConfig, per_node: int) -> ParallelDims:
     """The parallel shape the strategy will build (ring_lightning/sequence/dims.py), from the
@@ -37,7 +36,6 @@ def parallel_dims(cfg: DictConfig, per_node: int) -> ParallelDims:
         raise ConfigError(str(exc)) from exc
     return dims
 
-
 def attention_rules(cfg: DictConfig):
     """(the attention's length rules as a function of (ring ranks, layout), its layout), from
     ``module.attention``; None for a module without one (a user's own module)."""
@@ -54,14 +52,13 @@ def attention_rules(cfg: DictConfig):
         raise ConfigError(_with_group(str(exc), [("variant", cfg.get("variant"))])) from exc
     return partial(config.length_rules, variant=variant), config.layout
 
-
-def check_sequence_length(cfg: DictConfig, per_node: int) -> None:
+def check_sequence_length(cfg: DictConfig, per_node: int, dims: Optional[ParallelDims] = None) -> None:
     """``data.seq_len`` against every rule of the attention under the parallel shape, as one message."""
     seq_len = cfg.data.get("seq_len")
     attention = attention_rules(cfg)
     if not isinstance(seq_len, int) or attention is None:
         return  # the data module / LM report a malformed value themselves
-    dims = parallel_dims(cfg, per_node)
+    dims = dims or parallel_dims(cfg, per_node)
     message = dims.length_error(seq_len, *attention, override="data.seq_len")
     if message is None:
         return

@@ -5,7 +5,7 @@ split along the sequence (a *sequence group*), the ``dp`` groups are data-parall
 Inside a sequence group, ``ulysses`` (U) consecutive ranks trade sequence for heads with an
 all-to-all and the ring runs over the ``ring = sp // U`` ranks at stride U (``groups.py``).
 
-Who builds it: the pre-flight from the composed Hydra config (``preflight_parallel.py``) and
+Who builds it: the pre-flight from the composed Hydra config (``preflight/shape.py``) and
 ``RingStrategy`` once the world is known; both through :meth:`ParallelDims.resolve`, the one
 place ``sp="auto"`` becomes a number. Who asks it: the strategy (mesh shape, sampler, ranks,
 the hybrid's groups), the data module's length check at setup and the pre-flight (the length

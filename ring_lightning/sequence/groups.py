@@ -21,13 +21,12 @@ from typing import List, Optional, Tuple
 
 import torch.distributed as dist
 
-from .dims import check_ulysses_size, check_world_size, divisors  # noqa: F401 (their old home)
+from .dims import ParallelDims, check_ulysses_size, check_world_size, divisors  # noqa: F401 (their old home)
 
 
 def hybrid_rank_lists(world_size: int, sp: int, ulysses_size: int) -> Tuple[List[List[int]], List[List[int]]]:
     """(all-to-all groups, ring groups) as lists of global ranks, every sequence group's."""
-    check_ulysses_size(ulysses_size, sp)
-    ring = sp // ulysses_size
+    ring = ParallelDims(world_size, sp, ulysses_size).ring  # validates the three sizes
     ulysses_lists, ring_lists = [], []
     for first in range(0, world_size, sp):  # sequence group [first, first + sp)
         ulysses_lists += [[first + r * ulysses_size + u for u in range(ulysses_size)] for r in range(ring)]
