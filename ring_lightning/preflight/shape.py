@@ -14,7 +14,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ring_lightning.preflight.errors import ConfigError, _with_group
-from ring_lightning.sequence.dims import ParallelDims
+from ring_lightning.sequence.dims import ParallelDims, check_sp_request
 
 def parallel_dims(cfg: DictConfig, per_node: int) -> ParallelDims:
     """The parallel shape the strategy will build (ring_lightning/sequence/dims.py), from the
@@ -25,7 +25,9 @@ def parallel_dims(cfg: DictConfig, per_node: int) -> ParallelDims:
     if not str(strategy.get("_target_", "")).endswith("RingStrategy"):
         return ParallelDims(world, 1)
     sp, layout = strategy.get("sequence_parallel_size", "auto"), str(strategy.get("layout", "auto"))
-    if sp != "auto" and (not isinstance(sp, int) or isinstance(sp, bool) or sp < 1):
+    try:
+        check_sp_request(sp)
+    except ValueError:
         return ParallelDims(world, 1, layout=layout)  # the strategy names a malformed value itself
     try:
         dims = ParallelDims.resolve(world, per_node, sp, strategy.get("ulysses_size", 1), layout)
