@@ -333,7 +333,7 @@ class LongDocumentLM(TrainingMetrics, pl.LightningModule):
         if not _is_ring_strategy(strategy) and self._previous_sharding is _NOT_SET:
             # Plain DDP (or one device) splits no sequence: say so, or the attention would take
             # the initialised default group (the data-parallel world) as its sequence group.
-            self._previous_sharding = sharding.set_default_sequence_sharding(sharding.SequenceSharding(None))
+            self._previous_sharding = sharding.set_default_sequence_sharding(sharding.NOTHING_SPLIT)
         # setup() runs before the strategy moves the model: ask the strategy for the device.
         on_cuda = strategy.root_device.type == "cuda"
         if self.compile_blocks and on_cuda and stage == "fit" and not self._compiled:
@@ -359,8 +359,6 @@ _NOT_SET = object()
 
 
 def _is_ring_strategy(strategy: Any) -> bool:
-    try:
-        from ring_lightning.strategy import RingStrategy
-    except ImportError:  # strategy not importable: fall back to what it would offer
-        return hasattr(strategy, "reduce_token_loss") and hasattr(strategy, "shard_batch")
-    return isinstance(strategy, RingStrategy)
+    # A sequence-parallel strategy has a parallel shape (ring_lightning/sequence/dims.py) and
+    # shards batches: asked of its class, so the module imports no strategy.
+    return getattr(type(strategy), "parallel_dims", None) is not None and hasattr(strategy, "shard_batch")

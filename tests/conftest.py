@@ -8,6 +8,7 @@ too): what CI runs. Naming a file or test on the command line runs it whatever i
 a bare ``pytest`` started inside tests/ (pytest then collects the folder, not the testpaths).
 """
 
+import pytest
 from train_runner import data_cache  # noqa: F401  (a fixture)
 
 
@@ -43,3 +44,13 @@ def pytest_terminal_summary(terminalreporter, config):
     if n:
         terminalreporter.write_line(f"fast tier: {n} tests of the full suite not run "
                                     f"(python -m pytest -q --full runs every tier, as CI does)")
+
+
+@pytest.fixture(autouse=True)
+def _no_default_sequence_sharding_leaks():
+    """A test that runs a module's or a strategy's setup without its teardown leaves the
+    process-wide default sharding set; the next test starts without it."""
+    yield
+    from ring_lightning.sequence import sharding
+
+    sharding.set_default_sequence_sharding(None)

@@ -26,7 +26,7 @@ from ring_lightning.data.resumable import EpochShuffleSampler, ResumableDataLoad
 from ring_lightning.data.sources import TEXT_SOURCES, text_source
 from ring_lightning.data.tasks import RetrievalTask
 from ring_lightning.data.tokenizers import load_tokenizer, model_vocab_size
-from ring_lightning.lengths import check_trainer_length
+from ring_lightning.parallel.length_check import check_trainer_length
 
 SOURCES = TEXT_SOURCES + ("retrieval",)
 

@@ -302,7 +302,7 @@ class HFCausalLM(pl.LightningModule):
         strategy = self.trainer.strategy
         if not _is_ring_strategy(strategy) and self._previous_sharding is _NOT_SET:
             # Plain DDP or one device splits no sequence (see LongDocumentLM.setup).
-            self._previous_sharding = sharding.set_default_sequence_sharding(sharding.SequenceSharding(None))
+            self._previous_sharding = sharding.set_default_sequence_sharding(sharding.NOTHING_SPLIT)
         vocab = getattr(getattr(self.trainer, "datamodule", None), "vocab_size", None)
         model_vocab = self.model.config.get_text_config().vocab_size
         if isinstance(vocab, int) and vocab > model_vocab:

@@ -87,7 +87,7 @@ def _fit(world_size: int, family: str, sp: int, ckpt_dir: str, ulysses_size: int
     loader = DataLoader(PackedData((world_size // sp) * BATCH * STEPS), batch_size=BATCH)
     trainer.fit(model, train_dataloaders=loader)
     return {**model.record, "layout": strategy.sequence_layout,
-            "ring_calls": sum(m.profiler.calls for m in strategy._ring_modules)}
+            "ring_calls": sum(m.profiler.calls for m in strategy.ring_attention_modules)}
 
 
 def _error(fn) -> str:

@@ -131,7 +131,7 @@ def _fit(rank: int, world_size: int, sp: int, data: str, ckpt_dir: str, shift_in
     dp = world_size // sp
     loader = DataLoader(DATA[data](dp * W.BATCH * STEPS, seed=1), batch_size=W.BATCH)
     trainer.fit(model, train_dataloaders=loader)
-    stats = [m.get_profiling_stats() for m in trainer.strategy._ring_modules]
+    stats = [m.get_profiling_stats() for m in trainer.strategy.ring_attention_modules]
     return {"grads": model.record["grads"], "samples": model.record["samples"], "loss": model.record.get("loss"),
             "params": {n: p.detach().clone() for n, p in model.named_parameters()},
             "ulysses_size": [st["ulysses_size"] for st in stats],

@@ -28,9 +28,9 @@ def per_token(model, chunk=0, **kw):
 
 @pytest.fixture
 def one_h200(monkeypatch):
-    monkeypatch.setattr(preflight, "_visible_gpus", lambda: 1)
-    monkeypatch.setattr(preflight, "_gpu_memory_bytes", lambda: H200)
-    monkeypatch.setattr(preflight, "_host_available_bytes", lambda: HOST)
+    monkeypatch.setattr(preflight.machine, "visible_gpus", lambda: 1)
+    monkeypatch.setattr(preflight.machine, "gpu_memory_bytes", lambda: H200)
+    monkeypatch.setattr(preflight.machine, "host_available_bytes", lambda: HOST)
 
 
 def test_estimate_matches_the_measured_one_h200_slopes():
@@ -97,7 +97,7 @@ def test_run_that_cannot_fit_the_gpu_is_refused_naming_overrides_that_fit(tmp_pa
 
 
 def test_offload_over_the_host_is_refused_naming_blocks_per_checkpoint(tmp_path, one_h200, monkeypatch):
-    monkeypatch.setattr(preflight, "_host_available_bytes", lambda: 64 * mem.GiB)  # 96 GiB of inputs at k=1
+    monkeypatch.setattr(preflight.machine, "host_available_bytes", lambda: 64 * mem.GiB)  # 96 GiB of inputs at k=1
     cfg = compose_cfg(tmp_path, ["trainer=gpu", "trainer.devices=1", "model=350m", "checkpointing=offload",
                                  "data.seq_len=1048576", "data.batch_size=1"])
     with pytest.raises(preflight.ConfigError, match=r"host 100\.0 GiB for the node's 1 rank\(s\) \(offloaded inputs "
@@ -107,7 +107,7 @@ def test_offload_over_the_host_is_refused_naming_blocks_per_checkpoint(tmp_path,
 
 
 def test_cpu_run_is_checked_against_host_memory(tmp_path, monkeypatch):
-    monkeypatch.setattr(preflight, "_host_available_bytes", lambda: 16 * mem.GiB)
+    monkeypatch.setattr(preflight.machine, "host_available_bytes", lambda: 16 * mem.GiB)
     assert preflight.check_config(compose_cfg(tmp_path, ["trainer=cpu"])) == []  # the default run: no note on CPU
     cfg = compose_cfg(tmp_path, ["trainer=cpu", "model=350m", "data.seq_len=1048576"])
     with pytest.raises(preflight.ConfigError, match=r"memory: this run needs host .* of 16\.0 GiB available\. "

@@ -130,8 +130,8 @@ def test_files_without_paths_names_data_paths_instead_of_a_hydra_traceback(tmp_p
 
 
 def test_more_cpu_processes_than_cores_is_a_note_not_an_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(preflight, "_visible_gpus", lambda: 0)
-    monkeypatch.setattr(preflight.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(preflight.machine, "visible_gpus", lambda: 0)
+    monkeypatch.setattr(preflight.machine.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     notes = preflight.check_config(compose_cfg(tmp_path, "trainer.devices=4"))
     assert any("trainer.devices=4 starts 4 CPU processes on 2 core(s)" in n and "trainer.devices=2" in n
                for n in notes)
