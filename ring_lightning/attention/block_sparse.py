@@ -98,7 +98,7 @@ class BlockSparsePath(TaskPath):
         layout = self._layout(ctx, task, src, spec, q)
         if layout is None:
             return super().forward(ctx, task, src, spec, q, k, v)
-        o, l, state, computed = sparse_forward(layout, q, k, v, ctx.scale, ctx.kernel)
+        o, l, state, computed = sparse_forward(layout, q, k, v, ctx.scale, ctx.kernels)
         ctx.profiler.computed_blocks += 1
         ctx.profiler.computed_tiles += computed
         return o, l, state
@@ -131,6 +131,9 @@ class BlockSparseRingAttention(RingAttentionBase):
         bs = self.config.block_size
         # tiles of block_size so that every tile lies in one block of the mask
         return {"path": BlockSparsePath(self._blocks_on(seq_len, q.device), bs), "tile": bs}
+
+    def _mask_kinds(self, seq_len: int, documents: bool) -> frozenset:
+        return super()._mask_kinds(seq_len, documents) | {"block_grid"}
 
     def _flex_grid(self, seq_len: int, device):
         # on one CUDA device the whole call is one FlexAttention call under this grid (flex.py)

@@ -14,6 +14,7 @@ ids do). Letters: B batch, N length, H query heads, K kv heads, D head dim.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Optional
 
@@ -27,9 +28,9 @@ _compiled = None
 _doc_masks: Optional[tuple] = None  # (weakref to the ids, key, block mask): one step's
 
 
-def flex_supported(q: torch.Tensor) -> bool:
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) or q.shape[-1] < 16:
-        return False
+@functools.lru_cache(maxsize=1)
+def flex_importable() -> bool:
+    """FlexAttention exists in this PyTorch (route.py asks, with the device and dtype apart)."""
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
     except ImportError:

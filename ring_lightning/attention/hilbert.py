@@ -24,15 +24,13 @@ Outputs and gradients come back in the caller's order.
 
 from __future__ import annotations
 
-import torch
-
-import math
 import warnings
 from functools import lru_cache
 from typing import Dict, Optional, Tuple
 
+import torch
+
 from .base import RingAttentionBase
-from .flex import flex_attention, flex_supported
 from .grids import TokenGrid, flex_grid_mask
 from .plan import CAUSAL, FilteredPlan
 from .tasks import TaskPath
@@ -203,11 +201,13 @@ class HilbertRingAttention(RingAttentionBase):
             warnings.warn("RingAttentionConfig.hilbert_curve_level has no effect with grid_shape: the curve "
                           "runs over the token grid", UserWarning, stacklevel=2)
 
-    def _attend(self, q, k, v, is_causal, already_split, return_lse, document_ids):
-        if self._grid is not None and document_ids is not None:
+    def _mask_kinds(self, seq_len: int, documents: bool) -> frozenset:
+        if self._grid is None:
+            return super()._mask_kinds(seq_len, documents)
+        if documents:
             raise ValueError("document_ids cannot be combined with grid_shape: a token grid is one image or video "
                              "per row; pass document_ids=None or set grid_shape=None for packed 1-D documents")
-        return super()._attend(q, k, v, is_causal, already_split, return_lse, document_ids)
+        return frozenset({"token_grid"})
 
     def _grid_for(self, seq_len: int) -> Optional[TokenGrid]:
         if self._grid is not None:
@@ -222,22 +222,8 @@ class HilbertRingAttention(RingAttentionBase):
         grid = self._grid_for(plan.seq_len)
         return plan if grid is None else grid_plan(plan, grid)
 
-    def _flex_single_device(self, q, patterns, seq_len: int, is_causal: bool, documents: bool) -> bool:
-        if self._grid_for(seq_len) is None:
-            return super()._flex_single_device(q, patterns, seq_len, is_causal, documents)
-        cfg = self.config
-        return flex_supported(q) and cfg.kernel == "auto" and not (cfg.dropout > 0.0 and self.training)
-
-    def _single_device_flex(self, q, k, v, is_causal, seq_len, document_ids) -> torch.Tensor:
-        grid = self._grid_for(seq_len)
+    def _flex_mask(self, call, device, document_ids) -> tuple:
+        grid = self._grid_for(call.seq_len)
         if grid is None:
-            return super()._single_device_flex(q, k, v, is_causal, seq_len, document_ids)
-        self.profiler.reset(q.device, self.config.profile_memory)
-        self.profiler.calls += 1
-        scale = self.config.scale if self.config.scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        with self.profiler.total.span(), self.profiler.compute.span():
-            order, back, mask = flex_grid_mask(grid, bool(is_causal), q.device)
-            if order is not None:  # (B, N, ...) into curve order and the output back out of it
-                q, k, v = (x.index_select(1, order) for x in (q, k, v))
-            out = flex_attention(q, k, v, scale, mask)
-            return out if back is None else out.index_select(1, back)
+            return super()._flex_mask(call, device, document_ids)
+        return flex_grid_mask(grid, call.is_causal, device)  # (order, inverse, block mask) of the window

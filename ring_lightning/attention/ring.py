@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .comm import BufferPool, RingComm, RingTransfers
+from .kernel_policy import KernelPolicy
 from .merge import accumulator_dtype, merge_
 from .plan import Item, RingPlan
 from .profiling import RingProfiler
@@ -45,7 +46,8 @@ class RingContext:
     scale: float
     profiler: RingProfiler
     pool: BufferPool
-    kernel: str = "auto"
+    #: which kernel computes each task, and what each refused so far: the module's (kernel_policy.py)
+    kernels: KernelPolicy = field(default_factory=KernelPolicy)
     tile: int = 1024
     dropout_p: float = 0.0
     dropout_seed: int = 0

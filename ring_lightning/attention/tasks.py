@@ -52,7 +52,7 @@ class TaskPath:
         return BlockSpec(task.kind == CAUSAL, None, ctx.dropout_p, seed, documents)
 
     def forward(self, ctx: "RingContext", task: Task, src: int, spec: BlockSpec, q, k, v):
-        o, l, state, skipped = block_forward(q, k, v, ctx.scale, spec, ctx.kernel, ctx.tile)
+        o, l, state, skipped = block_forward(q, k, v, ctx.scale, spec, ctx.kernels, ctx.tile)
         prof = ctx.profiler
         prof.computed_blocks += 1
         prof.skipped_blocks += skipped

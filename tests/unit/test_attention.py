@@ -272,19 +272,4 @@ def test_pad_to_multiple_and_indivisible_length_message():
         shard_sequence(torch.ones(1, 10), 2, 0, "zigzag")
 
 
-@pytest.mark.parametrize("variant, fields, plain", [
-    ("standard", {}, True),
-    ("distributed", {}, True),
-    ("standard", {"segment_lengths": [8, 16], "dilation_rates": [1, 2]}, False),
-    ("standard", {"kernel": "math"}, False),
-    ("hilbert", {}, True),  # the curve orders tiles, not tokens: SDPA computes the same
-    ("block_sparse", {"block_size": 4, "sparsity_ratio": 0.5}, False),
-    ("distributed", {"validate_gradients": True}, False),
-])
-def test_one_device_fused_path_is_taken_exactly_for_plain_dense_attention(variant, fields, plain):
-    """On one CUDA device these go straight to fused SDPA (benchmarks/bench_model.py measures it);
-    the predicate is device-independent, so it is checked here on CPU tensors."""
-    attn = create_ring_attention(variant, **fields)
-    q = torch.randn(1, 16, 2, 8)
-    patterns = tuple(attn.config.patterns(16))
-    assert attn._plain_dense(q, patterns, 16, True) is plain
+# the one-device fused path's table: tests/unit/test_route.py
