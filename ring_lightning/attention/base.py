@@ -30,6 +30,7 @@ from .comm import BufferPool, RingComm
 from .config import RingAttentionConfig
 from .documents import check_document_ids
 from .execute import EXECUTORS
+from .execution import execution_options
 from .flex import block_mask_for as flex_block_mask, flex_importable
 from .inputs import check_qkv, to_bthd
 from .kernel_policy import KernelPolicy
@@ -60,6 +61,9 @@ class RingAttentionBase(nn.Module):
             raise TypeError(f"config must be a RingAttentionConfig, got {type(config).__name__}")
         self.config = config
         config.warn_inert_fields(self.variant)
+        if config.attention_dtype is not None and not config.enable_mixed_precision:
+            warnings.warn("RingAttentionConfig.attention_dtype has no effect without "
+                          "enable_mixed_precision=True", UserWarning, stacklevel=2)
         self._group = _UNSET  # set_process_group's group, for standalone use only
         self._verified = set()
         self.profiler = RingProfiler()
@@ -114,8 +118,8 @@ class RingAttentionBase(nn.Module):
 
     # ---------------------------------------------------- what a variant declares
     def _context_options(self, q: torch.Tensor, seq_len: int, is_causal: bool) -> dict:
-        """Variant declaration: extra RingContext fields (path, tile, compute_dtype, grad_check),
-        asked once per call (``_describe``)."""
+        """Variant declaration: the RingContext fields of its task path (path, tile), asked once per
+        call (``_describe``); execution options come from the config in every variant (execution.py)."""
         return {}
 
     def _mask_kinds(self, seq_len: int, documents: bool) -> frozenset:
@@ -250,7 +254,8 @@ class RingAttentionBase(nn.Module):
         masks = self._mask_kinds(seq_len, document_ids is not None)
         if document_ids is not None:
             check_document_ids(document_ids, q)
-        options = {"tile": cfg.compute_block_size, **self._context_options(q, seq_len, is_causal)}
+        options = {"tile": cfg.compute_block_size, **execution_options(cfg, q.dtype, type(self).__name__),
+                   **self._context_options(q, seq_len, is_causal)}
         return AttentionCall(
             tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, seq_len, world=world, rank=rank,
             layout=layout, already_split=bool(already_split), is_causal=bool(is_causal),

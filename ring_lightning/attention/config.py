@@ -43,9 +43,6 @@ FIELD_VARIANTS = {
     "use_error_feedback": ("distributed",),
     "use_checkpoint_accumulation": ("distributed",),
     "checkpoint_every_n_layers": ("distributed",),
-    "enable_mixed_precision": ("distributed",),
-    "attention_dtype": ("distributed",),
-    "validate_gradients": ("distributed",),
 }
 # What an inert-field warning adds for fields that act by other means than their variant.
 FIELD_NOTES = {
@@ -140,7 +137,7 @@ class RingAttentionConfig:
     sparse_seed: int = 0
     """Seed of the random pattern; the mask is identical on every rank and run."""
 
-    # --- distributed variant --------------------------------------------------------------
+    # --- other layers' fields, accepted here (config_adapter.py hands them to their owners) ---
     gradient_compression_ratio: Optional[float] = None
     """Fraction of gradient entries kept by topk/randomk compression (strategy hook)."""
     compression_method: str = "topk"
@@ -152,6 +149,7 @@ class RingAttentionConfig:
     it (LongDocumentLM turns on selective checkpointing), the ring itself stores only q/k/v/out/lse."""
     checkpoint_every_n_layers: int = 1
     """With checkpointing on: checkpoint every n-th layer."""
+    # --- execution options, every variant (execution.py) ---------------------------------------
     enable_mixed_precision: bool = False
     """Compute blocks in attention_dtype, accumulate and merge in float32."""
     attention_dtype: Optional[Union[str, torch.dtype]] = None

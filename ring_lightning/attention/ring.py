@@ -58,7 +58,7 @@ class RingContext:
     #: how one task is computed: the variant's path (masks, token order, sparse kernels)
     path: TaskPath = field(default_factory=TaskPath)
     #: (name, gradient, the ring's group or None) -> None: run on dq/dk/dv before they leave
-    #: backward (distributed variant's validate_gradients)
+    #: backward (validate_gradients, execution.py)
     grad_check: Optional[Callable[[str, torch.Tensor, Optional[object]], None]] = None
     #: packed documents of this call (documents.Documents): a query sees its own document only
     documents: Optional[object] = None
