@@ -28,12 +28,13 @@ from ..lengths import check_length
 from ..sharding import active_sequence_sharding
 from .comm import BufferPool, RingComm
 from .config import RingAttentionConfig
-from .documents import check_document_ids
+from .documents import DocumentMask, check_document_ids
 from .execute import EXECUTORS
 from .execution import execution_options
-from .flex import block_mask_for as flex_block_mask, flex_importable
+from .flex import block_mask_for as flex_block_mask, block_mask_of as flex_block_mask_of, flex_importable
 from .inputs import check_qkv, to_bthd
 from .kernel_policy import KernelPolicy
+from .mask_protocol import CausalMask, MaskSet
 from .plan import get_plan
 from .profiling import RingProfiler
 from .route import AttentionCall, Route, choose_route
@@ -69,6 +70,7 @@ class RingAttentionBase(nn.Module):
         self.profiler = RingProfiler()
         self.pool = BufferPool(config.max_buffer_size_mb * 2**20, config.enable_memory_pool)
         self._comm: Optional[RingComm] = None
+        self._restricted: dict = {}  # plan -> the plan under the variant's masks
         self.kernels = KernelPolicy(config.kernel)  # which kernel takes each task; refusals, per module
 
     # ----------------------------------------------------------------- process group
@@ -122,18 +124,28 @@ class RingAttentionBase(nn.Module):
         call (``_describe``); execution options come from the config in every variant (execution.py)."""
         return {}
 
-    def _mask_kinds(self, seq_len: int, documents: bool) -> frozenset:
-        """Variant declaration: the masks (route.MASK_KINDS) a call is under, besides causality;
-        ValueError where the variant's masks cannot combine with the call's."""
-        return frozenset({"documents"}) if documents else frozenset()
+    def _declared_masks(self, seq_len: int) -> tuple:
+        """Variant declaration: the masks (mask_protocol.py) of the variant itself, for ``seq_len``;
+        causality and packed documents come with the call (``masks``)."""
+        return ()
+
+    def masks(self, seq_len: int, is_causal: bool = False, document_ids: Optional[torch.Tensor] = None) -> MaskSet:
+        """Every mask of a call over the whole sequence, ANDed: causality, the variant's, the
+        documents of (B, seq_len) ``document_ids`` (what the attention weights and checks read)."""
+        masks = ([CausalMask()] if is_causal else []) + list(self._declared_masks(seq_len))
+        return MaskSet(masks + ([DocumentMask(document_ids)] if document_ids is not None else []))
 
     def _sparse_key(self) -> Optional[tuple]:
         """Variant declaration: (block_size, pattern, ratio, seed) of a block mask the plan must honour."""
         return None
 
     def _restrict_plan(self, plan):
-        """Variant declaration: the plan without the tasks its mask empties (their K/V are not sent)."""
-        return plan
+        """The plan without the tasks the variant's masks empty (their K/V are not sent); one per plan."""
+        if plan not in self._restricted:
+            if len(self._restricted) > 8:
+                self._restricted.clear()
+            self._restricted[plan] = MaskSet(self._declared_masks(plan.seq_len)).restrict(plan)
+        return self._restricted[plan]
 
     def _comm_blocking(self) -> Optional[bool]:
         return None  # gloo: blocking with timeout; NCCL: stream-ordered waits
@@ -146,8 +158,12 @@ class RingAttentionBase(nn.Module):
     def _flex_mask(self, call: AttentionCall, device, document_ids) -> tuple:
         """``(order, back, block_mask)`` of the call's masks for FlexAttention: the token order the
         kernel sees and its inverse (None: the caller's), and the block mask in that order."""
-        grid = self._flex_grid(call.seq_len, device)
-        return None, None, flex_block_mask(call.seq_len, call.is_causal, device, grid, document_ids)
+        if call.masks <= {"documents", "block_grid"}:  # cached builders (flex.py)
+            grid = self._flex_grid(call.seq_len, device)
+            return None, None, flex_block_mask(call.seq_len, call.is_causal, device, grid, document_ids)
+        masks = self.masks(call.seq_len, call.is_causal, document_ids)  # any other kind: its mask_mod
+        batch = None if document_ids is None else document_ids.shape[0]
+        return None, None, flex_block_mask_of(masks.mask_mod(device), batch, call.seq_len, device)
 
     # ----------------------------------------------------------------------- forward
     def forward(self, q, k, v, is_causal: bool = False, already_split: bool = False,
@@ -251,9 +267,14 @@ class RingAttentionBase(nn.Module):
         # every rule on the length at once (layout, segments, block mask): one message, lengths.py
         check_length(seq_len, cfg.length_rules(world, layout, self.variant))
         patterns = tuple(cfg.patterns(seq_len))
-        masks = self._mask_kinds(seq_len, document_ids is not None)
+        declared = self._declared_masks(seq_len)
+        masks = frozenset(m.kind for m in declared)
         if document_ids is not None:
+            refusals = [m.refuses_documents for m in declared if m.refuses_documents]
+            if refusals:
+                raise ValueError(refusals[0])
             check_document_ids(document_ids, q)
+            masks |= {"documents"}
         options = {"tile": cfg.compute_block_size, **execution_options(cfg, q.dtype, type(self).__name__),
                    **self._context_options(q, seq_len, is_causal)}
         return AttentionCall(

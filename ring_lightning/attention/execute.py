@@ -17,9 +17,11 @@ from .comm import RingComm
 from .documents import DocumentPlan, documents_for
 from .flex import flex_attention
 from .gather import GatherSequence, ShardSequence
+from .mask_protocol import MaskSet
 from .plan import get_plan
 from .ring import RingAttentionFunction, RingContext
 from .route import AttentionCall, Route
+from .tasks import TaskPath
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +73,14 @@ def _ring_plan(attn, call: AttentionCall):
 def _ring_context(attn, call: AttentionCall, plan, comm, docs, device) -> RingContext:
     cfg = attn.config
     dropout = cfg.dropout if attn.training else 0.0
+    path = call.options.get("path", TaskPath())
     return RingContext(
         plan=plan, comm=comm, scale=default_scale(cfg, call.q_shape[-1]), profiler=attn.profiler,
         pool=attn.pool, kernels=attn.kernels, dropout_p=dropout,
         dropout_seed=int(torch.randint(0, 2**62, (1,)).item()) if dropout > 0 else 0,
         async_comm=cfg.async_ring_communication, sync_profiling=cfg.enable_profiling,
         profile_communication=cfg.profile_communication, device=device, documents=docs,
+        masks=MaskSet(m for m in attn._declared_masks(call.seq_len) if m.kind not in path.handles),
         **call.options)
 
 

@@ -60,6 +60,8 @@ class RingContext:
     #: (name, gradient, the ring's group or None) -> None: run on dq/dk/dv before they leave
     #: backward (validate_gradients, execution.py)
     grad_check: Optional[Callable[[str, torch.Tensor, Optional[object]], None]] = None
+    #: the variant's masks no path takes over (mask_protocol.MaskSet): tile masks from their answers
+    masks: Optional[object] = None
     #: packed documents of this call (documents.Documents): a query sees its own document only
     documents: Optional[object] = None
     device: torch.device = torch.device("cpu")

@@ -9,9 +9,9 @@ options) and ``choose_route`` alone decides how it is computed:
 * ``SDPA``: one CUDA device, half precision, dense pattern, no mask, nothing that changes the
   computation: one fused ``scaled_dot_product_attention`` call (about 4% faster than the
   ring's general path at 128K tokens on one H200, benchmarks/bench_model.py);
-* ``FLEX``: one CUDA device where FlexAttention runs, a dense pattern under masks it can
-  express (packed documents, a block grid, a token-grid window): one FlexAttention call
-  under their block mask (flex.py);
+* ``FLEX``: one CUDA device where FlexAttention runs, a dense pattern under masks
+  (mask_protocol.py: packed documents, a block grid, a grid window): one FlexAttention call
+  under their block mask (flex.py, grids.py);
 * ``RING``: everything else: the ring (ring.py), each task's kernel chosen by the module's
   ``KernelPolicy`` (kernel_policy.py).
 
@@ -28,8 +28,6 @@ from typing import Any, FrozenSet, Mapping, Optional, Tuple
 import torch
 
 HALF = (torch.float16, torch.bfloat16)
-#: the mask kinds a variant or a call may declare; every one has a FlexAttention form (flex.py, grids.py)
-MASK_KINDS = ("documents", "block_grid", "token_grid")
 #: RingContext options that change the computation itself (one fused call cannot honour them)
 EXECUTION_OPTIONS = ("compute_dtype", "grad_check")
 
@@ -59,7 +57,9 @@ class AttentionCall:
     head_offset: int = 0  #: global index of this call's first head (behind an all-to-all)
     hybrid: bool = False  #: a Ulysses all-to-all group is active around this call
     patterns: Tuple[Tuple[int, int], ...] = ()
-    masks: FrozenSet[str] = frozenset()  #: MASK_KINDS the call is under (causality apart)
+    #: kinds (mask_protocol.MASKS) of the masks the call is under, causality apart: every registered
+    #: kind has a FlexAttention mask_mod, so FLEX takes any of them
+    masks: FrozenSet[str] = frozenset()
     kernel: str = "auto"  #: RingAttentionConfig.kernel
     dropout_active: bool = False  #: dropout > 0 in training mode
     flex_available: bool = False  #: torch.nn.attention.flex_attention imports here

@@ -43,7 +43,7 @@ def call(**fields) -> AttentionCall:
     ({**CUDA_BF16, "options": {"tile": 64}}, Route.SDPA),  # a tile size changes nothing SDPA computes
     ({**CUDA_BF16, "masks": frozenset({"documents"})}, Route.FLEX),
     ({**CUDA_BF16, "masks": frozenset({"block_grid"})}, Route.FLEX),
-    ({**CUDA_BF16, "masks": frozenset({"token_grid"}), "is_causal": True}, Route.FLEX),
+    ({**CUDA_BF16, "masks": frozenset({"grid_window"}), "is_causal": True}, Route.FLEX),
     ({**CUDA_BF16, "masks": frozenset({"documents", "block_grid"})}, Route.FLEX),
     ({**CUDA_BF16, "masks": frozenset({"documents"}), "flex_available": False}, Route.RING),
     ({**CUDA_BF16, "masks": frozenset({"documents"}), "q_shape": (1, N, 2, 8)}, Route.RING),  # head dim < 16
