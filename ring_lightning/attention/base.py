@@ -9,7 +9,7 @@ plan's restriction) and never chooses a route; the ring itself (ring.py), its tr
 Process group and layout are read at each call, never stored by a strategy: inside a
 ``sharding.sequence_sharding(group, layout)`` block (RingStrategy enters one around every
 step) they come from it; otherwise from ``set_process_group`` (standalone use), else the
-default group if one is initialised (README.md's multi-GPU example), else one
+default group if one is initialised (a script that initialised torch.distributed itself), else one
 device. See docs/ARCHITECTURE.md ("The shard context").
 """
 
@@ -87,7 +87,7 @@ class RingAttentionBase(nn.Module):
         """(group, layout of split inputs or None) for this call: the active sharding first.
 
         Without one, a group given by ``set_process_group``, else the default group when
-        one is initialised (README.md's multi-GPU example), else one device.
+        one is initialised (a script that initialised torch.distributed itself), else one device.
         """
         active = active_sequence_sharding()
         if active is not None:
