@@ -9,8 +9,8 @@ plan's restriction) and never chooses a route; the ring itself (ring.py), its tr
 Process group and layout are read at each call, never stored by a strategy: inside a
 ``sharding.sequence_sharding(group, layout)`` block (RingStrategy enters one around every
 step) they come from it; otherwise from ``set_process_group`` (standalone use), else the
-default group if one is initialised (a script that initialised torch.distributed itself), else one
-device. See docs/ARCHITECTURE.md ("The shard context").
+default group if a script initialised torch.distributed itself, else one device. See
+docs/ARCHITECTURE.md ("The shard context").
 """
 
 from __future__ import annotations
