@@ -155,3 +155,17 @@ def test_a_new_mask_kind_needs_only_its_class_and_registration(band_kind, varian
     assert all(((a - b).norm() / b.norm()).item() < 1e-10 for a, b in zip(got, want))
     plan = MaskSet([band]).restrict(RingPlan(64, 4, "contiguous", [(64, 1)], False, 2, 2))
     assert [len(plan.tasks(0, s)) for s in range(4)] == [1, 1, 0, 0]  # pieces of 16: only the neighbour meets
+
+
+def test_flops_count_any_mask_kind_from_its_answers():
+    """flops.mask_pairs counts from token_mask alone; it agrees with the closed forms."""
+    from ring_lightning.flops import attention_pairs, grid_window_pairs, mask_pairs
+
+    blocks = EXAMPLES["block_grid"][0]
+    for causal in (True, False):
+        assert mask_pairs(N, [blocks], 3, causal=causal) == attention_pairs(
+            N, 3, causal=causal, block_mask=blocks.blocks, block_size=4)
+        assert mask_pairs(N, [EXAMPLES["grid_window"][0]], causal=causal) == grid_window_pairs(
+            (4, 6), (1, 2), causal=causal)
+    assert mask_pairs(N, [], 2, causal=True) == attention_pairs(N, 2, causal=True)
+    assert mask_pairs(N, [EXAMPLES["causal"][0]], causal=False) == attention_pairs(N, causal=True) + N / 2
