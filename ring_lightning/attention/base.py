@@ -150,16 +150,17 @@ class RingAttentionBase(nn.Module):
     def _comm_blocking(self) -> Optional[bool]:
         return None  # gloo: blocking with timeout; NCCL: stream-ordered waits
 
-    def _flex_grid(self, seq_len: int, device) -> Optional[tuple]:
-        """Variant declaration: ``(key, block_size, make_blocks)`` of a block grid FlexAttention can
-        take (``make_blocks()`` -> (N/bs, N/bs) bool on ``device``, called only to build a mask)."""
-        return None
-
     def _flex_mask(self, call: AttentionCall, device, document_ids) -> tuple:
         """``(order, back, block_mask)`` of the call's masks for FlexAttention: the token order the
         kernel sees and its inverse (None: the caller's), and the block mask in that order."""
-        if call.masks <= {"documents", "block_grid"}:  # cached builders (flex.py)
-            grid = self._flex_grid(call.seq_len, device)
+        declared = self._declared_masks(call.seq_len)
+        if len(declared) == 1 and document_ids is None:
+            form = declared[0].flex_form(call.is_causal, device)  # a mask with a FlexAttention call of its own
+            if form is not None:
+                return form
+        grids = [m for m in declared if m.kind == "block_grid"]
+        if call.masks <= {"documents", "block_grid"} and len(grids) <= 1:  # the cached builders (flex.py)
+            grid = None if not grids else (grids[0].key, grids[0].block_size, lambda: grids[0].on(device))
             return None, None, flex_block_mask(call.seq_len, call.is_causal, device, grid, document_ids)
         masks = self.masks(call.seq_len, call.is_causal, document_ids)  # any other kind: its mask_mod
         batch = None if document_ids is None else document_ids.shape[0]

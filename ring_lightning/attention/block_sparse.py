@@ -134,7 +134,7 @@ class BlockSparseRingAttention(RingAttentionBase):
         if self._mask_of.get("seq_len") != seq_len:
             c = self.config
             blocks = block_mask_for(seq_len, c.block_size, c.sparse_pattern, c.sparsity_ratio, c.sparse_seed)
-            self._mask_of = {"seq_len": seq_len, "mask": BlockGridMask(blocks, c.block_size)}
+            self._mask_of = {"seq_len": seq_len, "mask": BlockGridMask(blocks, c.block_size, (seq_len,) + self._sparse_key())}
         return self._mask_of["mask"]
 
     def _declared_masks(self, seq_len: int) -> tuple:
@@ -143,10 +143,6 @@ class BlockSparseRingAttention(RingAttentionBase):
     def _context_options(self, q: torch.Tensor, seq_len: int, is_causal: bool) -> dict:
         # tiles of block_size so that every tile lies in one block of the mask
         return {"path": BlockSparsePath(self._grid_mask(seq_len), q.device), "tile": self.config.block_size}
-
-    def _flex_grid(self, seq_len: int, device):
-        # on one CUDA device the whole call is one FlexAttention call under this grid (flex.py)
-        return (self._sparse_key(), self.config.block_size, lambda: self._grid_mask(seq_len).on(device))
 
     def _sparse_key(self):
         c = self.config

@@ -216,6 +216,9 @@ class GridWindowMask(AttentionMask):
         r = torch.tensor(self.grid.radius, device=qpos.device)
         return ((cq - ck).abs() <= r).all(-1)[None]  # (1, S, M, L)
 
+    def flex_form(self, is_causal: bool, device):
+        return flex_grid_mask(self.grid, is_causal, device)  # the window in curve order: few dense blocks
+
     def mask_mod(self, device=None):
         cells = self.grid.coords(torch.arange(self.grid.num_tokens, device=device))
         dims = [cells[:, i].contiguous() for i in range(cells.shape[1])]

@@ -31,7 +31,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .base import RingAttentionBase
-from .grids import GridWindowMask, TokenGrid, flex_grid_mask
+from .grids import GridWindowMask, TokenGrid
 from .mask_protocol import CausalMask, MaskSet
 from .plan import CAUSAL
 from .tasks import TaskPath, both
@@ -202,9 +202,3 @@ class HilbertRingAttention(RingAttentionBase):
     def _context_options(self, q: torch.Tensor, seq_len: int, is_causal: bool) -> dict:
         grid = self._grid_for(seq_len)
         return {"path": HilbertPath(self.config.hilbert_curve_level) if grid is None else GridPath(grid)}
-
-    def _flex_mask(self, call, device, document_ids) -> tuple:
-        grid = self._grid_for(call.seq_len)
-        if grid is None:
-            return super()._flex_mask(call, device, document_ids)
-        return flex_grid_mask(grid, call.is_causal, device)  # (order, inverse, block mask) of the window

@@ -58,6 +58,12 @@ class AttentionMask:
 
         return mask_mod
 
+    def flex_form(self, is_causal: bool, device) -> Optional[tuple]:
+        """``(order, inverse, block_mask)`` when this mask, alone with causality, builds its own
+        FlexAttention call (a token order of its own, a cached block mask); None: flex.py builds
+        the block mask from the masks' answers."""
+        return None
+
     def dense(self, n: int, device=None) -> torch.Tensor:
         pos = torch.arange(n, device=device)
         allowed = self.token_mask(pos[None], pos[None])  # (1|B, 1, N, N)

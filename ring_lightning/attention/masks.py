@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
@@ -65,8 +66,9 @@ class BlockGridMask(AttentionMask):
 
     kind = "block_grid"
 
-    def __init__(self, blocks: torch.Tensor, block_size: int) -> None:
+    def __init__(self, blocks: torch.Tensor, block_size: int, key: Optional[tuple] = None) -> None:
         self.blocks, self.block_size = blocks.cpu(), block_size  # (N/bs, N/bs) bool: the plan reads it on the host
+        self.key = key  #: hashable name of the grid (its config), for caches of masks built from it
         self._on = {str(self.blocks.device): self.blocks}
 
     def on(self, device) -> torch.Tensor:

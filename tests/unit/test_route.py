@@ -115,3 +115,33 @@ def test_a_kernel_named_in_the_config_warns_when_it_refuses_and_is_not_tried_aga
         policy.refuse("flash", q, RuntimeError("head dim"))
     assert ("flash", (torch.bfloat16, 8)) in policy.refused
     assert policy.refusals() == ["flash torch.bfloat16 head_dim=8"]
+
+
+@pytest.mark.parametrize("variant, fields, documents", [
+    ("block_sparse", {"block_size": 32, "sparsity_ratio": 0.3, "sparse_pattern": "random"}, False),
+    ("block_sparse", {"block_size": 32, "sparsity_ratio": 0.3}, True),
+    ("hilbert", {"grid_shape": [16, 16], "grid_window": 2}, False),
+    ("standard", {}, True),
+])
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_flex_route_computes_what_the_masks_allow(variant, fields, documents, causal, monkeypatch):
+    """The FLEX route's execution (execute.run_flex), with eager CPU FlexAttention standing in for
+    the compiled GPU one: its block mask comes from the masks and equals the reference under them."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    from ring_lightning.attention import execute, reference_attention
+
+    def eager(q, k, v, scale, block_mask):
+        out = flex.flex_attention(*(x.transpose(1, 2) for x in (q, k, v)), block_mask=block_mask, scale=scale)
+        return out.transpose(1, 2)
+
+    monkeypatch.setattr(execute, "flex_attention", eager)
+    n = 256
+    attn = create_ring_attention(variant, **fields)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, n, 2, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    ids = torch.repeat_interleave(torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]]), torch.tensor([40, 100, 16, 100]), 1)
+    ids = ids if documents else None
+    call = attn.describe_call(q, k, is_causal=causal, document_ids=ids)
+    out = execute.run_flex(attn, call, q, k, v, ids)
+    ref, _ = reference_attention(q, k, v, causal, masks=list(attn._declared_masks(n)), document_ids=ids)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
