@@ -51,6 +51,9 @@ class RingAttentionBase(nn.Module):
     """
 
     variant = "standard"
+    #: variant declaration: True blocks every communication wait with ``comm_timeout_s`` on every
+    #: backend; None: gloo blocks with the timeout, NCCL orders the streams (comm.py)
+    timed_waits: Optional[bool] = None
 
     def __init__(self, config: Optional[RingAttentionConfig] = None, **fields) -> None:
         super().__init__()
@@ -146,9 +149,6 @@ class RingAttentionBase(nn.Module):
                 self._restricted.clear()
             self._restricted[plan] = MaskSet(self._declared_masks(plan.seq_len)).restrict(plan)
         return self._restricted[plan]
-
-    def _comm_blocking(self) -> Optional[bool]:
-        return None  # gloo: blocking with timeout; NCCL: stream-ordered waits
 
     def _flex_mask(self, call: AttentionCall, device, document_ids) -> tuple:
         """``(order, back, block_mask)`` of the call's masks for FlexAttention: the token order the

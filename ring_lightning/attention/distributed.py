@@ -17,6 +17,4 @@ class DistributedRingAttention(RingAttentionBase):
     """Standard ring with timeouts on every wait (execution options as in every variant)."""
 
     variant = "distributed"
-
-    def _comm_blocking(self):
-        return True
+    timed_waits = True

@@ -58,7 +58,7 @@ def _ring_comm(attn, call: AttentionCall):
         return None
     if attn._comm is None or attn._comm.group is not call.group:
         attn._comm = RingComm(call.group, attn.config.comm_timeout_s, attn.config.custom_ring_order,
-                              attn._comm_blocking())
+                              attn.timed_waits)
     return attn._comm
 
 
