@@ -15,6 +15,11 @@ hilbert variant reorders tokens around it (hilbert.py), block_sparse masks block
 takes a gathered kernel where blocks align (block_sparse.py). Either keeps ``standard``'s
 numerics wherever it does not change the maths, because it calls this path.
 
+Masks (mask_protocol.py): a path that computes a mask kind itself names it in ``handles``
+(GridPath: the grid window in curve order; BlockSparsePath: the block grid, with its
+gathered kernel); the variant's other masks reach every task as tile masks built from their
+``token_mask`` answers (``ctx.masks``), ANDed with the path's own (``both``).
+
 Letters: B batch, S segments of a task, M/L query/key tokens, Hs query heads, D head dim.
 """
 
