@@ -51,7 +51,7 @@ import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
 from _common import Clock, Dist, env_info, import_engine, out_dir, short_error, write_json
-from measure import clear_refused_kernels, execute_row
+from measure import execute_row
 from report import FLOPS_NOTE, add_ratios, log_line, markdown
 from runners import dense_reference, dilated_reference
 from specs import DEFAULT_IMPLS, Spec, make_specs, row_pairs
@@ -226,7 +226,6 @@ def main() -> int:
                 ref = None
                 if validate:
                     ref, rec["reference"] = reference_for(spec, refs, base, causal, args, n, d)
-                clear_refused_kernels()
                 rec.update(execute_row(spec, base, d, args, n, causal, ref))
             except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
                 error = short_error(exc)

@@ -14,25 +14,13 @@ import statistics
 import time
 from typing import Any, Dict, List, Optional
 
-from _common import Dist, import_engine, rel_err, short_error
+from _common import Dist, rel_err, short_error
 from runners import Runner, open_runner
 from specs import Spec
 
 import torch
 
 VALID_TOL = 2e-2  # relative error of bf16 rows against the float32 reference
-try:
-    (_rl_kernels,) = import_engine("attention.kernels")
-except Exception:  # noqa: BLE001 - only used to report kernel fallbacks
-    _rl_kernels = None
-
-
-def clear_refused_kernels() -> None:
-    """Forget earlier kernel refusals, so that a fallback is attributed to the next row."""
-    if _rl_kernels is not None and hasattr(_rl_kernels, "_refused"):
-        _rl_kernels._refused.clear()
-
-
 def _time_repeats(runner: Runner, d: Dist, reps: int) -> List[float]:
     """Milliseconds of each of ``reps`` steps: CUDA events on GPU, the host clock on CPU."""
     if d.device.type == "cuda":
@@ -68,7 +56,7 @@ def run_row(runner: Runner, d: Dist, args, ref: Optional[List[torch.Tensor]]) ->
         rec["valid"] = bool(max(errs) < VALID_TOL)
         del got
     del res
-    refused = sorted(map(str, getattr(_rl_kernels, "_refused", ()) or ()))
+    refused = runner.refusals()  # the row's own module: refusals are per module (kernel_policy.py)
     if refused:
         rec["kernels_refused"] = refused
     # the first call sizes the run: at most --row-cap-s of timing, no warm-up for slow rows

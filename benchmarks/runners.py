@@ -37,6 +37,8 @@ class Runner:
     to_check: Callable[[Any], List[torch.Tensor]]
     ref_view: Callable[[torch.Tensor], torch.Tensor]
     stats: Callable[[], Dict[str, Any]] = lambda: {}
+    #: kernels the row's attention module refused so far (its KernelPolicy; none outside the ring)
+    refusals: Callable[[], List[str]] = lambda: []
     notes: List[str] = field(default_factory=list)
 
 
@@ -136,7 +138,7 @@ def ring_runner(spec: Spec, base, d: Dist, causal: bool, args, n: int):
 
     with sharding.sequence_sharding(group, layout):
         yield Runner(lambda: _ring_step(attn, qkv, gl, causal), lambda r: [r[0], *r[1]], view,
-                     stats=stats, notes=notes)
+                     stats=stats, refusals=attn.kernels.refusals, notes=notes)
     attn.clear_memory_pool()
 
 

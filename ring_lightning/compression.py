@@ -41,7 +41,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersg
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-COMPRESSION_METHODS = ("none", "topk", "randomk", "powersgd", "bf16")
+#: the hooks' names, defined once at the attention config's edge (which accepts them too)
+from ring_lightning.attention.config_adapter import COMPRESSION_METHODS  # noqa: E402
 
 # DDP inspects hook annotations: they must be these real objects (hence no
 # `from __future__ import annotations` in this file).
@@ -346,26 +347,20 @@ def register_compression_hook(
     return state
 
 
-# --------------------------------------------------------------- usage-guide forwarding
+# ------------------------------------------------------ what attention configs ask for
 def _asked_by_attention(m: nn.Module, default_ratio: float, default_feedback: bool) -> Optional[Tuple[str, float, bool]]:
-    """What a ``distributed`` attention module's config asks the DDP hook for, if anything.
+    """What an attention module's config asks the DDP hook for, if anything.
 
-    The usage guide puts compression fields on the attention config; they act only in the
-    ``distributed`` variant, and this is the one place they are forwarded to their owner
-    (the strategy's DDP hook). The config asks when ``gradient_compression_ratio`` is set
-    or when ``compression_method`` differs from its default; ``None`` ratio -> the strategy's.
+    The attention config accepts the compression fields at its edge and hands them over
+    through ``attention.config_adapter.compression_request`` (the ``distributed`` variant
+    only); ``None`` ratio -> the strategy's.
     """
-    cfg = getattr(m, "config", None)
-    if getattr(m, "variant", None) != "distributed" or cfg is None:
+    from ring_lightning.attention.config_adapter import compression_request
+
+    asked = compression_request(getattr(m, "variant", None), getattr(m, "config", None))
+    if asked is None:
         return None
-    ratio = getattr(cfg, "gradient_compression_ratio", None)
-    method = getattr(cfg, "compression_method", "none")
-    field_info = getattr(type(cfg), "__dataclass_fields__", {}).get("compression_method")
-    default_method = field_info.default if field_info is not None else "none"
-    if method == "none" or (ratio is None and method == default_method):
-        return None
-    ratio = default_ratio if ratio is None else float(ratio)
-    return method, ratio, bool(getattr(cfg, "use_error_feedback", default_feedback))
+    return asked.method, default_ratio if asked.ratio is None else asked.ratio, asked.error_feedback
 
 
 def resolve_compression(method: str, ratio: float, error_feedback: bool,

@@ -86,6 +86,36 @@ def attention_pairs(
     return sum(_pattern_pairs(seq_len, num_heads, w, r, causal, mask, bs) for w, r in patterns)
 
 
+def mask_pairs(seq_len: int, masks: Sequence, num_heads: int = 1, *, causal: bool = True) -> float:
+    """Pairs that attention masks (``ring_lightning.attention.mask_protocol``: any registered
+    kind, ANDed) allow on a dense pattern, summed over query heads, in this module's causal
+    convention: counted from the masks' own ``token_mask`` answers, a chunk of query rows at
+    a time, so a new mask kind is counted without code here.
+
+    A mask holding per-row data (packed documents) gives the total of its rows. Cost
+    ``O(N^2)`` time, bounded memory: for checks and short sequences; the closed forms above
+    (block masks, ``grid_window_pairs``, ``batch_attention_pairs``) are the per-step counters.
+    """
+    from ring_lightning.attention.mask_protocol import MaskSet
+
+    mask_set = MaskSet(masks)
+    keys = torch.arange(seq_len)
+    rows = max(1, _CHUNK_ELEMENTS // seq_len)
+    total = 0.0
+    for q0 in range(0, seq_len, rows):
+        queries = keys[q0:q0 + rows]
+        allowed = mask_set.token_mask(queries[None], keys[None])  # (1|B, 1, c, N) or None: all
+        if allowed is None:
+            allowed = torch.ones(1, 1, queries.numel(), seq_len, dtype=torch.bool)
+        if causal:
+            before = keys[None, :] < queries[:, None]  # (c, N)
+            same = keys[None, :] == queries[:, None]
+            total += float((allowed & before).sum()) + 0.5 * float((allowed & same).sum())
+        else:
+            total += float(allowed.sum())
+    return total * num_heads
+
+
 def attention_fraction(seq_len: int, num_heads: int = 1, *, causal: bool = True, **pattern) -> float:
     """``attention_pairs`` of a pattern over those of dense attention with the same ``causal``.
 

@@ -11,12 +11,12 @@ from typing import Optional
 from .base import RingAttentionBase, ring_attention_modules
 from .block_sparse import BlockSparseRingAttention
 from .comm import RingCommunicationError
-from .config import VARIANTS, RingAttentionConfig
+from .config import RingAttentionConfig
 from .distributed import DistributedRingAttention
 from .hilbert import HilbertRingAttention
 from .multihead import MultiheadRingAttention
 from .reference import reference_attention
-from .registry import build_variant, check_fields, check_variant
+from .registry import VARIANTS, build_variant, check_fields, check_variant
 from .standard import StandardRingAttention
 
 

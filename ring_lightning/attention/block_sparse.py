@@ -26,10 +26,10 @@ import torch
 
 from .base import RingAttentionBase
 from .kernels import BlockSpec
-from .masks import block_mask_for
+from .masks import BlockGridMask, block_mask_for
 from .plan import CAUSAL
 from .sparse_kernel import SparseLayout, aligned, build_layout, sparse_backward, sparse_forward
-from .tasks import TaskPath
+from .tasks import TaskPath, both
 
 
 def _batched(tile_mask, batch: int, device):
@@ -45,10 +45,11 @@ class BlockSparsePath(TaskPath):
     """Tasks under a block mask: the gathered kernel where whole blocks align (sparse_kernel.py),
     else the standard path with a per-tile token mask. Caches live for one ring call."""
 
-    fused_equivalent = False  # the block mask is not SDPA's
+    handles = frozenset({"block_grid"})
 
-    def __init__(self, blocks: torch.Tensor, block_size: int) -> None:
-        self.blocks, self.bs = blocks, block_size  # (N/bs, N/bs) bool, on the inputs' device
+    def __init__(self, mask: BlockGridMask, device) -> None:
+        self.mask, self.bs = mask, mask.block_size
+        self.blocks = mask.on(device)  # (N/bs, N/bs) bool, on the inputs' device
         self._masks: Dict[tuple, object] = {}
         self._layouts: Dict[tuple, Optional[SparseLayout]] = {}
 
@@ -56,25 +57,25 @@ class BlockSparsePath(TaskPath):
         """None: the mask keeps all of the task; False: nothing; else tile -> (S, mq, mk) mask."""
         key = (task, src)
         if key not in self._masks:
-            blocks, bs = self.blocks, self.bs
-            qpos, kpos = self.positions(ctx, task, src)
-            qb, kb = (qpos // bs).to(blocks.device), (kpos // bs).to(blocks.device)  # (S, M), (S, L) block ids
-            sub = blocks[qb.unique()][:, kb.unique()]
+            blocks, bs, mask = self.blocks, self.bs, self.mask
+            qpos, kpos = (p.to(blocks.device) for p in self.positions(ctx, task, src))  # (S, M), (S, L)
+            sub = blocks[(qpos // bs).unique()][:, (kpos // bs).unique()]
             if bool(sub.all()):
                 self._masks[key] = None
             elif not bool(sub.any()):
                 self._masks[key] = False
             else:
                 def tile(q0, q1, k0, k1):  # only one tile's mask at a time, never (M, L)
-                    return blocks[qb[:, q0:q1, None], kb[:, None, k0:k1]]
+                    return mask.token_mask(qpos[:, q0:q1], kpos[:, k0:k1])[0]
 
                 self._masks[key] = tile
         return self._masks[key]
 
     def _layout(self, ctx, task, src, spec: BlockSpec, q) -> Optional[SparseLayout]:
         """Gathered-kernel layout, or None where the per-tile path must run (dilated selection,
-        blocks not aligned with pieces, dropout, packed documents)."""
-        if task.pattern.dilation != 1 or spec.dropout_p > 0 or spec.documents is not None:
+        blocks not aligned with pieces, dropout, packed documents, other masks)."""
+        if (task.pattern.dilation != 1 or spec.dropout_p > 0 or spec.documents is not None
+                or (ctx.masks is not None and ctx.masks.masks)):  # other masks: the per-tile path ANDs them
             return None
         Bp, _, heads, head_dim = q.shape  # (B*S, M, Hs, D)
         key = (task, src, Bp, heads, head_dim)
@@ -91,14 +92,14 @@ class BlockSparsePath(TaskPath):
             return None
         spec = super().spec(ctx, task, src, batch)
         if mask is not None:
-            spec.token_mask = _batched(mask, batch, ctx.device)
+            spec.token_mask = both(spec.token_mask, _batched(mask, batch, ctx.device))
         return spec
 
     def forward(self, ctx, task, src, spec, q, k, v):
         layout = self._layout(ctx, task, src, spec, q)
         if layout is None:
             return super().forward(ctx, task, src, spec, q, k, v)
-        o, l, state, computed = sparse_forward(layout, q, k, v, ctx.scale, ctx.kernel)
+        o, l, state, computed = sparse_forward(layout, q, k, v, ctx.scale, ctx.kernels)
         ctx.profiler.computed_blocks += 1
         ctx.profiler.computed_tiles += computed
         return o, l, state
@@ -116,7 +117,7 @@ class BlockSparseRingAttention(RingAttentionBase):
 
     def __init__(self, config=None, **fields) -> None:
         super().__init__(config, **fields)
-        self._device_blocks: dict = {}
+        self._mask_of: dict = {}
         if self.config.compute_block_size != 1024:
             warnings.warn("RingAttentionConfig.compute_block_size has no effect in block_sparse: tiles are "
                           "block_size so they align with the mask's blocks", UserWarning, stacklevel=2)
@@ -127,22 +128,21 @@ class BlockSparseRingAttention(RingAttentionBase):
         # a copy: the mask is cached (masks.py) and shared by every module with this config
         return block_mask_for(seq_len, c.block_size, c.sparse_pattern, c.sparsity_ratio, c.sparse_seed).clone()
 
+    def _grid_mask(self, seq_len: int) -> BlockGridMask:
+        """The block mask as an attention mask (masks.py), built once per length: it keeps the
+        copies on each device, so the pageable host copy is not repeated every call."""
+        if self._mask_of.get("seq_len") != seq_len:
+            c = self.config
+            blocks = block_mask_for(seq_len, c.block_size, c.sparse_pattern, c.sparsity_ratio, c.sparse_seed)
+            self._mask_of = {"seq_len": seq_len, "mask": BlockGridMask(blocks, c.block_size, (seq_len,) + self._sparse_key())}
+        return self._mask_of["mask"]
+
+    def _declared_masks(self, seq_len: int) -> tuple:
+        return (self._grid_mask(seq_len),)
+
     def _context_options(self, q: torch.Tensor, seq_len: int, is_causal: bool) -> dict:
-        bs = self.config.block_size
         # tiles of block_size so that every tile lies in one block of the mask
-        return {"path": BlockSparsePath(self._blocks_on(seq_len, q.device), bs), "tile": bs}
-
-    def _flex_grid(self, seq_len: int, device):
-        # on one CUDA device the whole call is one FlexAttention call under this grid (flex.py)
-        return (self._sparse_key(), self.config.block_size, lambda: self._blocks_on(seq_len, device))
-
-    def _blocks_on(self, seq_len: int, device) -> torch.Tensor:
-        """The block mask on ``device``, copied there once: a copy from pageable host memory
-        waits for the device, which at 32K tokens cost a quarter of the step (measured)."""
-        key = (seq_len, str(device))
-        if self._device_blocks.get("key") != key:
-            self._device_blocks = {"key": key, "blocks": self.block_mask(seq_len).to(device)}
-        return self._device_blocks["blocks"]
+        return {"path": BlockSparsePath(self._grid_mask(seq_len), q.device), "tile": self.config.block_size}
 
     def _sparse_key(self):
         c = self.config

@@ -1,8 +1,9 @@
-"""RingAttentionConfig: every setting of the usage guide, validated on construction.
+"""RingAttentionConfig: every setting of a ring attention module, validated on construction.
 
 Each field says which variants it acts in. A field set away from its default in a
 variant where it has no effect warns once (see ``warn_inert_fields``): no field is
-silently ignored.
+silently ignored. Five fields belong to other layers (gradient compression, activation
+checkpointing): accepted here, read only through config_adapter.py by their owners.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from ..lengths import LengthRules, check_length
+from ..sharding import LAYOUTS
+from .config_adapter import ACTING_VARIANT, COMPRESSION_METHODS, OTHER_LAYER_FIELDS
+from .kernel_policy import CUDA_KERNELS
 
+#: the variant names, defined here once (registry.py maps each to the class whose ``variant`` it is)
 VARIANTS = ("standard", "hilbert", "distributed", "block_sparse")
-LAYOUT_CHOICES = ("auto", "contiguous", "zigzag")
+LAYOUT_CHOICES = ("auto",) + LAYOUTS
 SPARSE_PATTERNS = ("local_window", "dilated", "global_local", "random")
 GRID_ORDERS = ("hilbert", "frames", "raster")
-COMPRESSION_METHODS = ("none", "topk", "randomk", "powersgd", "bf16")
-KERNELS = ("auto", "math", "flash", "cudnn", "efficient")
+KERNELS = ("auto", "math") + CUDA_KERNELS
 _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -38,14 +42,7 @@ FIELD_VARIANTS = {
     "sparsity_ratio": ("block_sparse",),
     "sparse_pattern": ("block_sparse",),
     "sparse_seed": ("block_sparse",),
-    "gradient_compression_ratio": ("distributed",),
-    "compression_method": ("distributed",),
-    "use_error_feedback": ("distributed",),
-    "use_checkpoint_accumulation": ("distributed",),
-    "checkpoint_every_n_layers": ("distributed",),
-    "enable_mixed_precision": ("distributed",),
-    "attention_dtype": ("distributed",),
-    "validate_gradients": ("distributed",),
+    **{name: (ACTING_VARIANT,) for name in OTHER_LAYER_FIELDS},  # forwarded to their owners (config_adapter.py)
 }
 # What an inert-field warning adds for fields that act by other means than their variant.
 FIELD_NOTES = {
@@ -79,7 +76,7 @@ def resolve_dtype(value) -> Optional[torch.dtype]:
 
 @dataclass
 class RingAttentionConfig:
-    """Settings of a ring attention module (the usage guide's fields, plus a few)."""
+    """Settings of a ring attention module (docstrings below; the variants they act in: FIELD_VARIANTS)."""
 
     # --- the attention pattern -------------------------------------------------------
     segment_lengths: Optional[List[int]] = None
@@ -140,7 +137,7 @@ class RingAttentionConfig:
     sparse_seed: int = 0
     """Seed of the random pattern; the mask is identical on every rank and run."""
 
-    # --- distributed variant --------------------------------------------------------------
+    # --- other layers' fields, accepted here (config_adapter.py hands them to their owners) ---
     gradient_compression_ratio: Optional[float] = None
     """Fraction of gradient entries kept by topk/randomk compression (strategy hook)."""
     compression_method: str = "topk"
@@ -152,6 +149,7 @@ class RingAttentionConfig:
     it (LongDocumentLM turns on selective checkpointing), the ring itself stores only q/k/v/out/lse."""
     checkpoint_every_n_layers: int = 1
     """With checkpointing on: checkpoint every n-th layer."""
+    # --- execution options, every variant (execution.py) ---------------------------------------
     enable_mixed_precision: bool = False
     """Compute blocks in attention_dtype, accumulate and merge in float32."""
     attention_dtype: Optional[Union[str, torch.dtype]] = None
@@ -304,3 +302,4 @@ class RingAttentionConfig:
                     UserWarning,
                     stacklevel=3,
                 )
+

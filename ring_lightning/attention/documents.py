@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ..sharding import Piece, unshard_sequence
+from .mask_protocol import AttentionMask, register_mask
 from .plan import FilteredPlan, Item, RingPlan, Task
 from .varlen import document_sequences
 
@@ -111,6 +112,36 @@ class Documents:
             else:
                 self._keeps[key] = any(bool(torch.isin(q[b], k[b]).any()) for b in range(q.shape[0]))
         return self._keeps[key]
+
+
+@register_mask
+class DocumentMask(AttentionMask):
+    """Packed documents as a mask over the WHOLE sequence: a query sees only keys with its id.
+
+    ``ids`` (B, N) global. The ring itself reads the ids through ``Documents`` (gathered over
+    the group once per call, per task and per tile); this is the one-device view: the
+    attention weights, the FlexAttention mask_mod and the checks of tests/unit/test_masks.py."""
+
+    kind = "documents"
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids.long()
+
+    def keeps(self, q_range, k_range) -> bool:
+        q, k = self.ids[:, q_range[0]:q_range[1]], self.ids[:, k_range[0]:k_range[1]]
+        return any(bool(torch.isin(q[b], k[b]).any()) for b in range(q.shape[0]))
+
+    def token_mask(self, qpos, kpos):
+        ids = self.ids.to(qpos.device)
+        return ids[:, qpos][:, :, :, None] == ids[:, kpos][:, :, None, :]  # (B, S, M, L)
+
+    def mask_mod(self, device=None):
+        ids = self.ids if device is None else self.ids.to(device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return ids[b, q_idx] == ids[b, kv_idx]
+
+        return mask_mod
 
 
 class DocumentPlan(FilteredPlan):

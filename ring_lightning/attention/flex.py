@@ -14,12 +14,15 @@ ids do). Letters: B batch, N length, H query heads, K kv heads, D head dim.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Optional
 
 import torch
 
-from .documents import tensor_version
+from .documents import DocumentMask, tensor_version
+from .mask_protocol import CausalMask, MaskSet
+from .masks import BlockGridMask
 
 FLEX_BLOCK = 128  # FlexAttention's block (tokens) for the block masks built here
 
@@ -27,9 +30,9 @@ _compiled = None
 _doc_masks: Optional[tuple] = None  # (weakref to the ids, key, block mask): one step's
 
 
-def flex_supported(q: torch.Tensor) -> bool:
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) or q.shape[-1] < 16:
-        return False
+@functools.lru_cache(maxsize=1)
+def flex_importable() -> bool:
+    """FlexAttention exists in this PyTorch (route.py asks, with the device and dtype apart)."""
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
     except ImportError:
@@ -48,25 +51,25 @@ def _flex():
 
 
 def _mask_mod(causal: bool, blocks: Optional[torch.Tensor], block_size: int, ids: Optional[torch.Tensor]):
-    def mask_mod(b, h, q_idx, kv_idx):
-        keep = q_idx >= 0  # all True, in the index dtype flex traces with
-        if causal:
-            keep = keep & (kv_idx <= q_idx)
-        if blocks is not None:
-            keep = keep & blocks[q_idx // block_size, kv_idx // block_size]
-        if ids is not None:
-            keep = keep & (ids[b, q_idx] == ids[b, kv_idx])
-        return keep
-
-    return mask_mod
+    """The mask_mod of (causal) AND (block grid) AND (same document), asked of the masks
+    (mask_protocol.py), reading tensors on the device of ``blocks`` / ``ids``."""
+    masks = ([CausalMask()] if causal else []) + ([BlockGridMask(blocks, block_size)] if blocks is not None else [])
+    masks += [DocumentMask(ids)] if ids is not None else []
+    device = ids.device if ids is not None else (blocks.device if blocks is not None else None)
+    return MaskSet(masks).mask_mod(device)
 
 
 def _create(causal, blocks, block_size, ids, B, N, device):
+    return block_mask_of(_mask_mod(causal, blocks, block_size, ids), B, N, device)
+
+
+def block_mask_of(mask_mod, B: Optional[int], N: int, device):
+    """The block mask of any ``mask_mod`` (mask_protocol.MaskSet.mask_mod), not cached: the
+    generic form for mask kinds without a cached builder here."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     # _compile: the mask is evaluated block by block, never as a (B, N, N) tensor
-    return create_block_mask(_mask_mod(causal, blocks, block_size, ids), B, None, N, N, device=device,
-                             BLOCK_SIZE=FLEX_BLOCK, _compile=True)
+    return create_block_mask(mask_mod, B, None, N, N, device=device, BLOCK_SIZE=FLEX_BLOCK, _compile=True)
 
 
 _grid_masks: dict = {}  # (grid key, N, causal, device) -> block mask: static, kept for the process

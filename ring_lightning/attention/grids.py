@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .mask_protocol import AttentionMask, register_mask
+
 Vec = Tuple[int, ...]
 
 
@@ -190,6 +192,45 @@ class TokenGrid:
         says no wrongly, so a dropped ring task really is empty)."""
         (qlo, qhi), (klo, khi) = _range_box(self, *q_range), _range_box(self, *k_range)
         return all(kl - qh <= r and ql - kh <= r for ql, qh, kl, kh, r in zip(qlo, qhi, klo, khi, self.radius))
+
+
+@register_mask
+class GridWindowMask(AttentionMask):
+    """A query at grid cell c sees the keys at cells c' with ``|c_d - c'_d| <= radius[d]`` (grids.py)."""
+
+    kind = "grid_window"
+    #: a token grid is one image or video per row: packed documents cannot split it
+    refuses_documents = ("document_ids cannot be combined with grid_shape: a token grid is one image or video "
+                         "per row; pass document_ids=None or set grid_shape=None for packed 1-D documents")
+
+    def __init__(self, grid: TokenGrid) -> None:
+        self.grid = grid
+
+    def keeps(self, q_range, k_range) -> bool:
+        return self.grid.pieces_meet(q_range, k_range)
+
+    def token_mask(self, qpos, kpos):
+        S, M, L = qpos.shape[0], qpos.shape[1], kpos.shape[1]
+        cq = self.grid.coords(qpos.reshape(-1)).view(S, M, 1, -1)
+        ck = self.grid.coords(kpos.reshape(-1)).view(S, 1, L, -1)
+        r = torch.tensor(self.grid.radius, device=qpos.device)
+        return ((cq - ck).abs() <= r).all(-1)[None]  # (1, S, M, L)
+
+    def flex_form(self, is_causal: bool, device):
+        return flex_grid_mask(self.grid, is_causal, device)  # the window in curve order: few dense blocks
+
+    def mask_mod(self, device=None):
+        cells = self.grid.coords(torch.arange(self.grid.num_tokens, device=device))
+        dims = [cells[:, i].contiguous() for i in range(cells.shape[1])]
+        radius = self.grid.radius
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = q_idx >= 0
+            for c, r in zip(dims, radius):
+                keep = keep & (c[q_idx] - c[kv_idx] <= r) & (c[kv_idx] - c[q_idx] <= r)
+            return keep
+
+        return mask_mod
 
 
 @lru_cache(maxsize=16)

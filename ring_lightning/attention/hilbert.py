@@ -17,25 +17,24 @@ Token grids (``grid_shape`` + ``grid_window``, grids.py) give the curve its real
 task's tokens are laid along the generalised Hilbert curve of the image / video grid
 before its kernel runs (``GridPath``), so the box neighbourhood of a query tile is a few
 key tiles; tiles the window empties are skipped, and ring tasks whose pieces are out of
-each other's reach are neither computed nor sent (``grid_plan``). On one CUDA device the
+each other's reach are neither computed nor sent (``GridWindowMask.keeps``). On one CUDA device the
 whole call is one FlexAttention call under the window's block mask in curve order.
 Outputs and gradients come back in the caller's order.
 """
 
 from __future__ import annotations
 
-import torch
-
-import math
 import warnings
 from functools import lru_cache
 from typing import Dict, Optional, Tuple
 
+import torch
+
 from .base import RingAttentionBase
-from .flex import flex_attention, flex_supported
-from .grids import TokenGrid, flex_grid_mask
-from .plan import CAUSAL, FilteredPlan
-from .tasks import TaskPath
+from .grids import GridWindowMask, TokenGrid
+from .mask_protocol import CausalMask, MaskSet
+from .plan import CAUSAL
+from .tasks import TaskPath, both
 
 
 def hilbert_index(level: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -120,8 +119,8 @@ class HilbertPath(TaskPath):
 
 
 class _GridTask:
-    """One task's tokens in kernel order: the permutations and the cells and positions the
-    window mask reads, on the inputs' device."""
+    """One task's tokens in kernel order: the permutations and the positions its masks read
+    (the window, and causality on raster positions for a diagonal task), on the inputs' device."""
 
     def __init__(self, grid: TokenGrid, qpos: torch.Tensor, kpos: torch.Tensor, causal: bool, device) -> None:
         self.q_order, self.k_order = grid.kernel_order(qpos), grid.kernel_order(kpos)  # None: identity
@@ -129,15 +128,12 @@ class _GridTask:
             qpos, kpos = qpos[self.q_order], kpos[self.k_order]
             self.q_order, self.k_order = self.q_order.to(device), self.k_order.to(device)
             self.q_back, self.k_back = torch.argsort(self.q_order), torch.argsort(self.k_order)
-        self.grid, self.causal = grid, causal
-        self.cq, self.ck = grid.coords(qpos).to(device), grid.coords(kpos).to(device)  # (M, d), (L, d)
-        self.pq, self.pk = qpos.to(device), kpos.to(device)
+        self.masks = MaskSet([GridWindowMask(grid)] + ([CausalMask()] if causal else []))
+        self.pq, self.pk = qpos.to(device)[None], kpos.to(device)[None]  # (1, M), (1, L)
 
     def tile_mask(self, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
-        """(mq, mk) window mask of one tile (causal on raster positions for a diagonal task)."""
-        if self.causal:
-            return self.grid.allowed(self.cq[q0:q1], self.ck[k0:k1], self.pq[q0:q1], self.pk[k0:k1])
-        return self.grid.allowed(self.cq[q0:q1], self.ck[k0:k1])
+        """(mq, mk) mask of one tile, from the masks (mask_protocol.py)."""
+        return self.masks.token_mask(self.pq[:, q0:q1], self.pk[:, k0:k1])[0, 0]
 
     def queries(self, x: torch.Tensor, back: bool = False) -> torch.Tensor:
         """(B', M, ...) tensor of the task's queries into kernel order (``back``: out of it)."""
@@ -151,7 +147,7 @@ class GridPath(TaskPath):
     """Tasks under a token-grid window: tokens in curve order inside the task, the window as
     a per-tile token mask (tiles it empties are skipped), results back in the task's order."""
 
-    fused_equivalent = False  # a neighbourhood mask is not SDPA's
+    handles = frozenset({"grid_window"})
 
     def __init__(self, grid: TokenGrid) -> None:
         self.grid = grid
@@ -166,7 +162,7 @@ class GridPath(TaskPath):
     def spec(self, ctx, task, src, batch):
         spec = super().spec(ctx, task, src, batch)
         spec.causal = False  # in curve order causality is not triangular: the token mask holds it
-        spec.token_mask = self._task(ctx, task, src).tile_mask
+        spec.token_mask = both(spec.token_mask, self._task(ctx, task, src).tile_mask)
         return spec
 
     def forward(self, ctx, task, src, spec, q, k, v):
@@ -179,15 +175,6 @@ class GridPath(TaskPath):
         dq, dk, dv = super().backward(ctx, task, src, spec, state, t.queries(q), t.keys(k), t.keys(v),
                                       t.queries(out), t.queries(dout), t.queries(lse))
         return t.queries(dq, back=True), t.keys(dk, back=True), t.keys(dv, back=True)
-
-
-def grid_plan(plan, grid: TokenGrid) -> FilteredPlan:
-    """The plan without tasks whose query and key pieces are out of the window's reach."""
-    def keeps(p, dst, task, src):
-        qp, kp = p.pieces[dst][task.q_piece], p.pieces[src][task.k_piece]
-        return grid.pieces_meet((qp.start, qp.start + qp.length), (kp.start, kp.start + kp.length))
-
-    return FilteredPlan(plan, keeps)
 
 
 class HilbertRingAttention(RingAttentionBase):
@@ -203,11 +190,9 @@ class HilbertRingAttention(RingAttentionBase):
             warnings.warn("RingAttentionConfig.hilbert_curve_level has no effect with grid_shape: the curve "
                           "runs over the token grid", UserWarning, stacklevel=2)
 
-    def _attend(self, q, k, v, is_causal, already_split, return_lse, document_ids):
-        if self._grid is not None and document_ids is not None:
-            raise ValueError("document_ids cannot be combined with grid_shape: a token grid is one image or video "
-                             "per row; pass document_ids=None or set grid_shape=None for packed 1-D documents")
-        return super()._attend(q, k, v, is_causal, already_split, return_lse, document_ids)
+    def _declared_masks(self, seq_len: int) -> tuple:
+        grid = self._grid_for(seq_len)
+        return () if grid is None else (GridWindowMask(grid),)
 
     def _grid_for(self, seq_len: int) -> Optional[TokenGrid]:
         if self._grid is not None:
@@ -217,27 +202,3 @@ class HilbertRingAttention(RingAttentionBase):
     def _context_options(self, q: torch.Tensor, seq_len: int, is_causal: bool) -> dict:
         grid = self._grid_for(seq_len)
         return {"path": HilbertPath(self.config.hilbert_curve_level) if grid is None else GridPath(grid)}
-
-    def _restrict_plan(self, plan):
-        grid = self._grid_for(plan.seq_len)
-        return plan if grid is None else grid_plan(plan, grid)
-
-    def _flex_single_device(self, q, patterns, seq_len: int, is_causal: bool, documents: bool) -> bool:
-        if self._grid_for(seq_len) is None:
-            return super()._flex_single_device(q, patterns, seq_len, is_causal, documents)
-        cfg = self.config
-        return flex_supported(q) and cfg.kernel == "auto" and not (cfg.dropout > 0.0 and self.training)
-
-    def _single_device_flex(self, q, k, v, is_causal, seq_len, document_ids) -> torch.Tensor:
-        grid = self._grid_for(seq_len)
-        if grid is None:
-            return super()._single_device_flex(q, k, v, is_causal, seq_len, document_ids)
-        self.profiler.reset(q.device, self.config.profile_memory)
-        self.profiler.calls += 1
-        scale = self.config.scale if self.config.scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        with self.profiler.total.span(), self.profiler.compute.span():
-            order, back, mask = flex_grid_mask(grid, bool(is_causal), q.device)
-            if order is not None:  # (B, N, ...) into curve order and the output back out of it
-                q, k, v = (x.index_select(1, order) for x in (q, k, v))
-            out = flex_attention(q, k, v, scale, mask)
-            return out if back is None else out.index_select(1, back)

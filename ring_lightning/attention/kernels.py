@@ -16,8 +16,8 @@ Two implementations:
   through a per-tile seeded mask that backward regenerates. Used on CPU, for float32/64
   and wherever a CUDA kernel does not apply.
 * CUDA SDPA kernels (cuDNN, flash, memory-efficient) through their ATen ops, which return
-  the log-sum-exp. Tried in the order the config allows; a kernel that refuses an input
-  (dtype, head dim) is skipped for that input signature.
+  the log-sum-exp. Which one takes a block, and what each refused so far, is the
+  module's ``KernelPolicy`` (kernel_policy.py).
 
 Letters: B' batch (batch x segments), M query tokens, L key tokens, H heads, D head dim.
 Tensors arrive as (B', M, H, D); lse is (B', M, H).
@@ -25,18 +25,14 @@ Tensors arrive as (B', M, H, D); lse is (B', M, H).
 
 from __future__ import annotations
 
-import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
 import torch
 
 from . import varlen
+from .kernel_policy import KernelPolicy
 from .merge import accumulator_dtype
-
-_CUDA_KERNELS = ("cudnn", "flash", "efficient")
-_refused: set = set()  # (kernel, dtype, head_dim) signatures a CUDA kernel rejected
 
 
 @dataclass
@@ -174,12 +170,6 @@ def math_backward(q, k, v, out, dout, lse, scale: float, spec: BlockSpec, tile: 
 
 
 # ----------------------------------------------------------------------------- CUDA kernels
-def _documents_varlen(kernel: str, q, spec: BlockSpec) -> bool:
-    """Packed documents on CUDA: one varlen FlashAttention call, one sequence per document."""
-    return (spec.documents is not None and spec.documents.packed and spec.token_mask is None
-            and spec.dropout_p == 0 and kernel in ("auto", "flash") and varlen.varlen_cuda_ok(q))
-
-
 def _documents_forward(q, k, v, scale: float, spec: BlockSpec):
     cu_q, cu_k, max_q, max_k, key_counts = spec.documents.sequences()
     Bp, M, H, D = q.shape
@@ -230,36 +220,24 @@ def _cuda_backward(saved, q, k, v, out, dout, lse, scale: float, causal: bool):
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
-def cuda_candidates(kernel: str, q: torch.Tensor, spec: BlockSpec):
-    """CUDA kernels that may take this block, in order of preference."""
-    if not q.is_cuda or spec.token_mask is not None or spec.dropout_p > 0 or spec.documents is not None:
-        return ()
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return ()
-    names = _CUDA_KERNELS if kernel == "auto" else ((kernel,) if kernel in _CUDA_KERNELS else ())
-    key = (q.dtype, q.shape[-1])
-    return tuple(n for n in names if (n, key) not in _refused)
+def block_forward(q, k, v, scale: float, spec: BlockSpec, policy: KernelPolicy, tile: int = 1024):
+    """(out, lse, saved, skipped_tiles) for one block. q (B',M,H,D); k, v (B',L,H,D).
 
-
-def block_forward(q, k, v, scale: float, spec: BlockSpec, kernel: str = "auto", tile: int = 1024):
-    """(out, lse, saved, skipped_tiles) for one block. q (B',M,H,D); k, v (B',L,H,D)."""
-    if _documents_varlen(kernel, q, spec):
-        result = varlen.attempt(lambda: _documents_forward(q, k, v, scale, spec), "packed documents")
+    ``policy`` (the module's) picks the kernel: varlen for packed documents, the CUDA
+    kernels it allows, else the portable math kernel."""
+    if policy.documents_varlen(q, spec):
+        result = policy.try_varlen(lambda: _documents_forward(q, k, v, scale, spec), "packed documents")
         if result is not None:
             return (*result, 0)
-    for name in cuda_candidates(kernel, q, spec):
+    for name in policy.cuda_candidates(q, spec):
         try:
             out, lse, saved = _cuda_forward(name, q, k, v, scale, spec.causal)
             return out, lse, saved, 0
         except torch.OutOfMemoryError:
             raise  # not a refusal: the math kernel would not fit either
         except RuntimeError as exc:
-            # The kernel rejects this signature (head dim, alignment, arch): remember and
-            # fall through to the next one, ending with the portable math kernel.
-            _refused.add((name, (q.dtype, q.shape[-1])))
-            if kernel != "auto":
-                warnings.warn(f"kernel={kernel!r} refused {q.dtype} head_dim={q.shape[-1]} ({exc}); "
-                              f"using the portable math kernel", RuntimeWarning)
+            # the kernel rejects this signature (head dim, alignment, arch): the next one takes it
+            policy.refuse(name, q, exc)
     out, lse, skipped = math_forward(q, k, v, scale, spec, tile)
     return out, lse, ("math",), skipped
 

@@ -1,12 +1,15 @@
-"""Deterministic block masks of the block_sparse variant (pure functions of the config)."""
+"""Deterministic block masks of the block_sparse variant (pure functions of the config), and
+``BlockGridMask``, the block grid as an attention mask (mask_protocol.py)."""
 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
 from ..lengths import LengthRules, check_length
+from .mask_protocol import AttentionMask, register_mask
 
 
 def _band(n: int, half_width: int) -> torch.Tensor:
@@ -55,3 +58,40 @@ def block_mask_for(seq_len: int, block_size: int, pattern: str, ratio: float, se
     works when ``seq_len`` is not a multiple of ``block_size``."""
     check_length(seq_len, LengthRules(block_size=block_size))
     return build_block_mask(seq_len // block_size, pattern, ratio, seed)
+
+
+@register_mask
+class BlockGridMask(AttentionMask):
+    """Whole (query block, key block) pairs of ``block_size`` tokens kept where ``blocks`` is True."""
+
+    kind = "block_grid"
+
+    def __init__(self, blocks: torch.Tensor, block_size: int, key: Optional[tuple] = None) -> None:
+        self.blocks, self.block_size = blocks.cpu(), block_size  # (N/bs, N/bs) bool: the plan reads it on the host
+        self.key = key  #: hashable name of the grid (its config), for caches of masks built from it
+        self._on = {str(self.blocks.device): self.blocks}
+
+    def on(self, device) -> torch.Tensor:
+        """The blocks on ``device``, copied there once (a copy from pageable host memory waits
+        for the device: at 32K tokens it cost a quarter of the step, measured)."""
+        if str(device) not in self._on:
+            self._on[str(device)] = self.blocks.to(device)
+        return self._on[str(device)]
+
+    def keeps(self, q_range, k_range) -> bool:
+        bs = self.block_size
+        rows = slice(q_range[0] // bs, -(-q_range[1] // bs))
+        cols = slice(k_range[0] // bs, -(-k_range[1] // bs))
+        return bool(self.blocks[rows, cols].any())
+
+    def token_mask(self, qpos, kpos):
+        blocks, bs = self.on(qpos.device), self.block_size
+        return blocks[(qpos // bs)[:, :, None], (kpos // bs)[:, None, :]][None]  # (1, S, M, L)
+
+    def mask_mod(self, device=None):
+        blocks, bs = self.on(device or "cpu"), self.block_size
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return blocks[q_idx // bs, kv_idx // bs]
+
+        return mask_mod

@@ -7,7 +7,8 @@ Same constructor order (``embed_dim, num_heads, dropout, bias``), same ``batch_f
 wherever one device holds the whole sequence, for every pattern: like torch, an (B, T, S)
 matrix averaged over heads, or (B, H, T, S) with ``average_attn_weights=False``, the weight
 each value gets in the output (``out = weights @ v`` per head, before ``out_proj``). Masks
-(causal, block mask, packed documents, token grid) zero the weights they exclude; dilated
+(the call's masks, mask_protocol.py: causal, block grid, packed documents, grid window) zero
+the weights they exclude; dilated
 patterns are separate softmaxes merged by their denominators (LongNet), which equals one
 softmax over all patterns' keys (reference.py), so a key's weight is summed over the patterns
 that select it. Unlike torch's, before dropout: the ring applies dropout inside its kernels,
@@ -109,7 +110,7 @@ class MultiheadRingAttention(nn.Module):
     def _weights(self, q, k, is_causal: bool, average: bool, document_ids=None) -> torch.Tensor:
         """The weights of every value in the output on one device: (B, T, S) averaged over heads
         or (B, H, T, S), under the core's whole pattern (the masks of reference.py)."""
-        from .reference import block_to_token_mask, grid_window_mask, pattern_mask
+        from .reference import pattern_mask
 
         cfg = self.attention.config
         scale = cfg.scale or 1.0 / math.sqrt(self.head_dim)
@@ -117,16 +118,9 @@ class MultiheadRingAttention(nn.Module):
         dtype = torch.promote_types(q.dtype, torch.float32)  # bf16 inputs: float32 scores; float64 stays
         scores = torch.einsum("bthd,bshd->bhts", q.to(dtype), k.to(dtype)) * scale  # (B, H, T, S)
         T, S, H = scores.shape[-2], scores.shape[-1], self.num_heads
-        extra = torch.ones(T, S, dtype=torch.bool, device=q.device)  # (T, S): masks shared by every pattern
-        if is_causal:
-            extra &= ~torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)
-        if self.attention.variant == "block_sparse":
-            extra &= block_to_token_mask(self.attention.block_mask(S).to(q.device), cfg.block_size)
-        if getattr(cfg, "grid_shape", None) is not None:
-            extra &= grid_window_mask(cfg.grid_shape, cfg.grid_window, q.device)
-        if document_ids is not None:
-            ids = document_ids.to(q.device)
-            extra = extra & (ids[:, :, None] == ids[:, None, :])[:, None]  # (B, 1, T, S)
+        ids = None if document_ids is None else document_ids.to(q.device)
+        # every mask of the call (causal, the variant's, documents), shared by every pattern
+        extra = self.attention.masks(S, is_causal, ids).dense(S, q.device)[:, None, :T]  # (1|B, 1, T, S)
         patterns = cfg.patterns(S) if cfg.segment_lengths is not None else [(S, 1)]
         masked = [scores.masked_fill(~(pattern_mask(S, H, w, r, False, q.device)[:, :T] & extra), float("-inf"))
                   for w, r in patterns]  # each (B, H, T, S)

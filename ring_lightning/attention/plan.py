@@ -32,7 +32,6 @@ import torch
 
 from ..lengths import LengthRules, check_length
 from ..sharding import Piece, rank_pieces
-from .masks import block_mask_for
 
 FULL, CAUSAL = "full", "causal"
 
@@ -80,7 +79,7 @@ class RingPlan:
         is_causal: bool,
         num_heads: int,
         num_kv_heads: int,
-        sparse: Optional[tuple] = None,
+        sparse: Optional[tuple] = None,  #: (block_size, ...) of a block mask: its length rule only
         head_offset: int = 0,
     ) -> None:
         self.seq_len, self.group_size, self.layout = seq_len, group_size, layout
@@ -100,10 +99,6 @@ class RingPlan:
             # local (w divides the piece) or spanning (a multiple of it): check_length above
             self.patterns.append(Pattern(i, w, r, spans=piece_len % w != 0))
         self._tasks = {}
-        self.blocks = None
-        if sparse is not None:  # block_sparse: (block_size, pattern, ratio, seed)
-            self.block_size = sparse[0]
-            self.blocks = block_mask_for(seq_len, *sparse)
 
     # --- heads ------------------------------------------------------------------------
     def _first_head(self, pattern: Pattern, offset: int) -> int:
@@ -156,21 +151,8 @@ class RingPlan:
             self._tasks[key] = self._build_tasks(dst, src)
         return self._tasks[key]
 
-    def _kept(self, qp: Piece, kp: Piece) -> bool:
-        """Block-sparse: does the block mask keep anything between two pieces? (conservative)"""
-        if self.blocks is None:
-            return True
-        bs = self.block_size
-        q_rows = slice(qp.start // bs, -(-(qp.start + qp.length) // bs))
-        k_cols = slice(kp.start // bs, -(-(kp.start + kp.length) // bs))
-        return bool(self.blocks[q_rows, k_cols].any())
-
     def _build_tasks(self, dst: int, src: int) -> List[Task]:
-        tasks = self._build_dense_tasks(dst, src)
-        q_pieces, k_pieces = self.pieces[dst], self.pieces[src]
-        return [t for t in tasks if self._kept(q_pieces[t.q_piece], k_pieces[t.k_piece])]
-
-    def _build_dense_tasks(self, dst: int, src: int) -> List[Task]:
+        """Every task of the patterns and causality; the masks drop theirs (mask_protocol.MaskSet.restrict)."""
         out = []
         q_pieces, k_pieces = self.pieces[dst], self.pieces[src]
         for pat in self.patterns:
@@ -221,8 +203,8 @@ class RingPlan:
 
 class FilteredPlan:
     """A plan whose tasks (and so its transfers) are the static plan's that ``keeps(plan, dst,
-    task, src)`` accepts: a mask that empties whole tasks (packed documents, token-grid
-    windows). ``keeps`` must give every rank the same answer, so that a receiver and its
+    task, src)`` accepts: masks that empty whole tasks (mask_protocol.MaskSet.restrict, packed
+    documents). ``keeps`` must give every rank the same answer, so that a receiver and its
     sender agree on what travels. Everything else is the wrapped plan's."""
 
     def __init__(self, plan, keeps) -> None:

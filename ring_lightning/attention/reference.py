@@ -60,6 +60,7 @@ def reference_attention(
     document_ids: Optional[torch.Tensor] = None,
     grid_shape: Optional[Sequence[int]] = None,
     grid_window: Optional[Sequence[int]] = None,
+    masks: Sequence = (),
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over the full sequence.
 
@@ -72,6 +73,9 @@ def reference_attention(
         document_ids: optional (B, N) ids: a query sees only keys with its id (every pattern).
         grid_shape, grid_window: optional token grid and box radius (``grid_window_mask``),
             ANDed into every pattern.
+        masks: further masks (mask_protocol.AttentionMask) ANDed into every pattern through
+            their ``dense`` answer: a mask kind without a definition here (the ones above are
+            written out independently, and tests/unit/test_masks.py checks the masks against them).
     Returns:
         out (B, N, H, D) and lse (B, N, H), in ``dtype``. Rows with no key: out 0, lse -inf.
     """
@@ -93,6 +97,12 @@ def reference_attention(
     if grid_shape is not None:
         window = grid_window_mask(grid_shape, grid_window, q.device)[None]  # (1, N, N)
         extra = window if extra is None else extra & window
+    for m in masks:
+        dense = m.dense(N, q.device)  # (1|B, N, N)
+        if dense.shape[0] > 1:
+            raise ValueError("reference_attention(masks=...) takes masks shared by the rows; pass per-row "
+                             "documents as document_ids")
+        extra = dense if extra is None else extra & dense
     same_doc = None
     if document_ids is not None:
         ids = document_ids.to(q.device)

@@ -3,7 +3,7 @@
 
 ``use_hilbert``: ``RingAttentionConfig.use_hilbert=True`` asked of the ``standard``
 variant builds the ``hilbert`` variant (same results, tokens processed in Hilbert-curve
-order) and says so in a UserWarning, so that a config written for the usage guide's
+order) and says so in a UserWarning, so that a config written with the
 ``use_hilbert`` flag gets what it asks for and the module's ``variant`` tells the truth.
 In ``distributed`` and ``block_sparse`` the field cannot act (they have no token-order
 hook) and warns as inert (``RingAttentionConfig.warn_inert_fields``); ``hilbert`` always
@@ -20,17 +20,15 @@ from typing import Optional
 
 from .base import RingAttentionBase
 from .block_sparse import BlockSparseRingAttention
-from .config import RingAttentionConfig
+from .config import VARIANTS, RingAttentionConfig
 from .distributed import DistributedRingAttention
 from .hilbert import HilbertRingAttention
 from .standard import StandardRingAttention
 
-VARIANT_CLASSES = {
-    "standard": StandardRingAttention,
-    "hilbert": HilbertRingAttention,
-    "distributed": DistributedRingAttention,
-    "block_sparse": BlockSparseRingAttention,
-}
+VARIANT_CLASSES = {cls.variant: cls for cls in (
+    StandardRingAttention, HilbertRingAttention, DistributedRingAttention, BlockSparseRingAttention)}
+if tuple(VARIANT_CLASSES) != VARIANTS:  # config.VARIANTS is the one list of names
+    raise ImportError(f"variant classes {tuple(VARIANT_CLASSES)} do not match config.VARIANTS {VARIANTS}")
 
 
 def check_fields(fields: dict) -> None:
@@ -59,4 +57,4 @@ def build_variant(variant: str, config: Optional[RingAttentionConfig] = None, **
     return VARIANT_CLASSES[variant](config, **fields)
 
 
-__all__ = ["VARIANT_CLASSES", "build_variant", "check_fields", "check_variant"]
+__all__ = ["VARIANTS", "VARIANT_CLASSES", "build_variant", "check_fields", "check_variant"]

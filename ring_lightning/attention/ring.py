@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .comm import BufferPool, RingComm, RingTransfers
+from .kernel_policy import KernelPolicy
 from .merge import accumulator_dtype, merge_
 from .plan import Item, RingPlan
 from .profiling import RingProfiler
@@ -45,7 +46,8 @@ class RingContext:
     scale: float
     profiler: RingProfiler
     pool: BufferPool
-    kernel: str = "auto"
+    #: which kernel computes each task, and what each refused so far: the module's (kernel_policy.py)
+    kernels: KernelPolicy = field(default_factory=KernelPolicy)
     tile: int = 1024
     dropout_p: float = 0.0
     dropout_seed: int = 0
@@ -56,8 +58,10 @@ class RingContext:
     #: how one task is computed: the variant's path (masks, token order, sparse kernels)
     path: TaskPath = field(default_factory=TaskPath)
     #: (name, gradient, the ring's group or None) -> None: run on dq/dk/dv before they leave
-    #: backward (distributed variant's validate_gradients)
+    #: backward (validate_gradients, execution.py)
     grad_check: Optional[Callable[[str, torch.Tensor, Optional[object]], None]] = None
+    #: the variant's masks no path takes over (mask_protocol.MaskSet): tile masks from their answers
+    masks: Optional[object] = None
     #: packed documents of this call (documents.Documents): a query sees its own document only
     documents: Optional[object] = None
     device: torch.device = torch.device("cpu")

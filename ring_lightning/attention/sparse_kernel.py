@@ -27,6 +27,7 @@ from typing import List, Optional
 import torch
 
 from . import varlen
+from .kernel_policy import KernelPolicy
 from .kernels import BlockSpec, block_backward, block_forward, math_backward, math_forward
 from .merge import accumulator_dtype, merge_
 
@@ -93,10 +94,10 @@ def build_layout(blocks: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor, b
     return SparseLayout(bs, rows, k_blocks, counts, diag_q, diag_k, chunks)
 
 
-def _varlen_forward(q, k, v, counts, bs, scale):
+def _varlen_forward(q, k, v, counts, bs, scale, policy: KernelPolicy):
     """q (n*bs, H, D); k, v (sum(counts)*bs, H, D) -> out (n*bs, H, D), lse (n, bs, H), state."""
     n = counts.numel()
-    if varlen.varlen_cuda_ok(q):
+    if policy.varlen_ok(q):
         def call():
             cu_q = torch.arange(0, n + 1, device=q.device, dtype=torch.int32) * bs
             cu_k = torch.zeros(n + 1, device=q.device, dtype=torch.int32)
@@ -104,7 +105,7 @@ def _varlen_forward(q, k, v, counts, bs, scale):
             out, lse, state = varlen.varlen_forward(q, k, v, cu_q, cu_k, bs, int(counts.max()) * bs, scale, False)
             return out, lse.reshape(n, bs, -1), state
 
-        result = varlen.attempt(call, "block_sparse")
+        result = policy.try_varlen(call, "block_sparse")
         if result is not None:
             return result
     # portable emulation, one sequence at a time
@@ -138,7 +139,7 @@ def _blocks(bs: int, *xs: torch.Tensor):
     return tuple(x.reshape(-1, bs, *x.shape[2:]) for x in xs)
 
 
-def sparse_forward(lay: SparseLayout, q, k, v, scale: float, kernel: str):
+def sparse_forward(lay: SparseLayout, q, k, v, scale: float, policy: KernelPolicy):
     """(out (B',M,Hs,D), lse (B',M,Hs), state, computed blocks) of one aligned block-sparse task."""
     bs = lay.bs
     Bp, M, Hs, D = q.shape
@@ -152,14 +153,14 @@ def sparse_forward(lay: SparseLayout, q, k, v, scale: float, kernel: str):
         kidx = lay.k_blocks[k0:k1]
         qc = qb[rows].reshape(-1, Hs, D)
         kc, vc = kb[kidx].reshape(-1, Hs, D), vb[kidx].reshape(-1, Hs, D)
-        o, l, st = _varlen_forward(qc, kc, vc, counts, bs, scale)
+        o, l, st = _varlen_forward(qc, kc, vc, counts, bs, scale, policy)
         out[rows] = o.reshape(-1, bs, Hs, D).to(acc)
         lse[rows] = l.to(acc)
         states.append(st)
     diag_state = None
     if lay.diag_q.numel():
         o, l, diag_state, _ = block_forward(qb[lay.diag_q], kb[lay.diag_k], vb[lay.diag_k], scale,
-                                            BlockSpec(causal=True), kernel, bs)
+                                            BlockSpec(causal=True), policy, bs)
         part_o, part_l = out[lay.diag_q], lse[lay.diag_q]
         merge_(part_o, part_l, o, l)
         out[lay.diag_q], lse[lay.diag_q] = part_o, part_l

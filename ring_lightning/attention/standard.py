@@ -1,20 +1,15 @@
 """StandardRingAttention: the exact ring, nothing added (docs/ARCHITECTURE.md).
 
-Every variant file has this shape: what the variant changes, then its module, whose
-``_context_options`` hands the ring the variant's task path and settings. Here the path
-is the plain one (tasks.py): one block-kernel call per task.
+A variant is a named preset: what it declares (masks, the task path and its options, timed
+waits) over what every variant shares (base.py: the call's description and route; the
+config's pattern and execution options). The standard one declares nothing: one
+block-kernel call per task (tasks.TaskPath).
 """
 
-import torch
-
 from .base import RingAttentionBase
-from .tasks import TaskPath
 
 
 class StandardRingAttention(RingAttentionBase):
     """Exact dense / dilated ring attention; see RingAttentionBase for the call."""
 
     variant = "standard"
-
-    def _context_options(self, q: torch.Tensor, seq_len: int, is_causal: bool) -> dict:
-        return {"path": TaskPath()}

@@ -15,6 +15,11 @@ hilbert variant reorders tokens around it (hilbert.py), block_sparse masks block
 takes a gathered kernel where blocks align (block_sparse.py). Either keeps ``standard``'s
 numerics wherever it does not change the maths, because it calls this path.
 
+Masks (mask_protocol.py): a path that computes a mask kind itself names it in ``handles``
+(GridPath: the grid window in curve order; BlockSparsePath: the block grid, with its
+gathered kernel); the variant's other masks reach every task as tile masks built from their
+``token_mask`` answers (``ctx.masks``), ANDed with the path's own (``both``).
+
 Letters: B batch, S segments of a task, M/L query/key tokens, Hs query heads, D head dim.
 """
 
@@ -31,12 +36,33 @@ if TYPE_CHECKING:  # annotations only: ring.py imports this module, not the othe
     from .ring import RingContext
 
 
+def tile_masks(masks, qpos: torch.Tensor, kpos: torch.Tensor, batch: int):
+    """Tile -> (B*S, 1, mq, mk) mask of ``masks`` (mask_protocol.MaskSet) over one task's global
+    positions (S, M) / (S, L): only one tile's mask at a time, never (M, L)."""
+    def tile(q0, q1, k0, k1):
+        t = masks.token_mask(qpos[:, q0:q1], kpos[:, k0:k1])  # (1|B, S, mq, mk)
+        return t.expand(batch, *t.shape[1:]).flatten(0, 1).unsqueeze(1)
+
+    return tile
+
+
+def both(first, second):
+    """Two tile masks (None: allows all; a tensor or a tile function) ANDed."""
+    if first is None or second is None:
+        return second if first is None else first
+
+    def at(m, q0, q1, k0, k1):
+        return m(q0, q1, k0, k1) if callable(m) else m[..., q0:q1, k0:k1]
+
+    return lambda q0, q1, k0, k1: at(first, q0, q1, k0, k1) & at(second, q0, q1, k0, k1)
+
+
 class TaskPath:
     """The standard path: one block-kernel call per task, tiles of ``ctx.tile``."""
 
-    #: the path computes what one fused SDPA call over the whole sequence computes, so on one
-    #: CUDA device base.py may call that instead (a subclass that masks or reorders says False)
-    fused_equivalent = True
+    #: mask kinds (mask_protocol.py) this path computes itself; the others' tile masks come
+    #: from their ``token_mask`` answer (``ctx.masks``)
+    handles: frozenset = frozenset()
 
     def spec(self, ctx: "RingContext", task: Task, src: int, batch: int) -> Optional[BlockSpec]:
         """How the task attends (``batch``: B, for masks that broadcast over it)."""
@@ -49,10 +75,14 @@ class TaskPath:
                      plan.pieces[ctx.rank][task.q_piece].start,
                      plan.pieces[src][task.k_piece].start) + heads) % (2**62)
         documents = None if ctx.documents is None else ctx.documents.task(plan, ctx.rank, task, src)
-        return BlockSpec(task.kind == CAUSAL, None, ctx.dropout_p, seed, documents)
+        token_mask = None
+        if ctx.masks is not None and ctx.masks.masks:
+            qpos, kpos = (p.to(ctx.device) for p in self.positions(ctx, task, src))
+            token_mask = tile_masks(ctx.masks, qpos, kpos, batch)
+        return BlockSpec(task.kind == CAUSAL, token_mask, ctx.dropout_p, seed, documents)
 
     def forward(self, ctx: "RingContext", task: Task, src: int, spec: BlockSpec, q, k, v):
-        o, l, state, skipped = block_forward(q, k, v, ctx.scale, spec, ctx.kernel, ctx.tile)
+        o, l, state, skipped = block_forward(q, k, v, ctx.scale, spec, ctx.kernels, ctx.tile)
         prof = ctx.profiler
         prof.computed_blocks += 1
         prof.skipped_blocks += skipped

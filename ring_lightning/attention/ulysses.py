@@ -4,7 +4,7 @@ Inside a hybrid shard context (``SequenceSharding.ulysses_group`` set; docs/ARCH
 "Hybrid sequence parallelism") each of the K ranks of a sequence group holds its K-way
 shard of the sequence for all H heads. One all-to-all over the U ranks of its all-to-all
 group trades that for the ring group's (K/U-way) shard of the sequence for H/U heads;
-the ring (base.py, ring.py) then runs unchanged over the K/U ranks of the ring group on
+the ring (base.py ``_ring_entry``, ring.py) then runs unchanged over the K/U ranks of the ring group on
 those heads, and the inverse all-to-all brings the output home. U = K is pure Ulysses
 (a ring of one rank: one local kernel over the whole sequence).
 
@@ -35,6 +35,7 @@ after the exchange, D head dim.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 from typing import List, Optional, Tuple
@@ -42,8 +43,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..sharding import (SequenceSharding, all_to_all_chunk_order, check_divisible, rank_pieces,
-                        sequence_sharding)
+from ..sharding import all_to_all_chunk_order, check_divisible, rank_pieces
+from .agreement import call_signature, verify_across_ranks
 from .comm import RingCommunicationError, communication_error
 from .documents import LastTensorCache, check_document_ids
 from .profiling import RingProfiler
@@ -52,7 +53,7 @@ from .profiling import RingProfiler
 class UlyssesComm:
     """One rank's all-to-all group: its size, this rank's place, exchanges with a timeout.
 
-    Also what ``RingAttentionBase._verify_across_ranks`` needs (group, world, rank,
+    Also what ``agreement.verify_across_ranks`` needs (group, world, rank,
     backend, timeout, error), so the group's ranks are checked for agreeing inputs once.
     """
 
@@ -210,42 +211,40 @@ def _ring_document_ids(ids: torch.Tensor, ex: Exchange) -> torch.Tensor:
     return ring_ids
 
 
-def ulysses_attention(attn, q, k, v, active: SequenceSharding, is_causal: bool, return_lse: bool,
-                      document_ids: Optional[torch.Tensor]):
-    """``attn``'s forward under a hybrid sharding: all-to-all, the ring on h heads, inverse all-to-all.
+def ulysses_attention(attn, q, k, v, call, document_ids: Optional[torch.Tensor]):
+    """``attn``'s forward under a hybrid sharding (``call.sharding``, route.Route.HYBRID): all-to-all,
+    the ring on h heads (``attn._ring_entry``, told its head offset), inverse all-to-all.
 
     Raises:
         ValueError: U does not divide the heads (naming ``strategy.ulysses_size``); what the
             ring raises for its inputs.
     """
+    active = call.sharding
     comm = _comm_for(active.ulysses_group, attn.config.comm_timeout_s)
-    sp, U, H = dist.get_world_size(active.group), comm.world, q.shape[2]
+    sp, U, H = call.world, comm.world, q.shape[2]
     check_heads(H, U, sp)
     ring_rank, layout = dist.get_rank(active.ring_group), active.layout
     # sequence_groups.hybrid_rank_lists: sequence-group rank s is ring position s // U, all-to-all position s % U
-    assert dist.get_rank(active.group) == ring_rank * U + comm.rank, "hybrid groups out of order"
-    seq_len = q.shape[1] * sp
+    assert call.rank == ring_rank * U + comm.rank, "hybrid groups out of order"
+    seq_len = call.seq_len
     check_divisible(seq_len, sp, layout)
     if document_ids is not None:
         check_document_ids(document_ids, q)
-    attn._verify_across_ranks(comm, q, k, seq_len, layout, is_causal, True, document_ids is not None)
-    before = RingProfiler()  # the ring call resets the module's figures: count these apart, then add
-    before.reset(q.device)
+    described = dataclasses.replace(call, patterns=tuple(attn.config.patterns(seq_len)),
+                                    masks=frozenset({"documents"}) if document_ids is not None else frozenset())
+    verify_across_ranks(comm, call_signature(described, attn.variant, attn.config), q.device, attn._verified)
+    attn._start_profile(q.device)  # the ring call inside adds to these figures
+    prof = attn.profiler
+    prof.ulysses_size = U
     ex = Exchange(comm, all_to_all_chunk_order(seq_len, sp, U, ring_rank, layout),
-                  len(rank_pieces(seq_len, sp, 0, layout)), before)
+                  len(rank_pieces(seq_len, sp, 0, layout)), prof)
     kv_heads = kv_head_index(k.shape[2], U, q.device)
     q_r = _SequenceToHeads.apply(q, ex, None)  # (B, U*T, H/U, D)
     k_r, v_r = (_SequenceToHeads.apply(x, ex, kv_heads) for x in (k, v))  # (B, U*T, lcm(K, U)/U or K/U, D)
     ids_r = None if document_ids is None else _ring_document_ids(document_ids, ex)
-    with sequence_sharding(active.ring_group, layout, head_offset=comm.rank * (H // U)):
-        res = attn.forward(q_r, k_r, v_r, is_causal=is_causal, already_split=True, return_lse=return_lse,
-                           document_ids=ids_r)
-    prof = attn.profiler
-    prof.ulysses_size = U
-    prof.all_to_all_bytes += before.all_to_all_bytes
-    prof.all_to_all.absorb(before.all_to_all)
-    ex.profiler = prof  # the output's exchange and every backward exchange count there
-    out = _HeadsToSequence.apply(res[0] if return_lse else res, ex)  # (B, T, H, D)
-    if not return_lse:
+    res = attn._ring_entry(q_r, k_r, v_r, group=active.ring_group, layout=layout, head_offset=comm.rank * (H // U),
+                           is_causal=call.is_causal, return_lse=call.return_lse, document_ids=ids_r)
+    out = _HeadsToSequence.apply(res[0] if call.return_lse else res, ex)  # (B, T, H, D)
+    if not call.return_lse:
         return out
     return out, _HeadsToSequence.apply(res[1].unsqueeze(-1), ex).squeeze(-1)  # (B, T, H), float32

@@ -6,7 +6,8 @@ can merge it; backward takes the FINAL merged out and lse, like every kernel her
 (kernels.py). A sequence may have no query or no key tokens: such rows get out 0 and
 lse -inf (the kernel itself reports +inf there).
 
-Users: packed documents (one sequence per document of a task, documents.py) and
+Whether the kernel may take an input, and its refusals, are the module's ``KernelPolicy``
+(kernel_policy.py). Users: packed documents (one sequence per document of a task, documents.py) and
 block_sparse (one sequence per query block, its kept key blocks gathered, sparse_kernel.py).
 
 Letters: Mt/Lt total query/key tokens, H heads, D head dim.
@@ -14,31 +15,9 @@ Letters: Mt/Lt total query/key tokens, H heads, D head dim.
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
-
-_refused: list = []  # the error of a refusal, once per process: later calls go portable at once
-
-
-def varlen_cuda_ok(q: torch.Tensor) -> bool:
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
-            and q.shape[-1] % 8 == 0 and not _refused)
-
-
-def attempt(call, user: str):
-    """``call()``, or None when the varlen kernel refuses the input: remembered for the
-    process (later calls go portable at once) and said once, naming the ``user``."""
-    try:
-        return call()
-    except torch.OutOfMemoryError:
-        raise  # not a refusal: the portable kernel would not fit either
-    except RuntimeError as exc:
-        _refused.append(repr(exc))
-        warnings.warn(f"FlashAttention varlen refused ({exc!r}); {user} falls back to the portable "
-                      f"kernel, which is much slower", RuntimeWarning)
-        return None
 
 
 def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool,

@@ -170,6 +170,22 @@ def test_validate_gradients_raises_naming_rank_and_module():
         out.backward(torch.full_like(out, float("nan")))
 
 
+@pytest.mark.parametrize("variant, fields", [
+    ("standard", {}), ("hilbert", {}), ("block_sparse", {"block_size": 8, "sparsity_ratio": 0.5}),
+])
+def test_every_variant_honours_the_execution_options(variant, fields):
+    """Mixed precision and gradient validation are options, not a feature of ``distributed``."""
+    q, k, v = qkv(N=64, dtype=torch.float32)
+    exact = create_ring_attention(variant, **fields)(q, k, v, is_causal=True)
+    mixed = create_ring_attention(variant, enable_mixed_precision=True, **fields)(q, k, v, is_causal=True)
+    assert mixed.dtype == torch.float32 and 1e-4 < rel(mixed, exact) < 2e-2  # computed in bf16, still close
+    attn = create_ring_attention(variant, validate_gradients=True, **fields)
+    qg = q.clone().requires_grad_()
+    out = attn(qg, k, v, is_causal=True)
+    with pytest.raises(FloatingPointError, match=f"rank 0: {type(attn).__name__}"):
+        out.backward(torch.full_like(out, float("nan")))
+
+
 # --------------------------------------------------------------------- API & errors
 def test_usage_guide_calls_work():
     cfg = RingAttentionConfig(segment_lengths=[2048, 4096], dilation_rates=[1, 2], dropout=0.1)
@@ -272,19 +288,4 @@ def test_pad_to_multiple_and_indivisible_length_message():
         shard_sequence(torch.ones(1, 10), 2, 0, "zigzag")
 
 
-@pytest.mark.parametrize("variant, fields, plain", [
-    ("standard", {}, True),
-    ("distributed", {}, True),
-    ("standard", {"segment_lengths": [8, 16], "dilation_rates": [1, 2]}, False),
-    ("standard", {"kernel": "math"}, False),
-    ("hilbert", {}, True),  # the curve orders tiles, not tokens: SDPA computes the same
-    ("block_sparse", {"block_size": 4, "sparsity_ratio": 0.5}, False),
-    ("distributed", {"validate_gradients": True}, False),
-])
-def test_one_device_fused_path_is_taken_exactly_for_plain_dense_attention(variant, fields, plain):
-    """On one CUDA device these go straight to fused SDPA (benchmarks/bench_model.py measures it);
-    the predicate is device-independent, so it is checked here on CPU tensors."""
-    attn = create_ring_attention(variant, **fields)
-    q = torch.randn(1, 16, 2, 8)
-    patterns = tuple(attn.config.patterns(16))
-    assert attn._plain_dense(q, patterns, 16, True) is plain
+# the one-device fused path's table: tests/unit/test_route.py
