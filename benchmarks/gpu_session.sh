@@ -34,7 +34,7 @@ for p in ${PARTS:-longest_2m cost_128k bench_hf train_hf longest_recipe train_de
     tail -2 "$R/longest_2m.log" ;;
   cost_128k)
     part cost_128k 200 $B --suite cost --cost-steps 4 --name cost_128k \
-      --cost 350m:128256:full,350m:128256:tiles,350m:128256:offload,350m:128256:all
+      --cost "${COST_SPECS:-350m:128256:full,350m:128256:tiles,350m:128256:offload,350m:128256:all}"
     grep "^| cost" "$R/cost_128k.log" ;;
   bench_hf)
     part bench_hf 120 python benchmarks/bench_hf.py --steps 2 --json "$R/bench_hf.json"

@@ -84,11 +84,29 @@ def _cast(ctx: RingContext, x: torch.Tensor) -> torch.Tensor:
     return x.to(ctx.compute_dtype) if ctx.compute_dtype is not None else x
 
 
-def _inputs(ctx: RingContext, task, x: torch.Tensor, kv: KV):
-    """A task's kernel inputs: q (B*S, M, Hs, D), k and v (B*S, L, Hs, D), in the compute dtype."""
-    qv = q_view(ctx.plan, x, ctx.rank, task)  # (B, S, M, Hs, D)
-    return (_cast(ctx, qv.flatten(0, 1)), _cast(ctx, expand_heads(ctx.plan, kv[0], task)),
-            _cast(ctx, expand_heads(ctx.plan, kv[1], task)))
+#: Query tokens (batch x segments x M) above which a task runs in groups of whole segments. A
+#: dilated pattern's task batches every segment of the shard, so computed at once its kv heads
+#: expanded for GQA and its float32 gradients would be whole-shard transients (~30 GiB at 2M
+#: tokens of the 350m model); in groups they are bounded by this.
+SEGMENT_GROUP_TOKENS = 2**18
+
+
+def _segment_groups(ctx: RingContext, spec, batch: int, segments: int, queries: int) -> List[slice]:
+    """The slices of a task's S segments computed together: all of them, unless the task is
+    large and its blocks are plain (the standard path; no tile mask, documents or dropout, which
+    are laid out per task), when each group holds about SEGMENT_GROUP_TOKENS queries."""
+    per = max(1, SEGMENT_GROUP_TOKENS // max(1, batch * queries))
+    plain = (type(ctx.path) is TaskPath and spec.token_mask is None and spec.documents is None
+             and spec.dropout_p == 0.0)
+    if segments <= per or not plain:
+        return [slice(None)]
+    return [slice(s, min(s + per, segments)) for s in range(0, segments, per)]
+
+
+def _group_inputs(ctx: RingContext, task, qv: torch.Tensor, kv: KV, group: slice):
+    """One segment group's kernel inputs: q (B*s, M, Hs, D), k and v (B*s, L, Hs, D)."""
+    return (_cast(ctx, qv[:, group].flatten(0, 1)), _cast(ctx, expand_heads(ctx.plan, kv[0][:, group], task)),
+            _cast(ctx, expand_heads(ctx.plan, kv[1][:, group], task)))
 
 
 def _local_kv(ctx: RingContext, k: torch.Tensor, v: torch.Tensor) -> Callable[..., KV]:
@@ -121,11 +139,25 @@ def _forward_step(ctx: RingContext, src: int, q, kv_of, out, lse) -> list:
                 ctx.profiler.skipped_blocks += 1
                 saved.append(None)
                 continue
-            o, l, state = ctx.path.forward(ctx, task, src, spec, *_inputs(ctx, task, q, kv_of(task)))
-            acc_out, acc_lse = q_view(ctx.plan, out, ctx.rank, task), q_view(ctx.plan, lse, ctx.rank, task)
-            merge_(acc_out, acc_lse, o.view(acc_out.shape), l.view(acc_lse.shape))  # (B, S, M, Hs[, D])
-            saved.append(state)
+            saved.append(_forward_task(ctx, task, src, spec, q, kv_of(task), out, lse))
     return saved
+
+
+def _forward_task(ctx: RingContext, task, src: int, spec, q, kv: KV, out, lse):
+    """Merge one task into out/lse, segment group by group; returns (groups, kernel states)."""
+    qv = q_view(ctx.plan, q, ctx.rank, task)  # (B, S, M, Hs, D)
+    acc_out, acc_lse = q_view(ctx.plan, out, ctx.rank, task), q_view(ctx.plan, lse, ctx.rank, task)
+    groups = _segment_groups(ctx, spec, qv.shape[0], qv.shape[1], qv.shape[2])
+    prof, states, first = ctx.profiler, [], None
+    for group in groups:
+        o, l, state = ctx.path.forward(ctx, task, src, spec, *_group_inputs(ctx, task, qv, kv, group))
+        part_out, part_lse = acc_out[:, group], acc_lse[:, group]
+        merge_(part_out, part_lse, o.view(part_out.shape), l.view(part_lse.shape))  # (B, s, M, Hs[, D])
+        states.append(state)
+        first = first or (prof.computed_blocks, prof.skipped_blocks, prof.computed_tiles)
+    if len(groups) > 1:  # the statistics count a task once (one block), however it was grouped
+        prof.computed_blocks, prof.skipped_blocks, prof.computed_tiles = first
+    return groups, states
 
 
 def ring_forward(ctx: RingContext, q, k, v):
@@ -162,28 +194,31 @@ def _backward_step(ctx: RingContext, src: int, saved, q, out, lse, dout, kv_of, 
     plan, me = ctx.plan, ctx.rank
     grads: Dict[Item, KV] = {}  # (B, S, L, Kn, D) each, in the accumulator dtype
     with ctx.profiler.compute.span():
-        for task, state in zip(plan.tasks(me, src), saved):
-            if state is None:
+        for task, task_saved in zip(plan.tasks(me, src), saved):
+            if task_saved is None:
                 continue
             spec = ctx.path.spec(ctx, task, src, q.shape[0])
             kv = kv_of(task)
-            # dout reaches here in the caller's dtype: converted per task, so no float32 copy of the
-            # whole shard is alive (the same values: a widening cast is exact)
-            merged = [q_view(plan, x, me, task).flatten(0, 1).to(out.dtype)
-                      for x in (out, dout, lse)]  # (B*S, M, Hs[, D]) each
-            gq, gk, gv = ctx.path.backward(ctx, task, src, spec, state, *_inputs(ctx, task, q, kv), *merged)
-            dq_t = q_view(plan, dq, me, task)  # (B, S, M, Hs, D)
-            dq_t.add_(gq.reshape(dq_t.shape).to(dq.dtype))
-            shape = dq_t.shape[:2] + gk.shape[1:]  # (B, S, L, Hs, D)
-            if local_kv is not None:
-                for local, g in zip(local_kv, (gk, gv)):
-                    add_to_kv(plan, local, me, task.item, reduce_heads(plan, g.reshape(shape).to(dq.dtype), task))
-                continue
-            if task.item not in grads:  # scratch per item: added where the keys live once complete
+            if local_kv is None and task.item not in grads:  # scratch per item: sent home once complete
                 grads[task.item] = (torch.zeros(kv[0].shape, dtype=dq.dtype, device=dq.device),
                                     torch.zeros(kv[0].shape, dtype=dq.dtype, device=dq.device))
-            for scratch, g in zip(grads[task.item], (gk, gv)):
-                scratch.add_(reduce_heads(plan, g.reshape(shape).to(dq.dtype), task))
+            qv = q_view(plan, q, me, task)  # (B, S, M, Hs, D)
+            # out, dout, lse as the task sees them; dout reaches here in the caller's dtype and is
+            # widened per group, so no float32 copy of the whole shard is alive (a widening is exact)
+            merged = [q_view(plan, x, me, task) for x in (out, dout, lse)]  # (B, S, M, Hs[, D]) each
+            dq_t = q_view(plan, dq, me, task)  # (B, S, M, Hs, D)
+            for group, state in zip(*task_saved):
+                gq, gk, gv = ctx.path.backward(ctx, task, src, spec, state, *_group_inputs(ctx, task, qv, kv, group),
+                                               *(x[:, group].flatten(0, 1).to(out.dtype) for x in merged))
+                part = dq_t[:, group]
+                part.add_(gq.reshape(part.shape).to(dq.dtype))
+                shape = part.shape[:2] + gk.shape[1:]  # (B, s, L, Hs, D)
+                for i, g in enumerate((gk, gv)):
+                    value = reduce_heads(plan, g.reshape(shape).to(dq.dtype), task)  # (B, s, L, Kn, D)
+                    if local_kv is not None:
+                        add_to_kv(plan, local_kv[i], me, task.item, value, group)
+                    else:
+                        grads[task.item][i][:, group].add_(value)
     return grads
 
 

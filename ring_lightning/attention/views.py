@@ -60,9 +60,12 @@ def reduce_heads(plan: RingPlan, g: torch.Tensor, task: Task) -> torch.Tensor:
     return out.index_add_(3, torch.tensor(expand, device=g.device), g)
 
 
-def add_to_kv(plan: RingPlan, g: torch.Tensor, rank: int, item: Item, value: torch.Tensor) -> None:
-    """Add ``value`` (B, S, L, Kn, D) to a local dk or dv (B, T, K, D) where ``item``'s keys live."""
+def add_to_kv(plan: RingPlan, g: torch.Tensor, rank: int, item: Item, value: torch.Tensor,
+              segments: slice = slice(None)) -> None:
+    """Add ``value`` (B, S, L, Kn, D) to a local dk or dv (B, T, K, D) where ``item``'s keys live
+    (``segments``: only those of the item's segments, ``value`` then (B, s, L, Kn, D))."""
     view, needed = _kv_selection(plan, g, rank, item)
+    view = view[:, segments]
     if needed is None:
         view.add_(value)
     else:

@@ -75,6 +75,33 @@ def test_single_device_matches_reference_float64(segs, rates, causal):
         assert rel(a, b) < FLOAT64_REL_TOL
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_task_computed_in_segment_groups_equals_it_computed_at_once(monkeypatch, causal):
+    """Large tasks (a dilated pattern batches every segment of the shard) run in groups of whole
+    segments to bound their transients: the same outputs, statistics and gradients, and the reference's."""
+    from ring_lightning.attention import ring
+
+    q, k, v = qkv(B=2, N=64, H=4, K=2)
+    segs, rates = [4, 8, 32], [1, 2, 4]
+    grad = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(3))
+    results = []
+    for group_tokens in (2**18, 8):  # all at once; about one segment of a batch per group
+        monkeypatch.setattr(ring, "SEGMENT_GROUP_TOKENS", group_tokens)
+        attn = create_ring_attention("standard", segment_lengths=segs, dilation_rates=rates, compute_block_size=4)
+        out, lse = attn(q, k, v, is_causal=causal, return_lse=True)
+        stats = attn.get_profiling_stats()
+        results.append((out, lse, torch.autograd.grad(out, (q, k, v), grad),
+                        (stats["computed_blocks"], stats["skipped_blocks"], stats["computed_tiles"])))
+    (out_a, lse_a, grads_a, stats_a), (out_b, lse_b, grads_b, stats_b) = results
+    ref, _ = reference_attention(q, k, v, causal, segs, rates)
+    assert rel(out_b, ref) < FLOAT64_REL_TOL and rel(out_b, out_a) < FLOAT64_REL_TOL
+    assert torch.equal(torch.isfinite(lse_a), torch.isfinite(lse_b))
+    assert stats_a == stats_b
+    theirs = torch.autograd.grad(ref, (q, k, v), grad)
+    for a, b, c in zip(grads_a, grads_b, theirs):
+        assert rel(b, a) < FLOAT64_REL_TOL and rel(b, c) < FLOAT64_REL_TOL
+
+
 def test_dilated_rows_without_keys_output_zero_not_nan():
     # dilation 4 with 2 heads: offsets 2 and 3 have no head, and heads 0/1 see only their tokens
     q, k, v = qkv(H=2, K=2, N=16)
