@@ -158,7 +158,7 @@ def one_row(spec: str, seq_len: int, device, dilated: bool = False, steps: int =
             times.append(time.perf_counter() - t0)
     except torch.OutOfMemoryError as err:  # how far it got: the peak before the failed allocation
         row.update(status="OOM", peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                   oom=str(err).split(". ")[0], steps_done=len(losses))
+                   oom=str(err)[:160], steps_done=len(losses))
         del model, optimizer
         return row
     # the first step allocates AdamW's state and warms the kernels: the mean of the others
