@@ -63,6 +63,14 @@ class DocumentTask:
         """(B', 1, mq, mk) same-document mask of one tile, broadcast over heads."""
         return (self.q_ids[:, q0:q1, None] == self.k_ids[:, None, k0:k1]).unsqueeze(1)
 
+    def segments(self, batch: int, group: slice) -> "DocumentTask":
+        """The ids of the rows of segments ``group`` only (rows are batch-major: B x S), for a
+        task computed in segment groups (ring.py)."""
+        def pick(ids):  # (B*S, n) -> (B*s, n)
+            return ids.view(batch, -1, ids.shape[-1])[:, group].flatten(0, 1)
+
+        return DocumentTask(pick(self.q_ids), pick(self.k_ids), self.packed)
+
     def sequences(self):
         """Varlen boundaries, one sequence per (row, document) (packed ids only; cached)."""
         if self._sequences is None:

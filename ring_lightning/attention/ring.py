@@ -21,6 +21,7 @@ S segments in a task (1 for spanning patterns), M/L query/key tokens of a task.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -93,14 +94,21 @@ SEGMENT_GROUP_TOKENS = 2**18
 
 def _segment_groups(ctx: RingContext, spec, batch: int, segments: int, queries: int) -> List[slice]:
     """The slices of a task's S segments computed together: all of them, unless the task is
-    large and its blocks are plain (the standard path; no tile mask, documents or dropout, which
-    are laid out per task), when each group holds about SEGMENT_GROUP_TOKENS queries."""
+    large and its blocks split by segment (the standard path, without a tile mask or dropout,
+    which are laid out per task; documents split with it: _group_spec), when each group holds
+    about SEGMENT_GROUP_TOKENS queries."""
     per = max(1, SEGMENT_GROUP_TOKENS // max(1, batch * queries))
-    plain = (type(ctx.path) is TaskPath and spec.token_mask is None and spec.documents is None
-             and spec.dropout_p == 0.0)
+    plain = type(ctx.path) is TaskPath and spec.token_mask is None and spec.dropout_p == 0.0
     if segments <= per or not plain:
         return [slice(None)]
     return [slice(s, min(s + per, segments)) for s in range(0, segments, per)]
+
+
+def _group_spec(spec, batch: int, group: slice):
+    """The task's block spec for one segment group (its documents' rows only)."""
+    if spec.documents is None or group == slice(None):
+        return spec
+    return dataclasses.replace(spec, documents=spec.documents.segments(batch, group))
 
 
 def _group_inputs(ctx: RingContext, task, qv: torch.Tensor, kv: KV, group: slice):
@@ -150,7 +158,8 @@ def _forward_task(ctx: RingContext, task, src: int, spec, q, kv: KV, out, lse):
     groups = _segment_groups(ctx, spec, qv.shape[0], qv.shape[1], qv.shape[2])
     prof, states, first = ctx.profiler, [], None
     for group in groups:
-        o, l, state = ctx.path.forward(ctx, task, src, spec, *_group_inputs(ctx, task, qv, kv, group))
+        o, l, state = ctx.path.forward(ctx, task, src, _group_spec(spec, qv.shape[0], group),
+                                       *_group_inputs(ctx, task, qv, kv, group))
         part_out, part_lse = acc_out[:, group], acc_lse[:, group]
         merge_(part_out, part_lse, o.view(part_out.shape), l.view(part_lse.shape))  # (B, s, M, Hs[, D])
         states.append(state)
@@ -208,7 +217,8 @@ def _backward_step(ctx: RingContext, src: int, saved, q, out, lse, dout, kv_of, 
             merged = [q_view(plan, x, me, task) for x in (out, dout, lse)]  # (B, S, M, Hs[, D]) each
             dq_t = q_view(plan, dq, me, task)  # (B, S, M, Hs, D)
             for group, state in zip(*task_saved):
-                gq, gk, gv = ctx.path.backward(ctx, task, src, spec, state, *_group_inputs(ctx, task, qv, kv, group),
+                gq, gk, gv = ctx.path.backward(ctx, task, src, _group_spec(spec, qv.shape[0], group), state,
+                                               *_group_inputs(ctx, task, qv, kv, group),
                                                *(x[:, group].flatten(0, 1).to(out.dtype) for x in merged))
                 part = dq_t[:, group]
                 part.add_(gq.reshape(part.shape).to(dq.dtype))

@@ -75,8 +75,9 @@ def test_single_device_matches_reference_float64(segs, rates, causal):
         assert rel(a, b) < FLOAT64_REL_TOL
 
 
+@pytest.mark.parametrize("documents", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_a_task_computed_in_segment_groups_equals_it_computed_at_once(monkeypatch, causal):
+def test_a_task_computed_in_segment_groups_equals_it_computed_at_once(monkeypatch, causal, documents):
     """Large tasks (a dilated pattern batches every segment of the shard) run in groups of whole
     segments to bound their transients: the same outputs, statistics and gradients, and the reference's."""
     from ring_lightning.attention import ring
@@ -84,16 +85,18 @@ def test_a_task_computed_in_segment_groups_equals_it_computed_at_once(monkeypatc
     q, k, v = qkv(B=2, N=64, H=4, K=2)
     segs, rates = [4, 8, 32], [1, 2, 4]
     grad = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(3))
+    # packed documents: rows of 3 and 2 documents, boundaries inside segments
+    ids = torch.tensor([[0] * 20 + [1] * 30 + [2] * 14, [0] * 41 + [1] * 23]) if documents else None
     results = []
     for group_tokens in (2**18, 8):  # all at once; about one segment of a batch per group
         monkeypatch.setattr(ring, "SEGMENT_GROUP_TOKENS", group_tokens)
         attn = create_ring_attention("standard", segment_lengths=segs, dilation_rates=rates, compute_block_size=4)
-        out, lse = attn(q, k, v, is_causal=causal, return_lse=True)
+        out, lse = attn(q, k, v, is_causal=causal, return_lse=True, document_ids=ids)
         stats = attn.get_profiling_stats()
         results.append((out, lse, torch.autograd.grad(out, (q, k, v), grad),
                         (stats["computed_blocks"], stats["skipped_blocks"], stats["computed_tiles"])))
     (out_a, lse_a, grads_a, stats_a), (out_b, lse_b, grads_b, stats_b) = results
-    ref, _ = reference_attention(q, k, v, causal, segs, rates)
+    ref, _ = reference_attention(q, k, v, causal, segs, rates, document_ids=ids)
     assert rel(out_b, ref) < FLOAT64_REL_TOL and rel(out_b, out_a) < FLOAT64_REL_TOL
     assert torch.equal(torch.isfinite(lse_a), torch.isfinite(lse_b))
     assert stats_a == stats_b
