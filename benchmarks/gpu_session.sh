@@ -52,7 +52,7 @@ for p in ${PARTS:-longest_2m cost_128k bench_hf train_hf longest_recipe train_de
     cp /tmp/longest_recipe/metrics.jsonl "$R/longest_recipe_metrics.jsonl" 2>/dev/null
     grep -E "memory estimate|step [0-9]+/|val/loss|final|peak|Error|error" "$R/longest_recipe.log" | tail -12 ;;
   recipe_2m)
-    part recipe_2m 300 python train.py -cd recipes -cn longest_bytes_1gpu logger=csv trainer.max_steps=2 \
+    part recipe_2m ${RECIPE_2M_S:-300} python train.py -cd recipes -cn longest_bytes_1gpu logger=csv trainer.max_steps=2 \
       trainer.val_check_interval=2 hydra.run.dir=/tmp/recipe_2m
     cp /tmp/recipe_2m/metrics.jsonl "$R/recipe_2m_metrics.jsonl" 2>/dev/null
     grep -E "memory estimate|step [0-9]+/|val/loss|final|peak|Error|error" "$R/recipe_2m.log" | tail -12 ;;
