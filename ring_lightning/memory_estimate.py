@@ -40,10 +40,11 @@ BYTES: Dict[str, float] = {
     "lse_fp32_per_head": 4,           # the core's float32 log-sum-exp per query head
     "swiglu_per_hidden": 4,           # x elem: w1 out, w3 out, silu, their product (the MLP's bulk)
     "block_input_fp32_per_dim": 4,    # a checkpointed block's (group's) input: the float32 residual stream
-    # ring / dilated patterns: float32 (out, dq) accumulators and the dilated copies of one block;
-    # fitted (4 derived) to recipes/longest_1gpu measured on one H200: 75.4 GiB allocated at 1M
-    # tokens (benchmarks/results/2026-12-02-h200x1-memory/)
-    "merge_fp32_per_head_dim": 10.5,
+    # ring / dilated patterns: float32 (out, dq, dk, dv) accumulators and the dilated copies of one
+    # block; fitted (4 derived) on one H200 to recipes/longest_bytes_1gpu: 106.5 GiB allocated at
+    # 2M tokens against 108 estimated (benchmarks/results/2026-12-02-h200x1-reach/); 10.5 before
+    # the ring's large tasks ran in segment groups (recipes/longest_1gpu: 75.4 GiB at 1M tokens)
+    "merge_fp32_per_head_dim": 7.5,
     "ring_kv_buffers_per_head_dim": 4,  # x elem: k, v in flight around the ring (2 buffers x (k, v)) x K x D
     # -- the loss, per token
     "logits_per_vocab": 14,           # plain head: bf16 logits 2 + fp32 copy 4 + log-softmax 4 + gradient 4
