@@ -26,7 +26,7 @@ output), no process group. Rows at each N:
 
 Validation: every ring_lightning row's output and gradients against its peer (SDPA for
 dense, FlexAttention for masks, standard for hilbert) from the same inputs, relative L2
-error < 2e-2. TFLOP/s count allowed pairs only (``ring_lightning.flops``: causal m^2/2 per
+error < 2e-2. TFLOP/s count allowed pairs only (``ring_lightning.models.flops``: causal m^2/2 per
 head and block of m mutually visible tokens; documents: sum of L^2/2 per document),
 forward 4*D*P, backward 2.5x. ms = median of CUDA-event timings after a warm-up call
 (compilation and mask building happen there and are reported as first_call_s).

@@ -1,6 +1,6 @@
 """The model presets as Hydra's ``model`` config group (``python train.py model=350m``).
 
-``ring_lightning.model.PRESETS`` is the one source of the sizes; this registers each one in
+``ring_lightning.models.model.PRESETS`` is the one source of the sizes; this registers each one in
 Hydra's ConfigStore so ``conf/`` holds no copy to keep equal. Every ModelConfig field is a
 key of the node, so any of them can be overridden on the command line
 (``model=350m model.n_layers=12``); fields a preset leaves to its default, and the derived
@@ -27,7 +27,7 @@ from dataclasses import fields
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from ring_lightning.model_config import PRESETS, ModelConfig
+from ring_lightning.models.model_config import PRESETS, ModelConfig
 
 # oc.select: a data config without a tokenizer field (a user's own data module) reads as bytes.
 VOCAB_FROM_TOKENIZER = "${tokenizer_vocab:${oc.select:data.tokenizer,byte}}"

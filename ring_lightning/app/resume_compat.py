@@ -69,7 +69,7 @@ class ConfigRecord(pl.Callback):
     """Writes the composed config (flat keys, plain values) into every checkpoint."""
 
     def __init__(self, flat: Dict[str, Any]) -> None:
-        from ring_lightning.checkpoint_io import plain
+        from ring_lightning.training.checkpoint_io import plain
 
         self.flat = plain(dict(flat))
 

@@ -144,6 +144,10 @@ def _own(path: str, token: str) -> None:
 
     threading.Thread(target=heartbeat, name="run-dir-lock", daemon=True).start()
     _OWNED.update(path=path, token=token, stop=stop)
+    from ring_lightning.training.callbacks import HARD_STOP_HOOKS  # a second Ctrl-C exits without atexit
+
+    if release_owned_lock not in HARD_STOP_HOOKS:
+        HARD_STOP_HOOKS.append(release_owned_lock)
 
 
 def release_owned_lock() -> None:
@@ -177,7 +181,7 @@ class RunStart:
 
 def refuse_fresh_run_over_checkpoints(ckpt_dir: str, run_dir: str) -> None:
     """A new run must not write beside another run's checkpoints (see the module docstring)."""
-    from ring_lightning.checkpoint_io import newest_checkpoint
+    from ring_lightning.training.checkpoint_io import newest_checkpoint
     from ring_lightning.preflight import ConfigError
 
     if not ckpt_dir or not os.path.isdir(ckpt_dir):
@@ -194,7 +198,7 @@ def refuse_fresh_run_over_checkpoints(ckpt_dir: str, run_dir: str) -> None:
 
 def choose(cfg, ckpt_dir: Optional[str], quiet: bool = False) -> RunStart:
     """The checkpoint to continue from (see the module docstring); notes unless ``quiet``."""
-    from ring_lightning.checkpoint_io import checkpoint_step, clean_leftovers, newest_checkpoint
+    from ring_lightning.training.checkpoint_io import checkpoint_step, clean_leftovers, newest_checkpoint
     from ring_lightning.preflight import ConfigError
 
     start = RunStart()
@@ -232,7 +236,7 @@ def set_aside_newer(ckpt_dir: Optional[str], chosen: str, step: Optional[int]) -
     """A rollback (``ckpt_path`` at an older checkpoint of this run dir): the checkpoints of later
     steps move to ``checkpoints/abandoned-<time>/``, or a later ``resume=true`` (newest by step)
     would jump forward to the abandoned branch."""
-    from ring_lightning.checkpoint_io import checkpoint_step
+    from ring_lightning.training.checkpoint_io import checkpoint_step
 
     if not ckpt_dir or step is None or not os.path.isdir(ckpt_dir) \
             or os.path.dirname(os.path.abspath(chosen)) != os.path.abspath(ckpt_dir):
@@ -286,7 +290,7 @@ def start_run(cfg, flat: Dict[str, Any], launching: bool) -> RunStart:
         ConfigError: a live run owns the directory; a fresh run over checkpoints; a resume whose
             config changed a key that cannot change; a ``ckpt_path`` that does not load.
     """
-    from ring_lightning import resume_compat
+    from ring_lightning.app import resume_compat
 
     run_dir = str(cfg.paths.output_dir)
     ckpt_dir = ((cfg.get("callbacks") or {}).get("model_checkpoint") or {}).get("dirpath")

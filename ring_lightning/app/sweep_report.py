@@ -21,7 +21,7 @@ from typing import Any, Dict, List
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ring_lightning.run_report import METRICS_FILE, final_metrics
+from ring_lightning.app.run_report import METRICS_FILE, final_metrics
 
 METRICS = ("train/loss", "val/loss", "val/ppl", "val/retrieval_acc", "perf/tokens_per_s", "perf/peak_memory_mb")
 

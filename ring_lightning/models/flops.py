@@ -178,7 +178,7 @@ def causal_document_pairs_per_rank(document_lengths: Sequence[int], group_size: 
     Returns:
         ``W`` floats: allowed pairs of each rank's queries, summed over ``num_heads`` heads.
     """
-    from .sharding import sequence_positions
+    from ring_lightning.sequence.sharding import sequence_positions
 
     lengths = torch.tensor([int(n) for n in document_lengths], dtype=torch.int64)
     N, W = int(lengths.sum()), group_size

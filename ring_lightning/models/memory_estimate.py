@@ -70,7 +70,7 @@ WARN_ABOVE = 0.90
 # What `checkpointing=offload` (conf/checkpointing/offload.yaml) sets; a unit test keeps them equal.
 OFFLOAD_OPTIONS = {"checkpointing": "full", "offload_activations": True, "blocks_per_checkpoint": 1,
                    "mlp_tile_tokens": 16384}
-# linear_cross_entropy's default chunk: 2^30 float32 logits (ring_lightning/loss.py).
+# linear_cross_entropy's default chunk: 2^30 float32 logits (ring_lightning/models/loss.py).
 _CHUNK_ELEMENTS = 2**30
 
 
@@ -93,7 +93,7 @@ class Shapes:
     @classmethod
     def from_any(cls, model: Any) -> "Shapes":
         """From a ModelConfig or a mapping of its fields (other keys ignored)."""
-        from ring_lightning.model_config import ModelConfig
+        from ring_lightning.models.model_config import ModelConfig
 
         known = {f.name for f in fields(ModelConfig)}
         data = asdict(model) if isinstance(model, ModelConfig) else dict(model)

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ring_lightning.activations import HostOffload, recompute_offloaded, tiled
-from ring_lightning.flops import attention_pairs, flops_from_pairs
+from ring_lightning.models.activations import HostOffload, recompute_offloaded, tiled
+from ring_lightning.models.flops import attention_pairs, flops_from_pairs
 
-from ring_lightning.model_config import CHECKPOINTING, PRESETS, ModelConfig  # noqa: F401 (re-exported)
+from ring_lightning.models.model_config import CHECKPOINTING, PRESETS, ModelConfig  # noqa: F401 (re-exported)
 
 
 def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
@@ -317,7 +317,7 @@ class LongDocTransformer(nn.Module):
                       document_ids: Optional[torch.Tensor] = None, final_norm: bool = True) -> torch.Tensor:
         """The final normed hidden states (B, T, C), what the LM head reads (see ``forward``).
 
-        With ``ring_lightning.loss.linear_cross_entropy(h, model.output.weight, labels)`` the
+        With ``ring_lightning.models.loss.linear_cross_entropy(h, model.output.weight, labels)`` the
         loss never holds the (B, T, V) logits; with ``final_norm=False`` and
         ``pre_head=model.norm`` there the final norm runs per chunk too (docs/MEMORY.md).
         """
@@ -364,7 +364,7 @@ class LongDocTransformer(nn.Module):
         """Training FLOPs (forward + backward) per token, for MFU.
 
         ``6 * N`` for the matmuls (N = parameters without the embedding table) plus the
-        attention scores and weighted sum, counted by ``ring_lightning.flops`` as model
+        attention scores and weighted sum, counted by ``ring_lightning.models.flops`` as model
         FLOPs (backward = 2 x forward, no recompute; PaLM appendix B): ``12 * n_layers *
         H * D * seq_len`` for dense attention, halved when causal, times
         ``attention_fraction`` for sparse or dilated patterns.
@@ -373,7 +373,7 @@ class LongDocTransformer(nn.Module):
             seq_len: GLOBAL sequence length (keys a query can see), not the local shard.
             causal: count only the causal half of the score matrix.
             attention_fraction: fraction of the (causal) score matrix actually computed,
-                e.g. ``ring_lightning.flops.attention_fraction``.
+                e.g. ``ring_lightning.models.flops.attention_fraction``.
 
         Returns:
             FLOPs per token.

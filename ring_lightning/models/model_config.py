@@ -1,7 +1,7 @@
 """ModelConfig and PRESETS: the sizes and options of a LongDocTransformer (model.py).
 
 Kept apart from the modules so a config can be read, validated and registered with Hydra
-(hydra_presets.py) without building anything. ``ring_lightning.model`` re-exports both.
+(hydra_presets.py) without building anything. ``ring_lightning.models.model`` re-exports both.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class ModelConfig:
     offload_activations: bool = False
     """With checkpointing="full": what is kept of each checkpointed group (its input, the
     residual stream) goes to pinned host memory on a side stream and comes back one group
-    ahead in backward (ring_lightning/activations.py). Same numbers (recomputed), less device memory."""
+    ahead in backward (ring_lightning/models/activations.py). Same numbers (recomputed), less device memory."""
     blocks_per_checkpoint: int = 1
     """With checkpointing="full": k blocks recomputed together, one saved input per k blocks
     (host memory with offload: ceil(n_layers / k) inputs)."""
@@ -150,7 +150,7 @@ class ModelConfig:
 # Field overrides over the ModelConfig defaults (kept as mappings so that overriding
 # ``dim`` re-derives ``hidden_dim``). Parameter counts are with the byte vocabulary. The one
 # source of the sizes: Hydra's ``model=<name>`` group is registered from this table
-# (ring_lightning/hydra_presets.py).
+# (ring_lightning/app/hydra_presets.py).
 PRESETS = {
     # ~0.13M parameters: unit tests, CI, the default CPU run and the retrieval task.
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2),

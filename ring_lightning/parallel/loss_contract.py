@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import sharding
+from ring_lightning.sequence import sharding
 
 LOSS_REDUCTIONS = ("mean", "sum", "none")
 

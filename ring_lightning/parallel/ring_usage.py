@@ -6,7 +6,8 @@ trains on silently wrong numbers. ``RingStrategy`` asks this module three things
 
 * :func:`prepare_ring_attention` (setup): the ring attention modules of the LightningModule; a
   Hugging Face model on ``attn_implementation="ring_lightning"`` gets its per-layer cores here
-  (``ring_lightning.hf.attach_ring_attention``), so the strategy sees them before the first step;
+  (``ring_lightning.hf.attach_ring_attention``, registered here by ``ring_lightning.hf``), so the
+  strategy sees them before the first step;
 * :func:`missing_ring_message` (setup): why the model cannot be sharded, naming the fix (for an HF
   model: its attention implementation), or None;
 * :func:`check_ring_called` (after the first training step): the ring cores were called.
@@ -18,7 +19,7 @@ Hugging Face models are recognised without importing transformers (a submodule w
 from __future__ import annotations
 
 import warnings
-from typing import List, NoReturn, Sequence, Tuple
+from typing import Callable, List, NoReturn, Sequence, Tuple
 
 import torch.distributed as dist
 from torch import nn
@@ -40,13 +41,26 @@ def hf_models(module: nn.Module) -> List[Tuple[str, nn.Module, str]]:
     return found
 
 
+#: How an HF model on ``attn_implementation="ring_lightning"`` gets its ring cores: ``ring_lightning.hf``
+#: registers it when it registers that implementation with transformers (this layer imports nothing
+#: above it), so it is there for every model that can be on that implementation.
+_HF_ATTACHERS: List[Callable[[nn.Module], None]] = []
+
+
+def register_hf_attacher(attach: Callable[[nn.Module], None]) -> None:
+    """Set how :func:`prepare_ring_attention` gives an HF model on ``"ring_lightning"`` its cores."""
+    _HF_ATTACHERS[:] = [attach]
+
+
 def prepare_ring_attention(module: nn.Module) -> list:
     """Every ring attention module of ``module``, after giving HF models on ``"ring_lightning"`` their cores."""
-    for _, model, implementation in hf_models(module):
+    for name, model, implementation in hf_models(module):
         if implementation == HF_ATTN_IMPLEMENTATION:
-            from ring_lightning.hf import attach_ring_attention  # transformers is there: the model uses it
-
-            attach_ring_attention(model)  # keeps cores already attached (HFCausalLM's variant)
+            if not _HF_ATTACHERS:
+                raise ValueError(f"{type(model).__name__} (self.{name}) is on attn_implementation="
+                                 f"{HF_ATTN_IMPLEMENTATION!r} but ring_lightning.hf was never imported: "
+                                 f"`import ring_lightning.hf` before building the model")
+            _HF_ATTACHERS[0](model)  # keeps cores already attached (HFCausalLM's variant)
     return ring_attention_modules(module)
 
 

@@ -16,10 +16,10 @@ are data-parallel replicas (``dp`` axis). The strategy
 * runs every step (forward and backward) inside ``sharding.sequence_sharding(sp_group,
   layout)``, which the ring attention modules read: nothing is pushed into them,
 * rescales the loss each rank returns so that DDP's average over the whole world is
-  the ``sp=1`` gradient for the per-token mean users write (``ring_lightning.loss_contract``;
+  the ``sp=1`` gradient for the per-token mean users write (``ring_lightning.parallel.loss_contract``;
   :meth:`RingStrategy.reduce_token_loss` is the explicit alternative), and logs that mean
   over the sequence group, the one-device loss, as ``train/group_loss``,
-* registers a gradient-compression DDP hook (``ring_lightning.compression``).
+* registers a gradient-compression DDP hook (``ring_lightning.parallel.compression``).
 
 Usage::
 
@@ -30,7 +30,7 @@ Usage::
 The name ``"ring"`` is registered when this module is imported (``from ring_lightning
 import RingStrategy`` does it).
 
-Labels must be aligned per position BEFORE sharding; ``ring_lightning.loss_contract`` says
+Labels must be aligned per position BEFORE sharding; ``ring_lightning.parallel.loss_contract`` says
 why, and what happens to labels equal to ``input_ids`` (refused, or ``shift_labels=True``).
 
 Letters: B batch, N global sequence length, T local sequence length (N / sp).
@@ -46,10 +46,10 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ring_lightning import loss_contract
-from ring_lightning.compression import check_compression_args, register_compression_hook, resolve_compression
-from ring_lightning.compression_checkpoint import CHECKPOINT_KEY as COMPRESSION_CHECKPOINT_KEY
-from ring_lightning.compression_checkpoint import gather_compression_state, restore_compression_state, this_rank_state
+from ring_lightning.parallel import loss_contract
+from ring_lightning.parallel.compression import check_compression_args, register_compression_hook, resolve_compression
+from ring_lightning.parallel.compression_checkpoint import CHECKPOINT_KEY as COMPRESSION_CHECKPOINT_KEY
+from ring_lightning.parallel.compression_checkpoint import gather_compression_state, restore_compression_state, this_rank_state
 from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX  # noqa: F401 (DEFAULT_SEQUENCE_KEYS re-exported)
 from ring_lightning.parallel.core import DP_AXIS, GROUP_LOSS_KEY, SP_AXIS, SequenceParallel  # noqa: F401 (re-exported)
 from ring_lightning.sequence.dims import (LAYOUT_POLICIES, MESH_AXES, ParallelDims, check_layout_policy,  # noqa: F401
@@ -75,7 +75,7 @@ class RingStrategy(DDPStrategy):
     A model without any ring attention module while ``sequence_parallel_size > 1`` is
     an error, not a warning: every rank would attend only to its own shard and training
     would run on silently wrong numbers. So are a Hugging Face model left on ``sdpa`` /
-    ``eager`` and a first training step that called no ring core (``ring_lightning.ring_usage``).
+    ``eager`` and a first training step that called no ring core (``ring_lightning.parallel.ring_usage``).
 
     Args:
         sequence_parallel_size: ranks per sequence group (``sp``), or ``"auto"`` (the default):
@@ -94,7 +94,7 @@ class RingStrategy(DDPStrategy):
             all-to-all before the ring (``ring_lightning.sequence.groups``); divides ``sequence_parallel_size``
             and the heads. 1 (default): the ring alone; ``sequence_parallel_size``: Ulysses alone.
         loss_reduction: what the module's ``training_step`` returns, so the strategy can
-            make the gradient equal ``sp=1`` (``ring_lightning.loss_contract``): ``"mean"``
+            make the gradient equal ``sp=1`` (``ring_lightning.parallel.loss_contract``): ``"mean"``
             (per-token mean over labels != ``ignore_index``, the default), ``"sum"`` (sum of
             token losses), ``"none"`` (already reduced over the sequence group; leave it).
         shift_labels: ``None`` (default): refuse labels equal to ``input_ids`` when sp > 1;

@@ -146,7 +146,7 @@ def all_to_all_chunk_order(seq_len: int, group_size: int, ulysses_size: int, rin
 
 def pad_to_multiple(x: torch.Tensor, multiple: int, dim: int = 1, value: float = 0) -> torch.Tensor:
     """Pad ``x`` along ``dim`` at the end so its length is a multiple of ``multiple``
-    (``ring_lightning.lengths.length_multiple`` gives one every rule of an attention accepts)."""
+    (``ring_lightning.sequence.lengths.length_multiple`` gives one every rule of an attention accepts)."""
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
     length = x.shape[dim]

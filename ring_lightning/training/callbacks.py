@@ -26,7 +26,7 @@ first step and stops with the keys that differ: a rank started with another ``mo
 ``data.seed`` or ``compression`` would otherwise train apart or hang in a collective.
 
 ``AtomicCheckpointIO`` and ``newest_valid_checkpoint`` live in ``checkpoint_io.py`` (re-exported
-here: the configs name ``ring_lightning.callbacks.AtomicCheckpointIO``).
+here: the configs name ``ring_lightning.training.callbacks.AtomicCheckpointIO``).
 """
 
 from __future__ import annotations
@@ -39,10 +39,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ring_lightning.checkpoint_io import AtomicCheckpointIO, newest_valid_checkpoint, readable  # noqa: F401
-from ring_lightning.run_log import launch_rank
+from ring_lightning.training.checkpoint_io import AtomicCheckpointIO, newest_valid_checkpoint, readable  # noqa: F401
+from ring_lightning.training.run_log import launch_rank
 
 POLICIES = ("stop", "skip")
+#: Run by the second Ctrl-C before ``os._exit`` (which skips atexit): ``app/run_dir.py`` adds the
+#: release of the run-directory lock it takes (training imports nothing of the app above it).
+HARD_STOP_HOOKS: list = []
 _NEVER = 2**62  # "no bad step yet" in the device-side first-bad-step tensors
 
 
@@ -191,11 +194,10 @@ class FinalCheckpoint(pl.Callback):
     @staticmethod
     def _stop_now() -> None:
         """The second Ctrl-C: out at once (no checkpoint, no collective), the run-dir lock freed."""
-        from ring_lightning import run_dir
-
         if launch_rank() == 0:  # os.write, not print: the handler may interrupt a print
             os.write(2, b"\nsecond Ctrl-C: stopping now, without a checkpoint of this step\n")
-        run_dir.release_owned_lock()
+        for hook in HARD_STOP_HOOKS:
+            hook()
         os._exit(128 + int(signal.SIGINT))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -338,7 +340,7 @@ class FailureRecord(pl.Callback):
         self.run_dir = str(run_dir)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        from ring_lightning.faults import peer_failure, record_failure
+        from ring_lightning.sequence.faults import peer_failure, record_failure
 
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or peer_failure(exception) is not None:
             return  # an interruption, or a peer's failure seen from here: not this rank's own

@@ -45,13 +45,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ring_lightning import sharding
+from ring_lightning.sequence import sharding
 from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
-from ring_lightning.loss import linear_cross_entropy
+from ring_lightning.models.loss import linear_cross_entropy
 from ring_lightning.attention.documents import document_position_ids
-from ring_lightning.model import LongDocTransformer, ModelConfig, default_position_ids
-from ring_lightning.schedule import WarmupCosine, keep_configured_schedule  # noqa: F401 (WarmupCosine re-exported)
-from ring_lightning.training_metrics import TrainingMetrics
+from ring_lightning.models.model import LongDocTransformer, ModelConfig, default_position_ids
+from ring_lightning.training.schedule import WarmupCosine, keep_configured_schedule  # noqa: F401 (WarmupCosine re-exported)
+from ring_lightning.training.training_metrics import TrainingMetrics
 
 def _plain(value: Any) -> Any:
     """Hydra DictConfig/ListConfig (or a dataclass) -> plain Python containers."""
@@ -85,7 +85,7 @@ class LongDocumentLM(TrainingMetrics, pl.LightningModule):
         compile: ``torch.compile`` each block's work around its attention core (norms,
             projections, rotary, SwiGLU) on CUDA; the attention core stays eager.
         loss_chunk_tokens: the LM head and cross-entropy run in chunks of this many tokens
-            (``ring_lightning.loss.linear_cross_entropy``), never holding the (B, T, V)
+            (``ring_lightning.models.loss.linear_cross_entropy``), never holding the (B, T, V)
             logits; None = about 4 GiB of float32 logits per chunk, 0 = plain logits. A
             subclass overriding ``compute_loss`` or ``forward`` gets the logits.
 

@@ -26,7 +26,7 @@ from typing import IO, Any, Optional
 
 from lightning.pytorch.callbacks import Callback
 
-from ring_lightning.console import is_noise
+from ring_lightning.training.console import is_noise
 
 _RANK_SUFFIX = re.compile(r"_ddp_process_\d+$")
 

@@ -16,7 +16,7 @@ from typing import Any, Dict
 
 import torch
 
-from ring_lightning.flops import PEAK_BF16_FLOPS, attention_pairs
+from ring_lightning.models.flops import PEAK_BF16_FLOPS, attention_pairs
 
 
 class TrainingMetrics:
@@ -25,12 +25,12 @@ class TrainingMetrics:
     def attention_pairs(self, batch: Dict[str, torch.Tensor]) -> float:
         """Allowed (query, key) pairs of one layer's attention on a WHOLE (unsharded) batch.
 
-        Every mask the attention applies is counted (``ring_lightning.flops.batch_attention_pairs``):
+        Every mask the attention applies is counted (``ring_lightning.models.flops.batch_attention_pairs``):
         the dilated segments, the block-sparse block mask, a token grid's window, and the
         batch's packed documents when ``document_mask`` is on. Every layer is assumed to use
         ``attention`` (a ``build_attention`` that differs per layer is not seen here).
         """
-        from ring_lightning.flops import batch_attention_pairs
+        from ring_lightning.models.flops import batch_attention_pairs
 
         input_ids = batch["input_ids"]
         B, N = input_ids.shape[0], input_ids.shape[1]

@@ -19,8 +19,8 @@ from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch import Trainer
 
 import _strategy_worker as W
-from ring_lightning import sharding
-from ring_lightning.strategy import DEFAULT_SEQUENCE_KEYS, MESH_AXES, RingStrategy
+from ring_lightning.sequence import sharding
+from ring_lightning.parallel.strategy import DEFAULT_SEQUENCE_KEYS, MESH_AXES, RingStrategy
 
 pytestmark = pytest.mark.distributed
 
