@@ -171,15 +171,14 @@ class SequenceSharding:
     Hybrid sequence parallelism (docs/ARCHITECTURE.md, "Hybrid sequence parallelism"):
     ``ulysses_group`` (U consecutive ranks of ``group``) trades sequence for heads with an
     all-to-all, then the ring runs over ``ring_group`` (the K/U ranks at stride U); both or
-    neither. ``head_offset`` is the global index of the first head a call holds: the ring
-    call behind the all-to-all sets it, so dilation offsets follow the model's heads.
+    neither. (The global index of a call's first head is an argument of the ring entry behind
+    the all-to-all, not a field here.)
     """
 
     group: Optional["dist.ProcessGroup"] = None
     layout: str = "contiguous"
     ulysses_group: Optional["dist.ProcessGroup"] = None
     ring_group: Optional["dist.ProcessGroup"] = None
-    head_offset: int = 0
 
     def __post_init__(self) -> None:
         _check_layout(self.layout)
@@ -204,8 +203,7 @@ _default: Optional[SequenceSharding] = None
 @contextmanager
 def sequence_sharding(group: Optional["dist.ProcessGroup"], layout: str = "contiguous",
                       ulysses_group: Optional["dist.ProcessGroup"] = None,
-                      ring_group: Optional["dist.ProcessGroup"] = None,
-                      head_offset: int = 0) -> Iterator[SequenceSharding]:
+                      ring_group: Optional["dist.ProcessGroup"] = None) -> Iterator[SequenceSharding]:
     """Make ``(group, layout)`` the sharding of every ring attention call inside the block.
 
     ``RingStrategy`` enters it around each step (forward and backward) with the batch's
@@ -215,7 +213,7 @@ def sequence_sharding(group: Optional["dist.ProcessGroup"], layout: str = "conti
         with sequence_sharding(sp_group, "zigzag"):
             loss = model(shard_of_batch).backward()
     """
-    with use_sequence_sharding(SequenceSharding(group, layout, ulysses_group, ring_group, head_offset)) as active:
+    with use_sequence_sharding(SequenceSharding(group, layout, ulysses_group, ring_group)) as active:
         yield active
 
 

@@ -153,16 +153,15 @@ class LongDocumentLM(TrainingMetrics, pl.LightningModule):
         self._val_stats: Optional[torch.Tensor] = None
 
     def _checkpointing_from_attention(self, config: ModelConfig) -> ModelConfig:
-        """The distributed variant's ``use_checkpoint_accumulation`` / ``checkpoint_every_n_layers``
-        turn on the model's selective activation checkpointing (the attention cannot
-        checkpoint the layers around it; the model can). An explicit model setting wins."""
-        cfg = self.attention_config
-        if self.attention_variant != "distributed" or not cfg.use_checkpoint_accumulation:
+        """The attention config's checkpointing request (its edge, ``attention.config_adapter``, decides
+        when it asks) turns on the model's selective activation checkpointing: the attention cannot
+        checkpoint the layers around it; the model can. An explicit model setting wins."""
+        from ring_lightning.attention.config_adapter import checkpointing_request
+
+        request = checkpointing_request(self.attention_variant, self.attention_config)
+        if request is None or config.checkpointing != "none":
             return config
-        if config.checkpointing != "none":
-            return config
-        return dataclasses.replace(config, checkpointing="selective",
-                                   checkpoint_every_n_layers=cfg.checkpoint_every_n_layers)
+        return dataclasses.replace(config, checkpointing="selective", checkpoint_every_n_layers=request.every_n_layers)
 
     @staticmethod
     def _attention_config(attention: Optional[Dict[str, Any]]):
