@@ -58,7 +58,7 @@ from specs import DEFAULT_IMPLS, Spec, make_specs, row_pairs
 
 import torch
 
-attention, flops = import_engine("attention", "flops")
+attention, flops = import_engine("attention", "models.flops")
 
 
 def parse_args():

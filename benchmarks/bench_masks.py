@@ -44,7 +44,7 @@ import torch
 from _common import env_info, import_engine, rel_err, short_error, write_table
 from mask_grids import balance_rows, balance_table, document_lengths, grid_rows
 
-attention, flops = import_engine("attention", "flops")
+attention, flops = import_engine("attention", "models.flops")
 # the rows of the loop over --ns: skipped as a whole when --only names none of them
 NS_ROWS = ("sdpa-cudnn", "standard dense", "hilbert dense", "standard dilated", "hilbert dilated", "flex-block",
            "block_sparse", "flex-docs", "docs default (flex)", "docs default, new ids/step", "docs ring varlen",

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Tuple
 
 from _common import import_engine
 
-attention, flops = import_engine("attention", "flops")
+attention, flops = import_engine("attention", "models.flops")
 
 DEFAULT_IMPLS = ("sdpa-cudnn", "sdpa-flash", "cp-cudnn", "cp-flash", "rl-standard", "rl-standard-cudnn",
                  "rl-standard-flash", "rl-distributed", "rl-hilbert", "rl-block_sparse", "rl-standard-1gpu")
