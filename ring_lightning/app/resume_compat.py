@@ -103,10 +103,34 @@ def _mirror(key: str) -> Optional[str]:
     return None
 
 
+def _target_name(path: str) -> str:
+    """Where the object a ``_target_`` names is defined: a checkpoint of before the packages names
+    the old flat paths (``ring_lightning.module.LongDocumentLM``), aliases of the same objects until 0.3."""
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(path)
+    except Exception:  # noqa: BLE001 (hydra wraps the import's error): not ours to judge, the text stays
+        return path
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+
+
+def _canonical(key: str, value: Any) -> Any:
+    """``value`` with every ring_lightning ``_target_`` in it (the key's own, or in a list of nodes) by definition."""
+    if isinstance(value, str) and key.rsplit(".", 1)[-1] == "_target_" and value.startswith("ring_lightning."):
+        return _target_name(value)
+    if isinstance(value, list):
+        return [_canonical(key, v) for v in value]
+    if isinstance(value, dict):
+        return {k: _canonical(k, v) for k, v in value.items()}
+    return value
+
+
 def classify(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[List[str], List[str]]:
     """(refused, notes): one line per differing key, ``key old -> new (why / effect)``."""
     refused, notes = [], []
-    differ = {k for k in set(saved) | set(current) if saved.get(k, _MISSING) != current.get(k, _MISSING)}
+    differ = {k for k in set(saved) | set(current) if saved.get(k, _MISSING) != current.get(k, _MISSING)
+              and _canonical(k, saved.get(k, _MISSING)) != _canonical(k, current.get(k, _MISSING))}
     for key in sorted(differ):
         old, new = saved.get(key, _MISSING), current.get(key, _MISSING)
         if _match(key, IGNORED) or _mirror(key) in differ:

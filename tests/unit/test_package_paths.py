@@ -36,3 +36,15 @@ def test_old_targets_and_public_names_resolve():
 
     assert ring_lightning.LongDocumentLM is LongDocumentLM
     assert ring_lightning.RingStrategy is importlib.import_module("ring_lightning.parallel.strategy").RingStrategy
+
+
+def test_a_checkpoint_naming_old_targets_resumes_without_notes():
+    from ring_lightning.app.resume_compat import classify
+
+    saved = {"module._target_": "ring_lightning.module.LongDocumentLM",
+             "trainer.plugins": [{"_target_": "ring_lightning.callbacks.AtomicCheckpointIO"}]}
+    now = {"module._target_": "ring_lightning.training.module.LongDocumentLM",
+           "trainer.plugins": [{"_target_": "ring_lightning.training.callbacks.AtomicCheckpointIO"}]}
+    assert classify(saved, now) == ([], [])
+    refused, notes = classify({"module._target_": "my_project.MyLM"}, {"module._target_": now["module._target_"]})
+    assert not refused and len(notes) == 1 and "module._target_ 'my_project.MyLM'" in notes[0]
