@@ -21,7 +21,7 @@ composed config; a sweep adds sweep_summary.md/.csv/.png to its multirun dir.
 Under torchrun every rank composes its own config: fix hydra.run.dir so they agree.
 """
 
-from ring_lightning.console import quiet_third_party
+from ring_lightning.training.console import quiet_third_party
 
 quiet_third_party()  # before the imports that warn; ranks Lightning starts re-run this file
 
@@ -30,13 +30,13 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from omegaconf import DictConfig, OmegaConf
 
 from ring_lightning.app.train import flat_config, train  # noqa: F401 (flat_config: its old home)
-from ring_lightning.hydra_presets import register_model_presets
+from ring_lightning.app.hydra_presets import register_model_presets
 
 CUDA_AVAILABLE = CUDAAccelerator.is_available()  # fork-safe: does not initialise CUDA
 # ${if_cuda:a,b} is a when CUDA is available, else b: conf/trainer/default.yaml uses it so the
 # defaults take every GPU when there are GPUs and 2 CPU processes otherwise.
 OmegaConf.register_new_resolver("if_cuda", lambda a, b: a if CUDA_AVAILABLE else b, replace=True)
-register_model_presets()  # the `model` group: ring_lightning.model.PRESETS, no YAML copies
+register_model_presets()  # the `model` group: ring_lightning.models.model.PRESETS, no YAML copies
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

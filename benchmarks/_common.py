@@ -40,12 +40,12 @@ import torch.distributed as dist  # noqa: E402
 
 
 def import_engine(*names: str):
-    """Return the ``ring_lightning`` submodules ``names`` (default: attention, sharding),
+    """Return the ``ring_lightning`` submodules ``names`` (default: attention, sequence.sharding),
     without the parent package's extras.
 
-    Only torch-only submodules make sense here: ``attention``, ``sharding``, ``flops``.
+    Only torch-only submodules make sense here: ``attention``, ``sequence.sharding``, ``models.flops``.
     """
-    names = names or ("attention", "sharding")
+    names = names or ("attention", "sequence.sharding")
 
     def load():
         return tuple(importlib.import_module(f"ring_lightning.{n}") for n in names)

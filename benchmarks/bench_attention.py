@@ -26,7 +26,7 @@ Rows (``impl``):
 
 FLOPs (the same definition for every row): fwd = 4 * B * D * P, bwd = 2.5 * fwd, where P
 is the number of (query, key) pairs the pattern allows, summed over heads, counted by
-``ring_lightning.flops.attention_pairs`` (causal: m^2 / 2 for m mutually visible tokens;
+``ring_lightning.models.flops.attention_pairs`` (causal: m^2 / 2 for m mutually visible tokens;
 dense causal P = H * N^2 / 2; dilated and block-sparse: the pairs of the pattern).
 TFLOP/s per GPU = (fwd + bwd) FLOPs / #GPUs of the row / time.
 
@@ -58,7 +58,7 @@ from specs import DEFAULT_IMPLS, Spec, make_specs, row_pairs
 
 import torch
 
-attention, flops = import_engine("attention", "flops")
+attention, flops = import_engine("attention", "models.flops")
 
 
 def parse_args():

@@ -4,7 +4,7 @@
     python benchmarks/bench_hf.py --seq-len 32768 --steps 5
     python benchmarks/bench_hf.py --dry-run                    # CPU smoke test (tiny model, 256 tokens)
 
-The model is ``transformers.LlamaForCausalLM`` with ``ring_lightning.model_config.PRESETS["350m"]``'s
+The model is ``transformers.LlamaForCausalLM`` with ``ring_lightning.models.model_config.PRESETS["350m"]``'s
 shapes (dim 1024, 24 layers, 16 heads / 8 kv heads, SwiGLU 3584, rope theta 5e5; the byte
 vocabulary), randomly initialised once; both rows train the same weights on the same tokens:
 
@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ring_lightning.hf import HFCausalLM  # noqa: E402
-from ring_lightning.model_config import PRESETS, ModelConfig  # noqa: E402
+from ring_lightning.models.model_config import PRESETS, ModelConfig  # noqa: E402
 
 
 def llama_fields(preset: str, seq_len: int) -> dict:

@@ -26,7 +26,7 @@ output), no process group. Rows at each N:
 
 Validation: every ring_lightning row's output and gradients against its peer (SDPA for
 dense, FlexAttention for masks, standard for hilbert) from the same inputs, relative L2
-error < 2e-2. TFLOP/s count allowed pairs only (``ring_lightning.flops``: causal m^2/2 per
+error < 2e-2. TFLOP/s count allowed pairs only (``ring_lightning.models.flops``: causal m^2/2 per
 head and block of m mutually visible tokens; documents: sum of L^2/2 per document),
 forward 4*D*P, backward 2.5x. ms = median of CUDA-event timings after a warm-up call
 (compilation and mask building happen there and are reported as first_call_s).
@@ -44,7 +44,7 @@ import torch
 from _common import env_info, import_engine, rel_err, short_error, write_table
 from mask_grids import balance_rows, balance_table, document_lengths, grid_rows
 
-attention, flops = import_engine("attention", "flops")
+attention, flops = import_engine("attention", "models.flops")
 # the rows of the loop over --ns: skipped as a whole when --only names none of them
 NS_ROWS = ("sdpa-cudnn", "standard dense", "hilbert dense", "standard dilated", "hilbert dilated", "flex-block",
            "block_sparse", "flex-docs", "docs default (flex)", "docs default, new ids/step", "docs ring varlen",

@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from ring_lightning.module import LongDocumentLM
+from ring_lightning.training.module import LongDocumentLM
 
 OPTIONS = {
     "full-logits": (dict(checkpointing="full"), 0),
@@ -102,7 +102,7 @@ def _ours(preset: str, vocab: int, option: str, dilated: bool, device):
 def _hf(preset: str, vocab: int, option: str, seq_len: int, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ring_lightning.model_config import ModelConfig
+    from ring_lightning.models.model_config import ModelConfig
 
     c = ModelConfig.preset(preset, vocab_size=vocab)
     config = LlamaConfig(vocab_size=vocab, hidden_size=c.dim, intermediate_size=c.hidden_dim,

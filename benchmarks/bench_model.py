@@ -13,7 +13,7 @@ its own tokens/s and MFU as perf/*). Timed with CUDA events over ``--steps`` ste
 ``--warmup`` (compilation, cuDNN plans and the allocator's growth stay out).
 
 MFU = model FLOPs per token (``LongDocumentLM.train_flops``: 6 x parameters plus the
-attention's allowed pairs, counted by ``ring_lightning.flops`` exactly as the training
+attention's allowed pairs, counted by ``ring_lightning.models.flops`` exactly as the training
 module logs ``perf/mfu``; here random tokens, one document: dense causal) x tokens/s / the
 card's dense bf16 peak (989 TFLOP/s for H100/H200). Recomputation from activation
 checkpointing is NOT counted as useful work. ``recipe_mfu.py`` runs this step on a recipe's
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from ring_lightning.attention import create_ring_attention
-from ring_lightning.flops import PEAK_BF16_FLOPS
-from ring_lightning.module import LongDocumentLM
+from ring_lightning.models.flops import PEAK_BF16_FLOPS
+from ring_lightning.training.module import LongDocumentLM
 
 DEFAULT_CONFIGS = "350m:32768:selective,350m:131072:selective,1b:65536:selective,1b:131072:selective"
 
@@ -126,7 +126,7 @@ def train_step_bench(preset: str, seq_len: int, checkpointing: str, compile_bloc
 
 def attention_bench(preset: str, seq_len: int, steps: int, warmup: int, device: torch.device) -> dict:
     """The attention core alone at the preset's head shapes: causal fwd+bwd (the model's ceiling)."""
-    from ring_lightning.model import ModelConfig
+    from ring_lightning.models.model import ModelConfig
 
     c = ModelConfig.preset(preset)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -151,7 +151,7 @@ def attention_bench(preset: str, seq_len: int, steps: int, warmup: int, device: 
 
 def optimizer_bench(preset: str, device: torch.device, steps: int) -> list:
     """AdamW step time, fused vs foreach, on the preset's parameters."""
-    from ring_lightning.model import LongDocTransformer
+    from ring_lightning.models.model import LongDocTransformer
 
     model = LongDocTransformer({"preset": preset}).to(device)
     for p in model.parameters():

@@ -25,9 +25,9 @@ import os
 
 import torch
 
-from ring_lightning import memory_estimate as mem
-from ring_lightning.model_config import PRESETS
-from ring_lightning.module import LongDocumentLM
+from ring_lightning.models import memory_estimate as mem
+from ring_lightning.models.model_config import PRESETS
+from ring_lightning.training.module import LongDocumentLM
 
 DEFAULT = ("350m:259:full:32768,65536:plain;350m:259:selective:32768,65536:plain;350m:128256:full:16384,32768:plain;"
            "350m:128256:full:32768,65536;"

@@ -24,7 +24,7 @@ import torch
 
 from _common import import_engine
 
-attention, flops, grids = import_engine("attention", "flops", "attention.grids")
+attention, flops, grids = import_engine("attention", "models.flops", "attention.grids")
 
 GPU_GRIDS = [  # (name, shape, radius, orders)
     ("256x256", (256, 256), (8, 8), ("hilbert", "raster")),

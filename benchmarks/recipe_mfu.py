@@ -42,7 +42,7 @@ DRY_RUN = ["model=tiny", "data.seq_len=512", "data.max_tokens=60000", "module.co
 
 def run_recipe(recipe: str, steps: int, window: int, overrides: list, run_dir: str) -> dict:
     """train.py on the recipe; the last logged value of each perf/* metric."""
-    from ring_lightning.run_report import read_metrics
+    from ring_lightning.app.run_report import read_metrics
 
     cmd = [sys.executable, "train.py", "-cd", "recipes", "-cn", recipe, f"trainer.max_steps={steps}",
            f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
@@ -64,7 +64,7 @@ def bench_recipe(recipe: str, steps: int, overrides: list, device: torch.device)
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from ring_lightning.hydra_presets import register_model_presets
+    from ring_lightning.app.hydra_presets import register_model_presets
 
     register_model_presets()
     OmegaConf.register_new_resolver("if_cuda", lambda a, b: a if device.type == "cuda" else b, replace=True)

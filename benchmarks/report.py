@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Sequence
 
 from _common import fmt
 
-#: how the rows' FLOPs are counted (ring_lightning/flops.py), stored in the JSON's info
+#: how the rows' FLOPs are counted (ring_lightning/models/flops.py), stored in the JSON's info
 FLOPS_NOTE = ("fwd = 4*B*D*P (P = allowed (q,k) pairs over heads, causal m^2/2); bwd = 2.5*fwd; "
               "TFLOP/s per GPU = (fwd+bwd)/GPUs of the row/time")
 PEERS = ("cp-cudnn", "sdpa-cudnn")  # the dense rows every other row is compared with

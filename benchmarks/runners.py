@@ -24,7 +24,7 @@ from specs import Spec, dilated_patterns, ring_fields
 import torch
 import torch.nn.functional as F
 
-attention, sharding = import_engine("attention", "sharding")
+attention, sharding = import_engine("attention", "sequence.sharding")
 
 
 @dataclass

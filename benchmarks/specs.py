@@ -4,7 +4,7 @@ A row name (``--impls``) maps to a ``Spec``: ``sdpa-<backend>`` and ``cp-<backen
 PyTorch's SDPA on one GPU and its context parallel; ``rl-<variant>[-<kernel>]`` is a
 ring_lightning variant over all ranks; ``rl-standard-1gpu`` the standard ring on one
 device. The work of a row, its allowed (query, key) pairs, comes from
-``ring_lightning.flops.attention_pairs``, the project's one counter.
+``ring_lightning.models.flops.attention_pairs``, the project's one counter.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Tuple
 
 from _common import import_engine
 
-attention, flops = import_engine("attention", "flops")
+attention, flops = import_engine("attention", "models.flops")
 
 DEFAULT_IMPLS = ("sdpa-cudnn", "sdpa-flash", "cp-cudnn", "cp-flash", "rl-standard", "rl-standard-cudnn",
                  "rl-standard-flash", "rl-distributed", "rl-hilbert", "rl-block_sparse", "rl-standard-1gpu")

@@ -22,7 +22,7 @@ from torch import nn
 
 from ring_lightning import LongDocumentDataModule, RingStrategy
 from ring_lightning.attention import create_ring_attention
-from ring_lightning.console import progress_bar, quiet_third_party
+from ring_lightning.training.console import progress_bar, quiet_third_party
 
 
 class OwnLM(L.LightningModule):

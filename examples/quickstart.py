@@ -4,7 +4,7 @@ import os
 import lightning as L
 
 from ring_lightning import LongDocumentDataModule, LongDocumentLM, RingStrategy
-from ring_lightning.console import progress_bar, quiet_third_party
+from ring_lightning.training.console import progress_bar, quiet_third_party
 
 quiet_third_party()  # no third-party deprecations or Lightning tips; progress_bar: plain lines in a log
 module = LongDocumentLM(model={"preset": "tiny"}, lr=1e-3, attention={

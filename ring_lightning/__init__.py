@@ -11,10 +11,10 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "RingStrategy": "ring_lightning.strategy",
-    "LongDocTransformer": "ring_lightning.model",
-    "ModelConfig": "ring_lightning.model",
-    "LongDocumentLM": "ring_lightning.module",
+    "RingStrategy": "ring_lightning.parallel.strategy",
+    "LongDocTransformer": "ring_lightning.models.model",
+    "ModelConfig": "ring_lightning.models.model",
+    "LongDocumentLM": "ring_lightning.training.module",
     "LongDocumentDataModule": "ring_lightning.data",
 }
 

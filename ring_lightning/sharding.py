@@ -1,4 +1,4 @@
-"""Moved to ``ring_lightning.sequence.sharding``; this path stays importable (the same module object, so private names and monkeypatching follow) for existing imports and saved configs."""
+"""Compatibility alias of ``ring_lightning.sequence.sharding``, kept until release 0.3 (old imports, saved configs' ``_target_``s and checkpoints' hyper-parameters); the same module object, so private names and monkeypatching follow."""
 import sys
 
 from ring_lightning.sequence import sharding as _moved

@@ -1,4 +1,10 @@
 """What a user runs: ``train(cfg)`` (``app.train``, called by train.py) and its summary (``app.summary``).
 
-This ``__init__`` imports nothing (Lightning and Hydra load with the module that needs them).
+* ``run_dir``: one run per run directory (its lock) and what a resume continues from;
+* ``resume_compat``: a saved config against the current one on resume;
+* ``run_report``, ``sweep_report``: a run's metrics.jsonl and plot, a sweep's table;
+* ``hydra_presets``: the model presets as Hydra config groups.
+
+The pre-flight (``ring_lightning.preflight``) sits just below. This ``__init__`` imports nothing
+(Lightning and Hydra load with the module that needs them).
 """

@@ -6,7 +6,7 @@ import sys
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import WandbLogger
 
-from ring_lightning.run_report import MetricsFile
+from ring_lightning.app.run_report import MetricsFile
 
 
 def continue_command(cfg, step: int) -> str:

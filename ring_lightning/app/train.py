@@ -23,15 +23,19 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from ring_lightning import preflight, run_dir, run_log
+from ring_lightning import preflight
+
+from ring_lightning.app import run_dir
+
+from ring_lightning.training import run_log
 from ring_lightning.app.summary import continue_command, summarize
-from ring_lightning.callbacks import ConfigAgreement, FailureRecord, config_fingerprint, interrupted_by
-from ring_lightning.checkpoint_io import CheckpointWriteError
-from ring_lightning.console import quiet_wandb
-from ring_lightning.faults import (clear_failures, failed_peers, first_line, lost_rank_message,
+from ring_lightning.training.callbacks import ConfigAgreement, FailureRecord, config_fingerprint, interrupted_by
+from ring_lightning.training.checkpoint_io import CheckpointWriteError
+from ring_lightning.training.console import quiet_wandb
+from ring_lightning.sequence.faults import (clear_failures, failed_peers, first_line, lost_rank_message,
                                    peer_failed_message, peer_failure, same_error_elsewhere, stop_local_ranks)
-from ring_lightning.resume_compat import ConfigRecord, load_weights
-from ring_lightning.run_report import StepMetric
+from ring_lightning.app.resume_compat import ConfigRecord, load_weights
+from ring_lightning.app.run_report import StepMetric
 
 
 def _hydra_job() -> "tuple[str, bool]":

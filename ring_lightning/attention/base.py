@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..lengths import check_length
-from ..sharding import active_sequence_sharding
+from ..sequence.lengths import check_length
+from ..sequence.sharding import active_sequence_sharding
 from .comm import BufferPool, RingComm
 from .config import RingAttentionConfig
 from .documents import DocumentMask, check_document_ids

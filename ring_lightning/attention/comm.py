@@ -41,7 +41,7 @@ class RingCommunicationError(RuntimeError):
 def communication_error(what: str, peer_names: str, timeout_s: float, exc) -> RingCommunicationError:
     """The one message of a transfer that did not complete (the ring's, the all-to-all's): a
     peer's closed connection, or the timeout."""
-    from ring_lightning.faults import peer_failure  # the one reader of backend errors
+    from ring_lightning.sequence.faults import peer_failure  # the one reader of backend errors
 
     me = dist.get_rank()
     if exc is not None and peer_failure(exc) == "connection":

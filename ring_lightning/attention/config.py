@@ -14,8 +14,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from ..lengths import LengthRules, check_length
-from ..sharding import LAYOUTS
+from ..sequence.lengths import LengthRules, check_length
+from ..sequence.sharding import LAYOUTS
 from .config_adapter import ACTING_VARIANT, COMPRESSION_METHODS, OTHER_LAYER_FIELDS
 from .kernel_policy import CUDA_KERNELS
 

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..sharding import Piece, unshard_sequence
+from ..sequence.sharding import Piece, unshard_sequence
 from .mask_protocol import AttentionMask, register_mask
 from .plan import FilteredPlan, Item, RingPlan, Task
 from .varlen import document_sequences

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..sharding import rank_pieces, shard_sequence, unshard_sequence
+from ..sequence.sharding import rank_pieces, shard_sequence, unshard_sequence
 
 
 class GatherSequence(torch.autograd.Function):

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ..lengths import LengthRules, check_length
+from ..sequence.lengths import LengthRules, check_length
 from .mask_protocol import AttentionMask, register_mask
 
 

@@ -30,8 +30,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..lengths import LengthRules, check_length
-from ..sharding import Piece, rank_pieces
+from ..sequence.lengths import LengthRules, check_length
+from ..sequence.sharding import Piece, rank_pieces
 
 FULL, CAUSAL = "full", "causal"
 

@@ -43,7 +43,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..sharding import all_to_all_chunk_order, check_divisible, rank_pieces
+from ..sequence.sharding import all_to_all_chunk_order, check_divisible, rank_pieces
 from .agreement import call_signature, verify_across_ranks
 from .comm import RingCommunicationError, communication_error
 from .documents import LastTensorCache, check_document_ids

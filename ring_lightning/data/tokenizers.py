@@ -124,5 +124,5 @@ def model_vocab_size(num_ids: int, tokenizer_name: str = "") -> int:
 
 def tokenizer_vocab_size(tokenizer_name: str) -> int:
     """``model_vocab_size`` of the named tokenizer: what ``model.vocab_size`` follows by default
-    (the ``tokenizer_vocab`` resolver, ring_lightning/hydra_presets.py)."""
+    (the ``tokenizer_vocab`` resolver, ring_lightning/app/hydra_presets.py)."""
     return model_vocab_size(load_tokenizer(str(tokenizer_name)).vocab_size, str(tokenizer_name))

@@ -12,7 +12,7 @@ reach it, across transformers releases that keep the interface.
 Each attention layer computes through a ring attention core (``create_ring_attention``) kept as
 its ``ring_attention`` submodule (:func:`attach_ring_attention`; no parameters, so checkpoints and
 ``save_pretrained`` are unchanged). The core reads the shard context the strategy sets per step
-(``ring_lightning.sharding``): under ``RingStrategy`` each rank holds a shard of the sequence and
+(``ring_lightning.sequence.sharding``): under ``RingStrategy`` each rank holds a shard of the sequence and
 the core rings over the sequence group; with no context it is plain single-device attention.
 
 What the ring cannot honour is refused by name, never computed differently (:func:`_refuse`):
@@ -35,10 +35,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ring_lightning import sharding
+from ring_lightning.sequence import sharding
 from ring_lightning.attention import RingAttentionBase, RingAttentionConfig, create_ring_attention
 from ring_lightning.attention.documents import LastTensorCache
 from ring_lightning.constants import HF_ATTN_IMPLEMENTATION
+from ring_lightning.parallel import ring_usage
 
 IMPLEMENTATION = HF_ATTN_IMPLEMENTATION
 CORE_ATTRIBUTE = "ring_attention"  # the core's name inside each HF attention module
@@ -222,8 +223,10 @@ def ring_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset
 
 
 def register() -> None:
-    """Register :data:`IMPLEMENTATION` with transformers (done on ``import ring_lightning.hf``)."""
+    """Register :data:`IMPLEMENTATION` with transformers, and :func:`attach_ring_attention` with the
+    strategy's ring-usage checks (done on ``import ring_lightning.hf``)."""
     from transformers import AttentionInterface, AttentionMaskInterface
 
     AttentionInterface.register(IMPLEMENTATION, ring_attention_forward)
     AttentionMaskInterface.register(IMPLEMENTATION, ring_attention_mask)
+    ring_usage.register_hf_attacher(attach_ring_attention)  # the strategy attaches cores through it

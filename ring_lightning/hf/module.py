@@ -38,12 +38,12 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
-from ring_lightning import sharding
+from ring_lightning.sequence import sharding
 from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
-from ring_lightning.loss_contract import labels_follow_inputs
+from ring_lightning.parallel.loss_contract import labels_follow_inputs
 from ring_lightning.attention.documents import document_position_ids
-from ring_lightning.schedule import WarmupCosine, keep_configured_schedule
-from ring_lightning.module import _plain  # Hydra containers -> plain Python (one owner)
+from ring_lightning.training.schedule import WarmupCosine, keep_configured_schedule
+from ring_lightning.training.module import _plain  # Hydra containers -> plain Python (one owner)
 
 from .attention import IMPLEMENTATION, attach_ring_attention
 
@@ -166,7 +166,7 @@ class HFCausalLM(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        from ring_lightning.module import LongDocumentLM  # the same attention-config validation
+        from ring_lightning.training.module import LongDocumentLM  # the same attention-config validation
 
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr}")
@@ -297,7 +297,7 @@ class HFCausalLM(pl.LightningModule):
 
     # ------------------------------------------------------------------ setup, optimizer, export
     def setup(self, stage: str) -> None:
-        from ring_lightning.module import _is_ring_strategy
+        from ring_lightning.training.module import _is_ring_strategy
 
         strategy = self.trainer.strategy
         if not _is_ring_strategy(strategy) and self._previous_sharding is _NOT_SET:

@@ -1,6 +1,6 @@
 """SequenceParallel: what a sequence-parallel strategy does, whatever wraps the model.
 
-``RingStrategy`` (ring_lightning/strategy.py) is a DDP shell around one of these; a strategy
+``RingStrategy`` (ring_lightning/parallel/strategy.py) is a DDP shell around one of these; a strategy
 that shards the model instead (FSDP2) wraps the same core. The core owns:
 
 * the parallel shape (:class:`~ring_lightning.sequence.dims.ParallelDims`, given by the shell
@@ -9,10 +9,10 @@ that shards the model instead (FSDP2) wraps the same core. The core owns:
 * batch sharding: each dict batch split along the sequence (dim 1) with the layout the
   attention modules prefer, global ``position_ids`` added, the labels aligned, and one
   :class:`~ring_lightning.parallel.step.BatchShard` made for the batch;
-* the loss contract (``ring_lightning.loss_contract``): the batch's scale applied in backward,
+* the loss contract (``ring_lightning.parallel.loss_contract``): the batch's scale applied in backward,
   ``reduce_token_loss`` as the explicit path, the exact group loss logged;
 * the shard context around every step (forward and backward);
-* the ring-usage checks (``ring_lightning.ring_usage``): no silent local attention under sp > 1.
+* the ring-usage checks (``ring_lightning.parallel.ring_usage``): no silent local attention under sp > 1.
 
 Letters: B batch, N global sequence length, T local sequence length (N / sp).
 """
@@ -27,7 +27,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ring_lightning import loss_contract, ring_usage
+from ring_lightning.parallel import loss_contract
+
+from ring_lightning.parallel import ring_usage
 from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS
 from ring_lightning.parallel.step import UNSHARDED, BatchShard
 from ring_lightning.sequence import groups, sharding

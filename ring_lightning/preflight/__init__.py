@@ -7,7 +7,7 @@ a traceback (``HYDRA_FULL_ERROR=1`` shows one). What is checked:
 
 * devices: an accelerator that exists here, no more GPUs than are visible;
 * the parallel shape (``ParallelDims``, ring_lightning/sequence/dims.py: the strategy's own checks);
-* the sequence length against everything that constrains it (``ring_lightning.lengths``:
+* the sequence length against everything that constrains it (``ring_lightning.sequence.lengths``:
   ranks and layout, segments, dilations, block size);
 * memory: the estimate of one step (``memory_estimate.py``, docs/MEMORY.md) against the GPU
   and the host; a configuration that cannot fit is refused with the overrides that fit

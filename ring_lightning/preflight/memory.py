@@ -1,4 +1,4 @@
-"""The memory estimate of one step (ring_lightning/memory_estimate.py, docs/MEMORY.md) against the
+"""The memory estimate of one step (ring_lightning/models/memory_estimate.py, docs/MEMORY.md) against the
 GPU and the host, with the overrides that fit when it does not."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _memory_inputs(cfg: DictConfig, per_node: int, dims: Optional[ParallelDims] 
 
 
 def _largest_length_that_fits(cfg: DictConfig, dims: ParallelDims, inputs: dict, fits) -> Optional[int]:
-    """The longest valid data.seq_len (ring_lightning.lengths) below the configured one that fits."""
+    """The longest valid data.seq_len (ring_lightning.sequence.lengths) below the configured one that fits."""
     try:
         rules = dims.length_rules(*(attention_rules(cfg) or ()))
     except ConfigError:
@@ -55,12 +55,12 @@ def _largest_length_that_fits(cfg: DictConfig, dims: ParallelDims, inputs: dict,
 
 def check_memory(cfg: DictConfig, per_node: int, device_bytes: Optional[int] = None,
                  host_bytes: Optional[int] = None, dims: Optional[ParallelDims] = None) -> List[str]:
-    """The memory estimate of one step (ring_lightning/memory_estimate.py, docs/MEMORY.md) against
+    """The memory estimate of one step (ring_lightning/models/memory_estimate.py, docs/MEMORY.md) against
     the GPU (GPU runs) and the host (offloaded activations of every rank of the node; on CPU runs
     everything). Refuses a configuration over capacity (with REFUSE_ABOVE's margin) naming the
     overrides that fit; on GPU runs returns the estimate as a note. ``preflight.check_memory=false``
     skips it. ``device_bytes`` / ``host_bytes``: the capacities (default: this machine's)."""
-    from ring_lightning import memory_estimate as mem
+    from ring_lightning.models import memory_estimate as mem
 
     if not (cfg.get("preflight") or {}).get("check_memory", True):
         return []

@@ -185,7 +185,7 @@ def length_error(seq_len: int, rules: LengthRules, override: Optional[str] = Non
     fix = f"set {override}={good}" if override else f"use length {good}"
     return (f"sequence length {seq_len} does not fit the attention ({rules.describe()}): "
             f"{'; '.join(problems)}. {fix[0].upper() + fix[1:]} (pad {pad} more positions); every "
-            f"multiple of {unit} works (ring_lightning.sharding.pad_to_multiple(x, {unit}))")
+            f"multiple of {unit} works (ring_lightning.sequence.sharding.pad_to_multiple(x, {unit}))")
 
 
 def check_length(seq_len: int, rules: LengthRules, override: Optional[str] = None) -> None:

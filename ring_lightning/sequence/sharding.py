@@ -146,7 +146,7 @@ def all_to_all_chunk_order(seq_len: int, group_size: int, ulysses_size: int, rin
 
 def pad_to_multiple(x: torch.Tensor, multiple: int, dim: int = 1, value: float = 0) -> torch.Tensor:
     """Pad ``x`` along ``dim`` at the end so its length is a multiple of ``multiple``
-    (``ring_lightning.lengths.length_multiple`` gives one every rule of an attention accepts)."""
+    (``ring_lightning.sequence.lengths.length_multiple`` gives one every rule of an attention accepts)."""
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
     length = x.shape[dim]
@@ -171,15 +171,14 @@ class SequenceSharding:
     Hybrid sequence parallelism (docs/ARCHITECTURE.md, "Hybrid sequence parallelism"):
     ``ulysses_group`` (U consecutive ranks of ``group``) trades sequence for heads with an
     all-to-all, then the ring runs over ``ring_group`` (the K/U ranks at stride U); both or
-    neither. ``head_offset`` is the global index of the first head a call holds: the ring
-    call behind the all-to-all sets it, so dilation offsets follow the model's heads.
+    neither. (The global index of a call's first head is an argument of the ring entry behind
+    the all-to-all, not a field here.)
     """
 
     group: Optional["dist.ProcessGroup"] = None
     layout: str = "contiguous"
     ulysses_group: Optional["dist.ProcessGroup"] = None
     ring_group: Optional["dist.ProcessGroup"] = None
-    head_offset: int = 0
 
     def __post_init__(self) -> None:
         _check_layout(self.layout)
@@ -204,8 +203,7 @@ _default: Optional[SequenceSharding] = None
 @contextmanager
 def sequence_sharding(group: Optional["dist.ProcessGroup"], layout: str = "contiguous",
                       ulysses_group: Optional["dist.ProcessGroup"] = None,
-                      ring_group: Optional["dist.ProcessGroup"] = None,
-                      head_offset: int = 0) -> Iterator[SequenceSharding]:
+                      ring_group: Optional["dist.ProcessGroup"] = None) -> Iterator[SequenceSharding]:
     """Make ``(group, layout)`` the sharding of every ring attention call inside the block.
 
     ``RingStrategy`` enters it around each step (forward and backward) with the batch's
@@ -215,7 +213,7 @@ def sequence_sharding(group: Optional["dist.ProcessGroup"], layout: str = "conti
         with sequence_sharding(sp_group, "zigzag"):
             loss = model(shard_of_batch).backward()
     """
-    with use_sequence_sharding(SequenceSharding(group, layout, ulysses_group, ring_group, head_offset)) as active:
+    with use_sequence_sharding(SequenceSharding(group, layout, ulysses_group, ring_group)) as active:
         yield active
 
 

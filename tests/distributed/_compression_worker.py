@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ring_lightning.compression import register_compression_hook
+from ring_lightning.parallel.compression import register_compression_hook
 
 OUT_FEATURES, IN_FEATURES = 8, 16
 NUM_STEPS = 4

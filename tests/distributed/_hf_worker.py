@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 import _strategy_worker as W
 from ring_lightning.attention.documents import document_position_ids
 from ring_lightning.hf import HFCausalLM
-from ring_lightning.strategy import RingStrategy
+from ring_lightning.parallel.strategy import RingStrategy
 
 VOCAB, SEQ, BATCH, STEPS = 64, 16, 2, 2
 IGNORE = -100

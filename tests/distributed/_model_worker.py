@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ring_lightning.module import LongDocumentLM
-from ring_lightning.sharding import sequence_positions, sequence_sharding, shard_sequence
+from ring_lightning.training.module import LongDocumentLM
+from ring_lightning.sequence.sharding import sequence_positions, sequence_sharding, shard_sequence
 
 SEQ, BATCH = 64, 2
 

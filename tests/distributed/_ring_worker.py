@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ring_lightning.attention import create_ring_attention, reference_attention
-from ring_lightning.sharding import sequence_sharding, shard_sequence
+from ring_lightning.sequence.sharding import sequence_sharding, shard_sequence
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,7 +49,7 @@ def document_ids_for(case: dict):
     if kind == "unpacked":
         return torch.randint(0, 3, (B, N), generator=g)
     if kind == "per_piece":
-        from ring_lightning.sharding import rank_pieces
+        from ring_lightning.sequence.sharding import rank_pieces
         ids = torch.empty(B, N, dtype=torch.long)
         for r in range(case["world"]):
             for i, p in enumerate(rank_pieces(N, case["world"], r, case["layout"])):

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _strategy_worker as W  # noqa: E402
 from lightning.pytorch import Trainer  # noqa: E402
 
-from ring_lightning.strategy import RingStrategy  # noqa: E402
+from ring_lightning.parallel.strategy import RingStrategy  # noqa: E402
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ring_lightning.attention import MultiheadRingAttention, create_ring_attention
-from ring_lightning.strategy import RingStrategy
+from ring_lightning.parallel.strategy import RingStrategy
 
 VOCAB, EMBED, HEADS, SEQ, BATCH = 32, 16, 4, 16, 2
 STEPS_PER_EPOCH = 2

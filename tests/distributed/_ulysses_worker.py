@@ -2,7 +2,7 @@
 
 One 4-process spawn (``run_all``) holds every configuration and check: a sequence group of K=4 ranks with U in
 {1, 2, 4} (U=1: the plain ring) and two sequence groups of K=2 ranks with U=2 (dp=2).
-Groups are built by ``ring_lightning.sequence_groups`` exactly as RingStrategy builds them,
+Groups are built by ``ring_lightning.sequence.groups`` exactly as RingStrategy builds them,
 in the same order on every rank; each case then runs ``_ring_worker.run_split`` inside
 the sharding the strategy would enter.
 """
@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 import _ring_worker as R
 from ring_lightning.attention import create_ring_attention
-from ring_lightning.sequence_groups import build_hybrid_groups
-from ring_lightning.sharding import sequence_sharding, shard_sequence
+from ring_lightning.sequence.groups import build_hybrid_groups
+from ring_lightning.sequence.sharding import sequence_sharding, shard_sequence
 
 
 def _groups(world: int, configs):

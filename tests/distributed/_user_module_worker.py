@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import _strategy_worker as W
-from ring_lightning.module import LongDocumentLM
-from ring_lightning.strategy import RingStrategy
+from ring_lightning.training.module import LongDocumentLM
+from ring_lightning.parallel.strategy import RingStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))  # the README's own_module.py
 from own_module import OwnLM  # noqa: E402

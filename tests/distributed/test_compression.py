@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import _compression_worker as W
-from ring_lightning.compression import COMPRESSION_METHODS, register_compression_hook
+from ring_lightning.parallel.compression import COMPRESSION_METHODS, register_compression_hook
 
 pytestmark = pytest.mark.distributed
 

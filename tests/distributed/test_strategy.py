@@ -19,8 +19,8 @@ from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch import Trainer
 
 import _strategy_worker as W
-from ring_lightning import sharding
-from ring_lightning.strategy import DEFAULT_SEQUENCE_KEYS, MESH_AXES, RingStrategy
+from ring_lightning.sequence import sharding
+from ring_lightning.parallel.strategy import DEFAULT_SEQUENCE_KEYS, MESH_AXES, RingStrategy
 
 pytestmark = pytest.mark.distributed
 
@@ -250,7 +250,7 @@ def test_lightning_launcher_runs_sequence_parallel_and_matches_sp1(tmp_path):
     """``Trainer(devices=2)`` launched by Lightning itself: it starts rank 1 and creates the
     gloo group; the strategy builds its mesh on top. Same numbers as sp=1."""
     script = Path(W.__file__).with_name("_strategy_launch_script.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(sharding.__file__).parents[1]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT"):
         env.pop(var, None)  # no external launch: Lightning must spawn rank 1 itself
     proc = subprocess.run(

@@ -1,7 +1,7 @@
 """A user's own LightningModule with a plain mean cross-entropy trains under RingStrategy as at sp=1.
 
 The module knows nothing of the strategy (no ``reduce_token_loss``); the strategy rescales
-each rank's loss by its share of the labelled tokens (``ring_lightning.loss_contract``).
+each rank's loss by its share of the labelled tokens (``ring_lightning.parallel.loss_contract``).
 Without that rescaling these runs differ from sp=1 by about 1e-2 (relative) after a few
 steps. Labels equal to the inputs (the Hugging Face convention) are refused under sp > 1,
 or shifted before sharding with ``shift_labels=True``.

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ring_lightning.loss import linear_cross_entropy
-from ring_lightning.module import LongDocumentLM
+from ring_lightning.models.loss import linear_cross_entropy
+from ring_lightning.training.module import LongDocumentLM
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -55,7 +55,7 @@ def test_a_files_run_stopped_by_sigterm_then_ctrl_c_resumes_step_for_step(tmp_pa
 def test_a_second_run_in_a_live_run_directory_is_refused_before_launch(tmp_path, data_cache):
     lock = tmp_path / ".ring_lightning" / "run.lock"
     lock.parent.mkdir(parents=True)
-    from ring_lightning.run_dir import identity
+    from ring_lightning.app.run_dir import identity
 
     lock.write_text(json.dumps(identity("python train.py (the first run)")))  # this test process: alive
     out = run_train([f"hydra.run.dir={tmp_path}", *COMMON, "trainer.max_steps=2"], data_cache, expect_failure=True,

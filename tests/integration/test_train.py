@@ -13,8 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 from train_runner import RUN_TIMEOUT_S, final_metrics, run_train
 
-from ring_lightning.run_report import final_metrics as run_final, read_metrics
-from ring_lightning.sweep_report import bar_labels, collect_jobs
+from ring_lightning.app.run_report import final_metrics as run_final, read_metrics
+from ring_lightning.app.sweep_report import bar_labels, collect_jobs
 
 SWEEP_TIMEOUT_S = 420
 # pytest-timeout's limit per test, above the subprocess limits (a test runs up to 2 of them).

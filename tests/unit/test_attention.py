@@ -13,7 +13,7 @@ from ring_lightning.attention import (
 )
 from ring_lightning.attention.hilbert import hilbert_cell, hilbert_index, hilbert_order
 from ring_lightning.attention.merge import merge_
-from ring_lightning.sharding import (
+from ring_lightning.sequence.sharding import (
     pad_to_multiple, sequence_positions, shard_sequence, unshard_sequence,
 )
 

@@ -1,4 +1,4 @@
-"""Checkpoint files (ring_lightning/checkpoint_io.py): written in their own directory, never through
+"""Checkpoint files (ring_lightning/training/checkpoint_io.py): written in their own directory, never through
 TMPDIR; loadable with weights_only whatever the config held; a full disk named in one message with
 the earlier checkpoints intact; resume picks the newest by step, never by name or time."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ring_lightning import checkpoint_io
-from ring_lightning.checkpoint_io import (AtomicCheckpointIO, CheckpointWriteError, checkpoint_step, clean_leftovers,
+from ring_lightning.training import checkpoint_io
+from ring_lightning.training.checkpoint_io import (AtomicCheckpointIO, CheckpointWriteError, checkpoint_step, clean_leftovers,
                                           newest_checkpoint)
 
 
@@ -94,7 +94,7 @@ def test_leftovers_of_a_killed_write_are_removed(tmp_path):
 
 def test_a_dataclass_in_the_hyper_parameters_loads_with_weights_only(tmp_path):
     """LongDocumentLM(model=ModelConfig(...)) keeps the dataclass in its hparams (the plugin route)."""
-    from ring_lightning.model_config import ModelConfig
+    from ring_lightning.models.model_config import ModelConfig
 
     path = tmp_path / "a.ckpt"
     AtomicCheckpointIO().save_checkpoint(a_checkpoint(4, hyper_parameters={"model": ModelConfig()}), path)

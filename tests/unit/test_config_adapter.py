@@ -11,7 +11,7 @@ from ring_lightning.attention import RingAttentionConfig, create_ring_attention
 from ring_lightning.attention.config_adapter import (
     OTHER_LAYER_FIELDS, CheckpointingRequest, CompressionRequest, checkpointing_request, compression_request,
 )
-from ring_lightning.compression import _asked_by_attention
+from ring_lightning.parallel.compression import _asked_by_attention
 
 
 def test_the_attention_never_reads_the_other_layers_fields():
@@ -51,9 +51,9 @@ def test_checkpointing_request():
 
 
 def test_enums_are_defined_once():
-    from ring_lightning import compression
+    from ring_lightning.parallel import compression
     from ring_lightning.attention import VARIANTS, config, config_adapter, registry
-    from ring_lightning.sharding import LAYOUTS as sharding_layouts
+    from ring_lightning.sequence.sharding import LAYOUTS as sharding_layouts
 
     assert compression.COMPRESSION_METHODS is config_adapter.COMPRESSION_METHODS
     assert config.VARIANTS is registry.VARIANTS is VARIANTS

@@ -17,15 +17,15 @@ from omegaconf import OmegaConf
 
 from ring_lightning.attention import RingAttentionBase
 from ring_lightning.data import LongDocumentDataModule
-from ring_lightning.model import PRESETS, ModelConfig
-from ring_lightning.module import LongDocumentLM
-from ring_lightning.strategy import RingStrategy
+from ring_lightning.models.model import PRESETS, ModelConfig
+from ring_lightning.training.module import LongDocumentLM
+from ring_lightning.parallel.strategy import RingStrategy
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF, RECIPES = ROOT / "conf", ROOT / "recipes"
 GROUPS = ("variant", "compression", "checkpointing", "model", "data", "module", "strategy",
           "trainer", "logger", "callbacks", "experiment")
-# The `model` group is registered from ring_lightning.model.PRESETS (no YAML in conf/model).
+# The `model` group is registered from ring_lightning.models.model.PRESETS (no YAML in conf/model).
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 OPTIONS += [("model", name) for name in sorted(PRESETS)]
 RECIPE_NAMES = sorted(p.stem for p in RECIPES.glob("*.yaml"))
@@ -187,7 +187,7 @@ def test_slurm_launcher_config_composes(tmp_path):
 
 
 def test_resume_choice_prefers_ckpt_path_then_the_newest_checkpoint(tmp_path):
-    from ring_lightning.run_dir import choose
+    from ring_lightning.app.run_dir import choose
 
     cfg = compose_cfg(tmp_path)
     ckpt_dir = cfg.callbacks.model_checkpoint.dirpath

@@ -6,8 +6,8 @@ import torch
 
 from ring_lightning.attention import create_ring_attention
 from ring_lightning.attention.documents import Documents, document_position_ids
-from ring_lightning.model import LongDocTransformer, ModelConfig
-from ring_lightning.module import LongDocumentLM
+from ring_lightning.models.model import LongDocTransformer, ModelConfig
+from ring_lightning.training.module import LongDocumentLM
 
 LENGTHS = [5, 1, 10, 16]  # a one-token document, and documents of other lengths
 

@@ -4,7 +4,7 @@ closed and timed out told apart; how a process ended, in words."""
 import torch.distributed as dist
 
 from ring_lightning.attention.comm import RingCommunicationError
-from ring_lightning.faults import describe_exit, first_line, peer_failure
+from ring_lightning.sequence.faults import describe_exit, first_line, peer_failure
 
 GLOO_CLOSED = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1"
 
@@ -45,8 +45,8 @@ def test_a_ranks_own_failure_is_told_to_its_peers_and_not_read_as_a_lost_rank(tm
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from ring_lightning.callbacks import FailureRecord
-    from ring_lightning.faults import clear_failures, failed_peers, peer_failed_message
+    from ring_lightning.training.callbacks import FailureRecord
+    from ring_lightning.sequence.faults import clear_failures, failed_peers, peer_failed_message
 
     run = str(tmp_path)
     record = FailureRecord(run)
@@ -65,8 +65,8 @@ def test_a_ranks_own_failure_is_told_to_its_peers_and_not_read_as_a_lost_rank(tm
 def test_the_same_error_on_every_rank_is_reported_by_the_lowest_one(tmp_path):
     from types import SimpleNamespace
 
-    from ring_lightning.callbacks import FailureRecord
-    from ring_lightning.faults import same_error_elsewhere
+    from ring_lightning.training.callbacks import FailureRecord
+    from ring_lightning.sequence.faults import same_error_elsewhere
 
     error = RuntimeError("shape mismatch in my module")
     FailureRecord(str(tmp_path)).on_exception(SimpleNamespace(global_rank=0), None, error)

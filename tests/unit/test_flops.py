@@ -1,4 +1,4 @@
-"""ring_lightning.flops: the pair count equals a brute-force count over the oracle's masks.
+"""ring_lightning.models.flops: the pair count equals a brute-force count over the oracle's masks.
 
 The brute force builds the token masks of ``reference_attention`` (``pattern_mask`` and the
 expanded block mask) and counts them in the module's causal convention: a key before the
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ring_lightning.attention.reference import block_to_token_mask, grid_window_mask, pattern_mask
-from ring_lightning.flops import (
+from ring_lightning.models.flops import (
     attention_fraction, attention_pairs, causal_document_pairs_per_rank, flops_from_pairs, grid_window_pairs,
 )
 
@@ -128,7 +128,7 @@ BALANCE = {
 
 
 def test_document_work_per_rank_matches_brute_force_and_pins_the_imbalance():
-    from ring_lightning.sharding import sequence_positions
+    from ring_lightning.sequence.sharding import sequence_positions
 
     n = sum(BALANCE_LENGTHS)
     ids = torch.repeat_interleave(torch.arange(len(BALANCE_LENGTHS)), torch.tensor(BALANCE_LENGTHS))
@@ -150,7 +150,7 @@ def test_document_work_per_rank_matches_brute_force_and_pins_the_imbalance():
 @pytest.mark.parametrize("block_size, segments, rates", [(None, None, None), (None, [24, 96], [1, 2]),
                                                          (16, None, None), (12, [32, 48], [2, 3])])
 def test_batch_pairs_with_documents_match_brute_force(block_size, segments, rates, causal):
-    from ring_lightning.flops import batch_attention_pairs
+    from ring_lightning.models.flops import batch_attention_pairs
 
     n, heads = 96, 5
     g = torch.Generator().manual_seed(0)

@@ -157,7 +157,7 @@ def test_model_hf_switches_the_module_and_the_data_tokenizer(tmp_path):
     from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
 
-    from ring_lightning.hydra_presets import register_model_presets
+    from ring_lightning.app.hydra_presets import register_model_presets
 
     register_model_presets()
     conf = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
@@ -169,7 +169,7 @@ def test_model_hf_switches_the_module_and_the_data_tokenizer(tmp_path):
         named = compose("config", overrides=[f"paths.output_dir={tmp_path}", "model=hf", "model.name_or_path=/x/y"])
         default = compose("config", overrides=[f"paths.output_dir={tmp_path}"])
     assert (built.data.tokenizer, named.data.tokenizer, default.data.tokenizer) == ("byte", "/x/y", "byte")
-    assert default.module._target_ == "ring_lightning.module.LongDocumentLM"
+    assert default.module._target_ == "ring_lightning.training.module.LongDocumentLM"
     module = instantiate(built.module, _convert_="all")
     assert isinstance(module, HFCausalLM) and module.model.config.vocab_size == 300
     assert module.model.is_gradient_checkpointing and module.tokenizer_name == "byte"
@@ -181,7 +181,7 @@ def test_model_hf_name_or_path_trains_on_the_models_tokenizer(tmp_path):
     from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
 
-    from ring_lightning.hydra_presets import register_model_presets
+    from ring_lightning.app.hydra_presets import register_model_presets
 
     register_model_presets()
     from hf_fixtures import pretrained_dir

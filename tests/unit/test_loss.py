@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ring_lightning.loss import default_chunk_tokens, linear_cross_entropy
+from ring_lightning.models.loss import default_chunk_tokens, linear_cross_entropy
 
 TOL = 1e-6
 
@@ -97,7 +97,7 @@ def test_default_chunk_bounds_the_logits():
 def test_a_norm_run_per_chunk_equals_the_norm_run_once(chunk):
     """pre_head (the final norm, per token) inside the chunks: the same loss and the same gradients
     of the hidden states, the head and the norm's weight as norm -> head -> cross-entropy."""
-    from ring_lightning.model import RMSNorm
+    from ring_lightning.models.model import RMSNorm
 
     hidden, weight, labels = _case(11 + chunk)
     norm = RMSNorm(hidden.shape[-1], 1e-5)
@@ -114,7 +114,7 @@ def test_a_norm_run_per_chunk_equals_the_norm_run_once(chunk):
 
 
 def test_a_norm_per_chunk_makes_no_gradient_without_grad_mode():
-    from ring_lightning.model import RMSNorm
+    from ring_lightning.models.model import RMSNorm
 
     hidden, weight, labels = _case(2)
     norm = RMSNorm(hidden.shape[-1], 1e-5)

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from ring_lightning import loss_contract, sharding
+from ring_lightning.parallel import loss_contract
+
+from ring_lightning.sequence import sharding
 from ring_lightning.constants import IGNORE_INDEX
 
 

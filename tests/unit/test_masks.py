@@ -159,7 +159,7 @@ def test_a_new_mask_kind_needs_only_its_class_and_registration(band_kind, varian
 
 def test_flops_count_any_mask_kind_from_its_answers():
     """flops.mask_pairs counts from token_mask alone; it agrees with the closed forms."""
-    from ring_lightning.flops import attention_pairs, grid_window_pairs, mask_pairs
+    from ring_lightning.models.flops import attention_pairs, grid_window_pairs, mask_pairs
 
     blocks = EXAMPLES["block_grid"][0]
     for causal in (True, False):

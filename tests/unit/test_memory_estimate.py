@@ -1,4 +1,4 @@
-"""The memory estimate (ring_lightning/memory_estimate.py, docs/MEMORY.md) and the pre-flight's
+"""The memory estimate (ring_lightning/models/memory_estimate.py, docs/MEMORY.md) and the pre-flight's
 memory check: a configuration that cannot fit the GPU or the host is refused before anything
 starts, naming overrides that fit. GPU runs are simulated on CPU (one visible GPU of an
 H200's capacity, a host of 120 GiB): the check reads only the config and two capacities."""
@@ -10,10 +10,10 @@ import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ring_lightning import memory_estimate as mem
+from ring_lightning.models import memory_estimate as mem
 from ring_lightning import preflight
-from ring_lightning.lengths import LengthRules
-from ring_lightning.model_config import PRESETS, ModelConfig
+from ring_lightning.sequence.lengths import LengthRules
+from ring_lightning.models.model_config import PRESETS, ModelConfig
 from test_configs import CONF, compose_cfg
 
 H200, HOST = int(139.8 * mem.GiB), 120 * mem.GiB

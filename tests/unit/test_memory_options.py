@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ring_lightning.activations import HostOffload, recompute_offloaded, tiled
-from ring_lightning.model import LongDocTransformer, ModelConfig
-from ring_lightning.module import LongDocumentLM
+from ring_lightning.models.activations import HostOffload, recompute_offloaded, tiled
+from ring_lightning.models.model import LongDocTransformer, ModelConfig
+from ring_lightning.training.module import LongDocumentLM
 
 TOL = 1e-6
 

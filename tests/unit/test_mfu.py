@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 from ring_lightning.attention.masks import block_mask_for
 from ring_lightning.attention.reference import block_to_token_mask, grid_window_mask, pattern_mask
-from ring_lightning.flops import flops_from_pairs
-from ring_lightning.module import LongDocumentLM
+from ring_lightning.models.flops import flops_from_pairs
+from ring_lightning.training.module import LongDocumentLM
 
 SEQ, BATCH, STEPS = 64, 2, 3
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ring_lightning.model import PRESETS, LongDocTransformer, ModelConfig
+from ring_lightning.models.model import PRESETS, LongDocTransformer, ModelConfig
 
 # float32 on CPU: the same math in a different order (split halves, checkpoint replay,
 # GQA by repetition) agrees to a few ulps of activations of size ~1.

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer
 
-from ring_lightning import sharding
+from ring_lightning.sequence import sharding
 from ring_lightning.attention import RingAttentionBase
 from ring_lightning.attention.base import _UNSET
 from ring_lightning.data import LongDocumentDataModule
-from ring_lightning.module import LongDocumentLM, WarmupCosine
+from ring_lightning.training.module import LongDocumentLM, WarmupCosine
 
 TINY = {"preset": "tiny"}
 
@@ -157,7 +157,7 @@ def test_vocab_smaller_than_data_is_an_error():
 
 
 def test_distributed_checkpoint_settings_turn_on_selective_checkpointing():
-    from ring_lightning.module import LongDocumentLM
+    from ring_lightning.training.module import LongDocumentLM
 
     lm = LongDocumentLM(model={"preset": "tiny"}, attention={
         "variant": "distributed", "use_checkpoint_accumulation": True, "checkpoint_every_n_layers": 1})

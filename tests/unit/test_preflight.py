@@ -1,5 +1,5 @@
 """The pre-flight check (ring_lightning/preflight.py) and the one owner of length rules
-(ring_lightning/lengths.py): bad inputs are refused from the composed config alone, with a
+(ring_lightning/sequence/lengths.py): bad inputs are refused from the composed config alone, with a
 message naming the override and a value that works, and no process group exists yet."""
 
 import pytest
@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from ring_lightning import preflight
 from ring_lightning.attention import create_ring_attention
 from ring_lightning.data import LongDocumentDataModule
-from ring_lightning.lengths import LengthRules, check_length, length_multiple
+from ring_lightning.sequence.lengths import LengthRules, check_length, length_multiple
 from test_configs import CONF, RECIPE_NAMES, TRAIN, compose_cfg as compose_recipe  # noqa: F401 (TRAIN: resolvers)
 
 
@@ -142,7 +142,7 @@ def test_data_module_checks_its_length_against_the_trainers_attention_at_setup()
     """Plain Lightning users (no train.py): the data module's setup refuses seq_len before any batch."""
     from types import SimpleNamespace
 
-    from ring_lightning.module import LongDocumentLM
+    from ring_lightning.training.module import LongDocumentLM
 
     lm = LongDocumentLM(model={"preset": "tiny"}, attention={"variant": "standard", "segment_lengths": [128, 512]})
     data = LongDocumentDataModule(source="retrieval", seq_len=500, batch_size=2)

@@ -1,5 +1,5 @@
-"""One run per run directory (ring_lightning/run_dir.py) and the resume config check
-(ring_lightning/resume_compat.py): a live owner refuses a second run naming itself, a stale lock
+"""One run per run directory (ring_lightning/app/run_dir.py) and the resume config check
+(ring_lightning/app/resume_compat.py): a live owner refuses a second run naming itself, a stale lock
 is taken over, a fresh run never writes beside another run's checkpoints, metrics.jsonl keeps the
 rows up to the resumed step; every config difference classed, refused keys named per class."""
 
@@ -13,11 +13,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ring_lightning import run_dir
-from ring_lightning.checkpoint_io import AtomicCheckpointIO
-from ring_lightning.compression_checkpoint import restore_compression_state
+from ring_lightning.app import run_dir
+from ring_lightning.training.checkpoint_io import AtomicCheckpointIO
+from ring_lightning.parallel.compression_checkpoint import restore_compression_state
 from ring_lightning.preflight import ConfigError
-from ring_lightning.resume_compat import CONFIG_KEY, check_resume, classify
+from ring_lightning.app.resume_compat import CONFIG_KEY, check_resume, classify
 
 
 @pytest.fixture(autouse=True)
@@ -164,7 +164,7 @@ def test_a_second_ctrl_c_stops_at_once_and_frees_the_run_directory(tmp_path, mon
     the second ends the process now, without one, and the run directory's lock goes with it."""
     import signal
 
-    from ring_lightning.callbacks import FinalCheckpoint
+    from ring_lightning.training.callbacks import FinalCheckpoint
 
     run_dir.acquire(str(tmp_path))
     exits = []
@@ -180,7 +180,7 @@ def test_a_second_ctrl_c_stops_at_once_and_frees_the_run_directory(tmp_path, mon
 
 
 def test_weights_only_loads_matching_shapes_and_names_the_ones_that_do_not(tmp_path):
-    from ring_lightning.resume_compat import load_weights
+    from ring_lightning.app.resume_compat import load_weights
 
     path = str(tmp_path / "w.ckpt")
     AtomicCheckpointIO().save_checkpoint({"global_step": 5, "state_dict": torch.nn.Linear(4, 4).state_dict()}, path)
@@ -225,7 +225,7 @@ def test_ctrl_c_waits_for_the_end_of_a_gradient_accumulation(capfd):
     import signal
     from types import SimpleNamespace
 
-    from ring_lightning.callbacks import FinalCheckpoint
+    from ring_lightning.training.callbacks import FinalCheckpoint
 
     callback = FinalCheckpoint()
     callback._note_signal(signal.SIGINT, None)

@@ -3,8 +3,8 @@
 import logging
 import sys
 
-from ring_lightning import run_log
-from ring_lightning.console import is_noise, quiet_third_party
+from ring_lightning.training import run_log
+from ring_lightning.training.console import is_noise, quiet_third_party
 
 
 def test_output_is_copied_to_the_ranks_file_without_redraws_or_noise(tmp_path, monkeypatch):

@@ -10,9 +10,9 @@ import torch
 
 from ring_lightning.attention.plan import RingPlan
 from ring_lightning.attention.ulysses import kv_head_index
-from ring_lightning.sequence_groups import check_ulysses_size, hybrid_rank_lists
-from ring_lightning.sharding import LAYOUTS, all_to_all_chunk_order, rank_pieces, sequence_positions
-from ring_lightning.strategy import RingStrategy
+from ring_lightning.sequence.groups import check_ulysses_size, hybrid_rank_lists
+from ring_lightning.sequence.sharding import LAYOUTS, all_to_all_chunk_order, rank_pieces, sequence_positions
+from ring_lightning.parallel.strategy import RingStrategy
 
 
 def test_all_to_all_groups_are_consecutive_ranks_and_rings_stride_u():
