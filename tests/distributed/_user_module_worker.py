@@ -76,8 +76,10 @@ class RecordingDocumentLM(LongDocumentLM):
     def token_loss(self, batch):
         """What training_step computes at sp=1, for the hand-written reference."""
         batch = self.prepare_batch(batch)
-        loss, mean_loss = self.reduce_loss(*self.compute_loss(self(batch["input_ids"], batch["position_ids"]), batch))
-        return loss, mean_loss
+        # the module's own loss path (the chunked head with the final norm inside), as training_step:
+        # the reference differs from the sharded run only by the sharding, not by rounding order
+        loss_sum, num_tokens, _ = self.loss_sums(batch)
+        return self.reduce_loss(loss_sum, num_tokens)
 
     def training_step(self, batch, batch_idx):
         self.record["samples"].append(batch["sample_id"].tolist())
