@@ -25,15 +25,14 @@ Letters: B batch, S segments of a task, M/L query/key tokens, Hs query heads, D 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .kernels import BlockSpec, block_backward, block_forward
 from .plan import CAUSAL, Task
 
-if TYPE_CHECKING:  # annotations only: ring.py imports this module, not the other way round
-    from .ring import RingContext
+# "RingContext" in annotations is ring.RingContext: named, not imported (ring.py imports this module)
 
 
 def tile_masks(masks, qpos: torch.Tensor, kpos: torch.Tensor, batch: int):
