@@ -9,7 +9,6 @@ from lightning.pytorch import Trainer
 
 from ring_lightning.sequence import sharding
 from ring_lightning.attention import RingAttentionBase
-from ring_lightning.attention.base import _UNSET
 from ring_lightning.data import LongDocumentDataModule
 from ring_lightning.training.module import LongDocumentLM, WarmupCosine
 
@@ -91,11 +90,14 @@ def test_setup_detaches_ring_attention_from_process_groups():
     rings = [m for m in module.modules() if isinstance(m, RingAttentionBase)]
     assert len(rings) == module.model.config.n_layers
     assert rings[0].config.segment_lengths == [16, 32]
+    seen = []  # the sharding every attention call of the fit read
+    for m in rings:
+        m.register_forward_pre_hook(lambda mod, args: seen.append(sharding.active_sequence_sharding()))
     t = trainer(fast_dev_run=1)
     t.fit(module, datamodule=retrieval_data())
-    # never the lazily resolved default group: the LM declared "nothing split" instead, and
-    # put the previous default back when the fit ended
-    assert all(m._group is _UNSET for m in rings)
+    # never a lazily resolved default group: every call read the "nothing split" the LM
+    # declared, and the previous default came back when the fit ended
+    assert seen and all(s is sharding.NOTHING_SPLIT for s in seen)
     assert sharding.active_sequence_sharding() is None
 
 
