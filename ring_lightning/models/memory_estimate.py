@@ -45,6 +45,9 @@ BYTES: Dict[str, float] = {
     # 2M tokens against 108 estimated (benchmarks/results/2026-12-02-h200x1-reach/); 10.5 before
     # the ring's large tasks ran in segment groups (recipes/longest_1gpu: 75.4 GiB at 1M tokens)
     "merge_fp32_per_head_dim": 7.5,
+    # the same without segment groups (ring.py groups only the standard path's plain tasks: not
+    # hilbert, block_sparse, other declared masks or dropout): recipes/longest_1gpu, 75.4 GiB at 1M
+    "merge_fp32_ungrouped_per_head_dim": 10.5,
     "ring_kv_buffers_per_head_dim": 4,  # x elem: k, v in flight around the ring (2 buffers x (k, v)) x K x D
     # -- the loss, per token
     "logits_per_vocab": 14,           # plain head: bf16 logits 2 + fp32 copy 4 + log-softmax 4 + gradient 4
@@ -144,7 +147,8 @@ def _element_bytes(precision: str) -> int:
 
 def estimate_memory(model: Any, seq_len: int, batch_size: int = 1, sp: int = 1, ulysses: int = 1,
                     precision: str = "bf16-mixed", loss_chunk_tokens: Optional[int] = None,
-                    merged_attention: bool = False, on_gpu: bool = True, ranks_per_node: int = 1) -> MemoryEstimate:
+                    merged_attention: bool = False, on_gpu: bool = True, ranks_per_node: int = 1,
+                    segment_groups: bool = True) -> MemoryEstimate:
     """Peak memory of one training step (forward, backward, AdamW) of one rank.
 
     Args:
@@ -157,6 +161,8 @@ def estimate_memory(model: Any, seq_len: int, batch_size: int = 1, sp: int = 1, 
         loss_chunk_tokens: ``module.loss_chunk_tokens``: None = linear_cross_entropy's default chunk,
             0 = the plain head (the (T, V) logits), n = chunks of n tokens.
         merged_attention: the core merges partial results in float32 (a dilated pattern, or a ring).
+        segment_groups: the ring computes large tasks in groups of segments (attention/ring.py:
+            the standard and distributed variants without dropout); False: whole-shard transients.
         on_gpu: False puts every device term on the host (CPU runs).
         ranks_per_node: processes sharing one host.
 
@@ -187,7 +193,8 @@ def estimate_memory(model: Any, seq_len: int, batch_size: int = 1, sp: int = 1, 
     tile_bytes = batch_size * s.mlp_tile_tokens * pieces if tiles else 0.0
     extra = 0.0  # the core's own float32 work in the one block being computed
     if merged_attention:
-        extra += b["merge_fp32_per_head_dim"] * (H + 2 * K) * D
+        merge = b["merge_fp32_per_head_dim" if segment_groups else "merge_fp32_ungrouped_per_head_dim"]
+        extra += merge * (H + 2 * K) * D
     if sp // max(1, ulysses) > 1:
         extra += elem * b["ring_kv_buffers_per_head_dim"] * K * D
 

@@ -32,6 +32,9 @@ def _memory_inputs(cfg: DictConfig, per_node: int, dims: Optional[ParallelDims] 
                 ulysses=ulysses, precision=str(cfg.trainer.get("precision", "32-true")),
                 loss_chunk_tokens=cfg.module.get("loss_chunk_tokens", None),
                 merged_attention=attention.get("segment_lengths") is not None or dims.ring > 1,
+                # the ring's segment groups bound the core's transients on the standard path only
+                segment_groups=(attention.get("variant", "standard") in ("standard", "distributed")
+                                and not attention.get("dropout")),
                 on_gpu=on_gpu, ranks_per_node=per_node, dims=dims)
 
 

@@ -123,3 +123,19 @@ def test_longest_recipe_fits_one_h200_by_the_estimate_and_its_pattern_validates(
     assert notes[0].startswith("note: memory estimate per GPU") and "offloaded inputs 48.0" in notes[0]
     rules = LengthRules(tuple(cfg.variant.segment_lengths), tuple(cfg.variant.dilation_rates), 1, "contiguous")
     assert not rules.problems(cfg.data.seq_len)
+
+
+def test_a_core_without_segment_groups_is_estimated_with_its_whole_shard_transients():
+    """The ring groups the standard path's large tasks (attention/ring.py); hilbert, block_sparse and
+    dropout keep whole-shard transients, so their estimate is higher, never the grouped one."""
+    from dataclasses import asdict
+
+    from ring_lightning.models.model_config import ModelConfig
+
+    model = asdict(ModelConfig.preset("350m", vocab_size=259, checkpointing="full", offload_activations=True,
+                                      blocks_per_checkpoint=3, mlp_tile_tokens=16384))
+    grouped = mem.estimate_memory(model, 2**21, merged_attention=True)
+    whole = mem.estimate_memory(model, 2**21, merged_attention=True, segment_groups=False)
+    per_head_dim = (16 + 2 * 8) * 64  # (H + 2K) x D of the 350m preset
+    extra = 2**21 * (mem.BYTES["merge_fp32_ungrouped_per_head_dim"] - mem.BYTES["merge_fp32_per_head_dim"]) * per_head_dim
+    assert whole.device_total - grouped.device_total == pytest.approx(extra)
