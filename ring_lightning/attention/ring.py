@@ -136,7 +136,8 @@ def _received(got: Dict[Item, KV]) -> Callable[..., KV]:
 
 # ---------------------------------------------------------------------------- forward
 def _forward_step(ctx: RingContext, src: int, q, kv_of, out, lse) -> list:
-    """Merge every task on ``src``'s keys into out/lse; returns the tasks' kernel states."""
+    """Merge every task on ``src``'s keys into out/lse; returns per task its (segment groups, kernel
+    states), or None for a task the variant's mask skipped."""
     tasks, saved = ctx.plan.tasks(ctx.rank, src), []
     # (pattern, offset, piece, piece) blocks that the plan dropped as empty by construction
     ctx.profiler.skipped_blocks += ctx.plan.num_candidate_blocks(ctx.rank, src) - len(tasks)
@@ -164,7 +165,9 @@ def _forward_task(ctx: RingContext, task, src: int, spec, q, kv: KV, out, lse):
         merge_(part_out, part_lse, o.view(part_out.shape), l.view(part_lse.shape))  # (B, s, M, Hs[, D])
         states.append(state)
         first = first or (prof.computed_blocks, prof.skipped_blocks, prof.computed_tiles)
-    if len(groups) > 1:  # the statistics count a task once (one block), however it was grouped
+    # the statistics count a task once (one block), however it was grouped: the first group's
+    # counts stand for it (the math kernel's tiles skipped in the other groups are not counted)
+    if len(groups) > 1:
         prof.computed_blocks, prof.skipped_blocks, prof.computed_tiles = first
     return groups, states
 
@@ -198,7 +201,7 @@ def _backward_step(ctx: RingContext, src: int, saved, q, out, lse, dout, kv_of, 
 
     ``local_kv``: this rank's (dk, dv) when the keys are its own: each task's dK/dV is added
     there at once, so no per-item scratch (float32, up to the whole shard's keys per pattern)
-    is alive; returns nothing then.
+    is alive; the returned dict is then empty.
     """
     plan, me = ctx.plan, ctx.rank
     grads: Dict[Item, KV] = {}  # (B, S, L, Kn, D) each, in the accumulator dtype
