@@ -268,14 +268,7 @@ class RingAttentionBase(nn.Module):
         # every rule on the length at once (layout, segments, block mask): one message, lengths.py
         check_length(seq_len, cfg.length_rules(world, layout, self.variant))
         patterns = tuple(cfg.patterns(seq_len))
-        declared = self._declared_masks(seq_len)
-        masks = frozenset(m.kind for m in declared)
-        if document_ids is not None:
-            refusals = [m.refuses_documents for m in declared if m.refuses_documents]
-            if refusals:
-                raise ValueError(refusals[0])
-            check_document_ids(document_ids, q)
-            masks |= {"documents"}
+        masks = self.mask_kinds(q, seq_len, document_ids)
         options = {"tile": cfg.compute_block_size, **execution_options(cfg, q.dtype, type(self).__name__),
                    **self._context_options(q, seq_len, is_causal)}
         return AttentionCall(
@@ -284,6 +277,19 @@ class RingAttentionBase(nn.Module):
             return_lse=bool(return_lse), head_offset=head_offset, patterns=patterns, masks=masks,
             kernel=cfg.kernel, dropout_active=self.training and cfg.dropout > 0.0,
             flex_available=flex_importable(), options=MappingProxyType(options), group=group)
+
+    def mask_kinds(self, q, seq_len: int, document_ids: Optional[torch.Tensor]) -> frozenset:
+        """The kinds of the masks a call is under (the variant's, plus documents when given);
+        raises when the variant's masks refuse documents or the ids do not fit q."""
+        declared = self._declared_masks(seq_len)
+        masks = frozenset(m.kind for m in declared)
+        if document_ids is None:
+            return masks
+        refusals = [m.refuses_documents for m in declared if m.refuses_documents]
+        if refusals:
+            raise ValueError(refusals[0])
+        check_document_ids(document_ids, q)
+        return masks | {"documents"}
 
     def _check_inputs(self, q, k, v) -> None:
         check_qkv(q, k, v)

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from ..sequence.sharding import all_to_all_chunk_order, check_divisible, rank_pieces
 from .agreement import call_signature, verify_across_ranks
 from .comm import RingCommunicationError, communication_error
-from .documents import LastTensorCache, check_document_ids
+from .documents import LastTensorCache
 from .profiling import RingProfiler
 
 
@@ -228,10 +228,8 @@ def ulysses_attention(attn, q, k, v, call, document_ids: Optional[torch.Tensor])
     assert call.rank == ring_rank * U + comm.rank, "hybrid groups out of order"
     seq_len = call.seq_len
     check_divisible(seq_len, sp, layout)
-    if document_ids is not None:
-        check_document_ids(document_ids, q)
     described = dataclasses.replace(call, patterns=tuple(attn.config.patterns(seq_len)),
-                                    masks=frozenset({"documents"}) if document_ids is not None else frozenset())
+                                    masks=attn.mask_kinds(q, seq_len, document_ids))
     verify_across_ranks(comm, call_signature(described, attn.variant, attn.config), q.device, attn._verified)
     attn._start_profile(q.device)  # the ring call inside adds to these figures
     prof = attn.profiler
