@@ -120,9 +120,10 @@ class SequenceParallel:
 
     # ------------------------------------------------------------------ data
     def layout_for(self, dims: ParallelDims, seq_len: int, module: Any) -> str:
-        """The layout for global length ``seq_len``: fixed, or what every ring module prefers."""
+        """The layout for global length ``seq_len``: ``ParallelDims.layout_for`` (the policy's) of
+        what every ring module prefers, asked only when the policy is ``auto`` and the sequence split."""
         if dims.layout != "auto" or not dims.splits_sequence:
-            return dims.layout_for("contiguous")
+            return dims.layout_for("contiguous")  # the fixed layout, or contiguous on one rank
         if seq_len not in self._layout_by_len:
             is_causal = getattr(module, "is_causal", True)
             prefs = {m.preferred_layout(seq_len, dims.ring, is_causal=is_causal) for m in self.ring_modules}
@@ -133,7 +134,7 @@ class SequenceParallel:
                     f"of {sharding.LAYOUTS}."
                 )
             self._layout_by_len[seq_len] = prefs.pop() if prefs else "contiguous"
-        return self._layout_by_len[seq_len]
+        return dims.layout_for(self._layout_by_len[seq_len])
 
     def shard(self, batch: Any, dims: ParallelDims, global_rank: int, module: Any) -> Any:
         """This rank's shard of a dict batch (the module's ``sequence_keys`` along dim 1), plus
