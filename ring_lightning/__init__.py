@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "RingStrategy": "ring_lightning.strategy",
+    "RingFSDPStrategy": "ring_lightning.parallel.fsdp",
     "LongDocTransformer": "ring_lightning.model",
     "ModelConfig": "ring_lightning.model",
     "LongDocumentLM": "ring_lightning.module",

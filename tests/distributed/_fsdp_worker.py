@@ -1,0 +1,70 @@
+"""Per-rank code for test_fsdp.py: the user's module and LongDocumentLM under RingFSDPStrategy.
+
+The modules are test_user_module.py's (``_user_module_worker``), with AdamW, recording what
+the test compares as whole tensors: under FSDP2 a parameter and its gradient are this rank's
+shard (a DTensor), so each is gathered (``full_tensor``, a collective every rank makes alike).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader
+
+import _strategy_worker as W
+import _user_module_worker as U
+from ring_lightning.parallel.fsdp import RingFSDPStrategy
+
+LR = 1e-2
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+class AdamWMeanLossLM(U.MeanLossLM):
+    """The user's plain mean cross-entropy module, trained with AdamW."""
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=LR)
+
+    def on_before_optimizer_step(self, optimizer):
+        self.record["grads"].append({n: _whole(p.grad) for n, p in self.named_parameters()})
+
+
+class WholeGradDocumentLM(U.RecordingDocumentLM):
+    """LongDocumentLM (its own AdamW and schedule), recording whole gradients."""
+
+    def on_before_optimizer_step(self, optimizer):
+        self.record["grads"].append({n: _whole(p.grad) for n, p in self.named_parameters()})
+
+
+MODELS = {"user": AdamWMeanLossLM, "model": WholeGradDocumentLM}
+
+
+def fit(rank: int, world_size: int, sp: int, kind: str, ckpt_dir: str) -> Dict:
+    """U.STEPS steps of ``MODELS[kind]`` under RingFSDPStrategy(sequence_parallel_size=sp)."""
+    W._lightning_env(rank, world_size)
+    torch.manual_seed(0)
+    model = MODELS[kind]()
+    strategy = RingFSDPStrategy(sequence_parallel_size=sp)
+    trainer = W._trainer(world_size, strategy, U.STEPS, os.path.join(ckpt_dir, kind))
+    dp = world_size // sp
+    loader = DataLoader(U.DATA["uneven"](dp * W.BATCH * U.STEPS, seed=1), batch_size=W.BATCH)
+    trainer.fit(model, train_dataloaders=loader)
+    local = {n: p.to_local().numel() if isinstance(p, DTensor) else p.numel() for n, p in model.named_parameters()}
+    return {"grads": model.record["grads"], "samples": model.record["samples"], "loss": model.record.get("loss"),
+            "params": {n: _whole(p) for n, p in model.named_parameters()},
+            "local_numel": sum(local.values()), "sp_rank": strategy.sp_rank, "dp_rank": strategy.dp_rank,
+            "checkpoint": sorted(os.listdir(os.path.join(ckpt_dir, kind)))}
+
+
+def fit_fsdp_and_ddp(rank: int, world_size: int, sp: int, kind: str, ckpt_dir: str) -> Dict:
+    """``MODELS[kind]`` under RingFSDPStrategy, then under RingStrategy (DDP), at the same sp."""
+    fsdp = fit(rank, world_size, sp, kind, ckpt_dir)
+    ddp = U._fit(rank, world_size, sp, "uneven", os.path.join(ckpt_dir, "ddp"), make_model=MODELS[kind])
+    ddp["grads"] = [{n: g.detach().clone() for n, g in step.items()} for step in ddp["grads"]]
+    return {"fsdp": fsdp, "ddp": ddp}
