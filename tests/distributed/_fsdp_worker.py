@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 import _strategy_worker as W
 import _user_module_worker as U
 from ring_lightning.parallel.fsdp import RingFSDPStrategy
+from ring_lightning.strategy import RingStrategy
 
 LR = 1e-2
 
@@ -55,11 +56,33 @@ def fit(rank: int, world_size: int, sp: int, kind: str, ckpt_dir: str) -> Dict:
     dp = world_size // sp
     loader = DataLoader(U.DATA["uneven"](dp * W.BATCH * U.STEPS, seed=1), batch_size=W.BATCH)
     trainer.fit(model, train_dataloaders=loader)
+    saved = torch.load(os.path.join(ckpt_dir, kind, "last.ckpt"), map_location="cpu", weights_only=False)
     local = {n: p.to_local().numel() if isinstance(p, DTensor) else p.numel() for n, p in model.named_parameters()}
     return {"grads": model.record["grads"], "samples": model.record["samples"], "loss": model.record.get("loss"),
             "params": {n: _whole(p) for n, p in model.named_parameters()},
             "local_numel": sum(local.values()), "sp_rank": strategy.sp_rank, "dp_rank": strategy.dp_rank,
-            "checkpoint": sorted(os.listdir(os.path.join(ckpt_dir, kind)))}
+            "checkpoint": {k: v for k, v in saved["state_dict"].items() if isinstance(v, torch.Tensor)},
+            "checkpoint_step": saved["global_step"]}
+
+
+def fit_and_resume(rank: int, world_size: int, sp: int, ckpt_dir: str) -> Dict:
+    """The user's module: 2 steps (one epoch, a gathered checkpoint), then a fresh Trainer from
+    another init resumed from it to step 4; under RingFSDPStrategy and under RingStrategy (DDP),
+    whose resume (weights, AdamW moments, data position) is the yardstick."""
+    W._lightning_env(rank, world_size)
+    dp, out = world_size // sp, {}
+    for name, make_strategy in {"fsdp": RingFSDPStrategy, "ddp": RingStrategy}.items():
+        run_dir = os.path.join(ckpt_dir, name)
+        for seed, max_steps, resume in ((0, 2, None), (123, 4, os.path.join(run_dir, "last.ckpt"))):
+            torch.manual_seed(seed)
+            model = AdamWMeanLossLM()
+            init = {n: _whole(p) for n, p in model.named_parameters()}
+            trainer = W._trainer(world_size, make_strategy(sequence_parallel_size=sp), max_steps, run_dir)
+            loader = DataLoader(U.DATA["uneven"](dp * W.BATCH * 2, seed=1), batch_size=W.BATCH)
+            trainer.fit(model, train_dataloaders=loader, ckpt_path=resume)
+        out[name] = {"init": init, "samples": model.record["samples"], "step": trainer.global_step,
+                     "params": {n: _whole(p) for n, p in model.named_parameters()}}
+    return out
 
 
 def fit_fsdp_and_ddp(rank: int, world_size: int, sp: int, kind: str, ckpt_dir: str) -> Dict:

@@ -55,7 +55,10 @@ def _check_sharded_state(results, ref_params, world):
     total = sum(p.numel() for p in ref_params.values())
     assert sum(r["fsdp"]["local_numel"] for r in results) == total, "each element held by exactly one rank"
     assert all(r["fsdp"]["local_numel"] < total for r in results)
-    assert "last.ckpt" in results[0]["fsdp"]["checkpoint"]
+    saved = results[0]["fsdp"]["checkpoint"]  # gathered: the whole parameters, one file
+    assert results[0]["fsdp"]["checkpoint_step"] == U.STEPS and set(saved) == set(ref_params)
+    for name, p in results[0]["fsdp"]["params"].items():
+        assert torch.equal(saved[name], p), f"checkpoint's {name}"
 
 
 @pytest.mark.parametrize("world, sp", [pytest.param(2, 2, id="sp2"), pytest.param(4, 2, id="dp2-sp2")])
@@ -91,3 +94,15 @@ def test_long_document_lm_trains_as_ddp_and_as_sp1(run_distributed, tmp_path):
                 _close(g, ddp["grads"][step][name], SAME_SP_TOL, f"rank {rank} step {step} gradient of {name} vs DDP")
         for name, p in fsdp["params"].items():
             _close(p, ddp["params"][name], SAME_SP_TOL, f"rank {rank} {name} vs DDP")
+
+
+def test_gathered_checkpoint_resumes_as_ddp(run_distributed, tmp_path):
+    """2 steps, a gathered checkpoint, a fresh Trainer from another init resumed to step 4: the
+    weights and AdamW moments go back into the shards, and training goes on as DDP's resume."""
+    import _fsdp_worker as F
+    for rank, res in enumerate(run_distributed(F.fit_and_resume, 2, 2, str(tmp_path), timeout=SPAWN_TIMEOUT_S)):
+        fsdp, ddp = res["fsdp"], res["ddp"]
+        assert fsdp["step"] == ddp["step"] == 4 and fsdp["samples"] == ddp["samples"]
+        for name, p in fsdp["params"].items():
+            assert (p - fsdp["init"][name]).abs().max() > 0.1, f"{name}: the checkpoint was not loaded"
+            _close(p, ddp["params"][name], SAME_SP_TOL, f"rank {rank} {name}: resumed under FSDP vs DDP")
