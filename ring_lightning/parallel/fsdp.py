@@ -36,7 +36,8 @@ weight) sees them gathered for the whole step. A module that applied ``fully_sha
 Not here yet (issue 22): FSDP2's mixed-precision policy (Lightning's precision plugin still
 applies: ``bf16-mixed`` autocasts around float32 master weights), host offload of the model
 state, a tested sharded resume and resharding, gradient compression (DDP communication hooks:
-refused, FSDP2 has none).
+refused, FSDP2 has none), activation offload (``checkpointing=offload``: refused, see
+:func:`check_shardable`).
 """
 
 from __future__ import annotations
@@ -72,13 +73,30 @@ def shard_model(module: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool
         return 0
     blocks = [b for m in module.modules() if isinstance(m, nn.ModuleList) for b in m
               if any(p.requires_grad for p in b.parameters())]
-    for block in blocks:
+    for block in reversed(blocks):  # modules() is pre-order: reversed, a nested list's entries come first
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
     for name in STEP_METHODS:
         if callable(getattr(module, name, None)):
             register_fsdp_forward_method(module, name)
     return len(blocks) + 1
+
+
+def check_shardable(module: nn.Module) -> None:
+    """Refuse what FSDP2 would train on wrong gradients, before anything is sharded.
+
+    Raises:
+        ValueError: a model with ``offload_activations`` (``checkpointing=offload``): its
+            recomputation (``ring_lightning.activations.recompute_offloaded``) takes a block
+            group's parameters as inputs outside the blocks' forward, where FSDP2 holds them
+            sharded, so those parameters would get no gradient from the recomputation.
+    """
+    for m in module.modules():
+        if getattr(getattr(m, "config", None), "offload_activations", False) is True:
+            raise ValueError(
+                "model.offload_activations=True (checkpointing=offload) is not supported by RingFSDPStrategy: "
+                "its recomputation reads each block group's parameters outside the blocks' forward, where FSDP2 "
+                "holds them sharded. Use checkpointing=full or selective, or strategy=ring (DDP).")
 
 
 def _within_batch_sharding(hook: str):
@@ -224,6 +242,7 @@ class RingFSDPStrategy(ModelParallelStrategy):
     def setup(self, trainer: Any) -> None:
         assert self.model is not None and self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
+        check_shardable(self.lightning_module)
         self._sequence.prepare(self.lightning_module, self.sequence_parallel_size)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
