@@ -36,6 +36,14 @@ class AdamWMeanLossLM(U.MeanLossLM):
         self.record["grads"].append({n: _whole(p.grad) for n, p in self.named_parameters()})
 
 
+class SGDMeanLossLM(AdamWMeanLossLM):
+    """The user's module with its own SGD (momentum): the step is proportional to the gradient, so
+    a wrong clipping scale shows in the parameters (AdamW would nearly cancel it)."""
+
+    def configure_optimizers(self):
+        return U.MeanLossLM.configure_optimizers(self)
+
+
 class WholeGradDocumentLM(U.RecordingDocumentLM):
     """LongDocumentLM (its own AdamW and schedule), recording whole gradients."""
 
@@ -91,3 +99,24 @@ def fit_fsdp_and_ddp(rank: int, world_size: int, sp: int, kind: str, ckpt_dir: s
     ddp = U._fit(rank, world_size, sp, "uneven", os.path.join(ckpt_dir, "ddp"), make_model=MODELS[kind])
     ddp["grads"] = [{n: g.detach().clone() for n, g in step.items()} for step in ddp["grads"]]
     return {"fsdp": fsdp, "ddp": ddp}
+
+
+def fit_clipped(rank: int, world_size: int, sp: int, clip: float, ckpt_dir: str) -> Dict:
+    """The user's module with ``gradient_clip_val=clip`` under RingFSDPStrategy and RingStrategy:
+    the norm over sharded gradients must be the whole gradient's norm (what DDP clips by)."""
+    from lightning.pytorch import Trainer
+
+    W._lightning_env(rank, world_size)
+    out = {}
+    for name, make_strategy in {"fsdp": RingFSDPStrategy, "ddp": RingStrategy}.items():
+        torch.manual_seed(0)
+        model = SGDMeanLossLM()
+        trainer = Trainer(accelerator="cpu", devices=world_size, strategy=make_strategy(sequence_parallel_size=sp),
+                          max_steps=U.STEPS, gradient_clip_val=clip, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, enable_checkpointing=False)
+        loader = DataLoader(U.DATA["uneven"](world_size // sp * W.BATCH * U.STEPS, seed=1), batch_size=W.BATCH)
+        trainer.fit(model, train_dataloaders=loader)
+        out[name] = {"params": {n: _whole(p) for n, p in model.named_parameters()},
+                     "grad_norms": [float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in step.values()])))
+                                    for step in model.record["grads"]]}
+    return out

@@ -112,3 +112,16 @@ def test_gathered_checkpoint_resumes_as_ddp(run_distributed, tmp_path):
         for name, p in fsdp["params"].items():
             assert (p - fsdp["init"][name]).abs().max() > 0.1, f"{name}: the checkpoint was not loaded"
             _close(p, ddp["params"][name], SAME_SP_TOL, f"rank {rank} {name}: resumed under FSDP vs DDP")
+
+
+def test_gradient_clipping_clips_by_the_whole_norm_as_ddp(run_distributed, tmp_path):
+    """Lightning's ``gradient_clip_val`` over FSDP2's gradient shards (DTensors): the same norm
+    and the same clipped training as DDP. The clip is below every step's norm, so it acts."""
+    clip = 0.05
+    for rank, res in enumerate(run_distributed(F.fit_clipped, 2, 2, clip, str(tmp_path), timeout=SPAWN_TIMEOUT_S)):
+        fsdp, ddp = res["fsdp"], res["ddp"]
+        assert min(ddp["grad_norms"]) > clip
+        assert fsdp["grad_norms"] == pytest.approx(ddp["grad_norms"], rel=SAME_SP_TOL)
+        for name, p in fsdp["params"].items():
+            got, same_sp = _without_key_bias(name, p, ddp["params"][name])
+            _close(got, same_sp, SAME_SP_TOL, f"rank {rank} {name}: clipped under FSDP vs DDP")
