@@ -35,7 +35,7 @@ weight) sees them gathered for the whole step. A module that applied ``fully_sha
 
 Not here yet (issue 22): FSDP2's mixed-precision policy (Lightning's precision plugin still
 applies: ``bf16-mixed`` autocasts around float32 master weights), host offload of the model
-state, a tested sharded resume and resharding, gradient compression (DDP communication hooks:
+state, resuming on another number of processes (resharding) and after a SIGTERM, gradient compression (DDP communication hooks:
 refused, FSDP2 has none), activation offload (``checkpointing=offload``: refused, see
 :func:`check_shardable`).
 """
@@ -124,7 +124,9 @@ class RingFSDPStrategy(ModelParallelStrategy):
             gather them again in backward (FSDP2's ZeRO-3; ``False``: keep them, ZeRO-2-like).
         save_distributed_checkpoint: ``False`` (default): checkpoints gather the full state
             into one file (Lightning's format, loadable anywhere); ``True``: a folder of shards
-            through ``torch.distributed.checkpoint`` (not yet tested for exact resume here).
+            through ``torch.distributed.checkpoint`` (Lightning's). Both resume as DDP does on
+            the same number of processes (tests/distributed/test_fsdp.py); train.py's resume
+            looks for checkpoint files, not folders, and resharding is untested.
         start_method: ``"popen"`` (Lightning re-runs the script per rank) or a multiprocessing
             start method (``spawn``...), as for ``DDPStrategy``.
         process_group_backend, timeout: as for ``ModelParallelStrategy``.

@@ -73,13 +73,15 @@ def fit(rank: int, world_size: int, sp: int, kind: str, ckpt_dir: str) -> Dict:
             "checkpoint_step": saved["global_step"]}
 
 
-def fit_and_resume(rank: int, world_size: int, sp: int, ckpt_dir: str) -> Dict:
+def fit_and_resume(rank: int, world_size: int, sp: int, ckpt_dir: str, sharded: bool = False) -> Dict:
     """The user's module: 2 steps (one epoch, a gathered checkpoint), then a fresh Trainer from
     another init resumed from it to step 4; under RingFSDPStrategy and under RingStrategy (DDP),
-    whose resume (weights, AdamW moments, data position) is the yardstick."""
+    whose resume (weights, AdamW moments, data position) is the yardstick. ``sharded``: the FSDP
+    checkpoint is a folder of shards (``save_distributed_checkpoint=True``) instead of one file."""
     W._lightning_env(rank, world_size)
     dp, out = world_size // sp, {}
-    for name, make_strategy in {"fsdp": RingFSDPStrategy, "ddp": RingStrategy}.items():
+    strategies = {"fsdp": lambda **kw: RingFSDPStrategy(save_distributed_checkpoint=sharded, **kw), "ddp": RingStrategy}
+    for name, make_strategy in strategies.items():
         run_dir = os.path.join(ckpt_dir, name)
         for seed, max_steps, resume in ((0, 2, None), (123, 4, os.path.join(run_dir, "last.ckpt"))):
             torch.manual_seed(seed)
@@ -89,6 +91,7 @@ def fit_and_resume(rank: int, world_size: int, sp: int, ckpt_dir: str) -> Dict:
             loader = DataLoader(U.DATA["uneven"](dp * W.BATCH * 2, seed=1), batch_size=W.BATCH)
             trainer.fit(model, train_dataloaders=loader, ckpt_path=resume)
         out[name] = {"init": init, "samples": model.record["samples"], "step": trainer.global_step,
+                     "checkpoint_is_folder": os.path.isdir(os.path.join(run_dir, "last.ckpt")),
                      "params": {n: _whole(p) for n, p in model.named_parameters()}}
     return out
 

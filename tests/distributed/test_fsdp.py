@@ -103,11 +103,15 @@ def test_long_document_lm_trains_as_ddp_and_as_sp1(run_distributed, tmp_path, wo
             _close(p, ddp["params"][name], _same_sp_tol(world), f"rank {rank} {name} vs DDP")
 
 
-def test_gathered_checkpoint_resumes_as_ddp(run_distributed, tmp_path):
-    """2 steps, a gathered checkpoint, a fresh Trainer from another init resumed to step 4: the
-    weights and AdamW moments go back into the shards, and training goes on as DDP's resume."""
-    for rank, res in enumerate(run_distributed(F.fit_and_resume, 2, 2, str(tmp_path), timeout=SPAWN_TIMEOUT_S)):
+@pytest.mark.parametrize("sharded", [pytest.param(False, id="gathered_file"), pytest.param(True, id="sharded_folder")])
+def test_checkpoint_resumes_as_ddp(run_distributed, tmp_path, sharded):
+    """2 steps, a checkpoint (one gathered file, or a folder of shards through
+    torch.distributed.checkpoint), a fresh Trainer from another init resumed to step 4: the weights
+    and AdamW moments go back into the shards, and training goes on as DDP's resume."""
+    results = run_distributed(F.fit_and_resume, 2, 2, str(tmp_path), sharded, timeout=SPAWN_TIMEOUT_S)
+    for rank, res in enumerate(results):
         fsdp, ddp = res["fsdp"], res["ddp"]
+        assert fsdp["checkpoint_is_folder"] is sharded
         assert fsdp["step"] == ddp["step"] == 4 and fsdp["samples"] == ddp["samples"]
         for name, p in fsdp["params"].items():
             assert (p - fsdp["init"][name]).abs().max() > 0.1, f"{name}: the checkpoint was not loaded"
