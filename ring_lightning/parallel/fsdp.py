@@ -35,9 +35,9 @@ weight) sees them gathered for the whole step. A module that applied ``fully_sha
 
 Not here yet (issue 22): FSDP2's mixed-precision policy (Lightning's precision plugin still
 applies: ``bf16-mixed`` autocasts around float32 master weights), host offload of the model
-state, resuming on another number of processes (resharding) and after a SIGTERM, gradient compression (DDP communication hooks:
-refused, FSDP2 has none), activation offload (``checkpointing=offload``: refused, see
-:func:`check_shardable`).
+state, resuming on another number of processes (resharding) and after a SIGTERM, gradient
+compression (DDP communication hooks: refused, FSDP2 has none), activation offload
+(``checkpointing=offload``: refused, see :func:`check_shardable`).
 """
 
 from __future__ import annotations
