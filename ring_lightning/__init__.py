@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "RingStrategy": "ring_lightning.parallel.strategy",
+    "RingFSDPStrategy": "ring_lightning.parallel.fsdp",
     "LongDocTransformer": "ring_lightning.models.model",
     "ModelConfig": "ring_lightning.models.model",
     "LongDocumentLM": "ring_lightning.training.module",

@@ -4,6 +4,8 @@
   strategy does whatever wraps the model (mesh, sampler, batch sharding, the loss contract, the
   shard context around steps, the ring-usage checks);
 * ``strategy``: :class:`~ring_lightning.parallel.strategy.RingStrategy`, its DDP shell;
+* ``fsdp``: :class:`~ring_lightning.parallel.fsdp.RingFSDPStrategy` (``"ring_fsdp"``), the same core
+  with the model state sharded by FSDP2 over the whole (dp, sp) world;
 * ``step``: :class:`~ring_lightning.parallel.step.BatchShard`, the facts of one batch;
 * ``length_check``: a trainer's sequence length against its attention and parallel shape;
 * ``loss_contract``: how a module's token loss is reduced over the sequence ranks;

@@ -22,7 +22,7 @@ def parallel_dims(cfg: DictConfig, per_node: int) -> ParallelDims:
     splits nothing is sp=1. ``model.n_heads`` is checked against ``strategy.ulysses_size`` too."""
     strategy = cfg.get("strategy") or {}
     world = per_node * int(cfg.trainer.get("num_nodes", 1) or 1)
-    if not str(strategy.get("_target_", "")).endswith("RingStrategy"):
+    if not str(strategy.get("_target_", "")).endswith(("RingStrategy", "RingFSDPStrategy")):
         return ParallelDims(world, 1)
     sp, layout = strategy.get("sequence_parallel_size", "auto"), str(strategy.get("layout", "auto"))
     try:

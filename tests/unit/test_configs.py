@@ -19,6 +19,7 @@ from ring_lightning.attention import RingAttentionBase
 from ring_lightning.data import LongDocumentDataModule
 from ring_lightning.models.model import PRESETS, ModelConfig
 from ring_lightning.training.module import LongDocumentLM
+from ring_lightning.parallel.fsdp import RingFSDPStrategy
 from ring_lightning.parallel.strategy import RingStrategy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +69,7 @@ def instantiate_all(cfg):
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     assert isinstance(datamodule, LongDocumentDataModule)
     assert isinstance(module, LongDocumentLM)
-    assert isinstance(strategy, RingStrategy)
+    assert isinstance(strategy, (RingStrategy, RingFSDPStrategy))
     if not loggers:  # Lightning's LR monitor raises at fit time without a logger
         assert not any(isinstance(c, LearningRateMonitor) for c in callbacks)
     trainer_args = {k for k in cfg.trainer if k != "_target_"}

@@ -1,0 +1,297 @@
+"""RingFSDPStrategy: sequence parallelism for Lightning with the model state sharded by FSDP2.
+
+``RingStrategy`` (ring_lightning/strategy.py) replicates the model on every rank (DDP): about
+16 bytes per parameter (float32 weights, gradients, AdamW's two moments) on each GPU before any
+activation. This strategy keeps everything sequence-parallel exactly as there, by wrapping the
+same :class:`~ring_lightning.parallel.core.SequenceParallel` (mesh, sampler, batch sharding, the
+loss contract, the shard context, the ring-usage checks), and shards the model with PyTorch's
+``fully_shard`` (FSDP2) instead of replicating it.
+
+Which ranks share a shard: the whole flattened ``(dp, sp)`` world. Under DDP the parameters
+are replicated across *both* axes (the ranks of a sequence group hold the same weights and
+reduce the same gradients), so sharding over the whole world is what divides the per-GPU model
+state by the world size; torchtitan shards over its flattened ``dp_shard x cp`` dimensions for
+the same reason. Sharding over ``dp`` only would leave ``sp`` full copies in every group.
+
+Gradients: FSDP2 reduce-scatters the gradients averaged over the shard world, as DDP all-reduces
+averaged over the world, so the loss contract's scale (``ring_lightning.parallel.loss_contract``) gives the
+``sp=1`` gradient here exactly as under DDP (tests/distributed/test_fsdp.py checks it).
+
+Why Lightning's ``ModelParallelStrategy`` as the base and not ``DDPStrategy``: it is Lightning's
+FSDP2 shell (no DDP wrapper to undo; a launcher, process group, ``device_mesh`` seen by
+``configure_model``, optimizer setup after sharding, state dicts through
+``torch.distributed.checkpoint``: gathered into one file, or sharded with
+``save_distributed_checkpoint=True``). What it lacks is a sequence dimension and a sharding of its
+own (it asks the module to shard itself in ``configure_model``); this class adds both.
+
+What is sharded (as torchtitan does for its models, without knowing the model): every entry of
+every ``nn.ModuleList`` (the transformer blocks; each gathers its parameters only around its own
+forward and backward), then the LightningModule itself as the root, holding the rest
+(embeddings, norms, head). The root's ``training_step`` / ``validation_step`` / ``test_step`` /
+``predict_step`` are registered as FSDP forward methods, so a module that computes its loss from
+its submodules' methods or weights directly (LongDocumentLM's chunked loss reads the head's
+weight) sees them gathered for the whole step. A module that applied ``fully_shard`` itself in
+``configure_model`` is left as it is.
+
+Not here yet (issue 22): FSDP2's mixed-precision policy (Lightning's precision plugin still
+applies: ``bf16-mixed`` autocasts around float32 master weights), host offload of the model
+state, resuming on another number of processes (resharding) and after a SIGTERM, gradient
+compression (DDP communication hooks: refused, FSDP2 has none), activation offload
+(``checkpointing=offload``: refused, see :func:`check_shardable`).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.distributed import _distributed_is_initialized
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+from ring_lightning.parallel import loss_contract
+from ring_lightning.constants import IGNORE_INDEX
+from ring_lightning.parallel.core import DP_AXIS, SP_AXIS, SequenceParallel
+from ring_lightning.sequence.dims import ParallelDims, check_layout_policy, check_sp_request, check_ulysses_size
+
+#: The LightningModule's methods that run as FSDP forwards (parameters gathered around them).
+STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
+START_METHODS = ("popen", "spawn", "fork", "forkserver")
+
+
+def shard_model(module: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True) -> int:
+    """``fully_shard`` each ``nn.ModuleList`` entry, then ``module`` as the root (module docstring);
+    returns the number of FSDP units made. A module that holds FSDP units already is left alone."""
+    if any(isinstance(m, FSDPModule) for m in module.modules()):
+        return 0
+    blocks = [b for m in module.modules() if isinstance(m, nn.ModuleList) for b in m
+              if any(p.requires_grad for p in b.parameters())]
+    for block in reversed(blocks):  # modules() is pre-order: reversed, a nested list's entries come first
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for name in STEP_METHODS:
+        if callable(getattr(module, name, None)):
+            register_fsdp_forward_method(module, name)
+    return len(blocks) + 1
+
+
+def check_shardable(module: nn.Module) -> None:
+    """Refuse what FSDP2 would train on wrong gradients, before anything is sharded.
+
+    Raises:
+        ValueError: a model with ``offload_activations`` (``checkpointing=offload``): its
+            recomputation (``ring_lightning.activations.recompute_offloaded``) takes a block
+            group's parameters as inputs outside the blocks' forward, where FSDP2 holds them
+            sharded, so those parameters would get no gradient from the recomputation.
+    """
+    for m in module.modules():
+        if getattr(getattr(m, "config", None), "offload_activations", False) is True:
+            raise ValueError(
+                "model.offload_activations=True (checkpointing=offload) is not supported by RingFSDPStrategy: "
+                "its recomputation reads each block group's parameters outside the blocks' forward, where FSDP2 "
+                "holds them sharded. Use checkpointing=full or selective, or strategy=ring (DDP).")
+
+
+def _within_batch_sharding(hook: str):
+    """``ModelParallelStrategy.<hook>`` run inside the current batch's sharding."""
+
+    def step(self: "RingFSDPStrategy", *args: Any, **kwargs: Any) -> Any:
+        with self._sequence.in_step():
+            return getattr(ModelParallelStrategy, hook)(self, *args, **kwargs)
+
+    step.__name__ = step.__qualname__ = hook
+    return step
+
+
+class RingFSDPStrategy(ModelParallelStrategy):
+    """FSDP2 over the flattened ``(dp, sp)`` world with sequence sharding and ring attention wiring.
+
+    Args:
+        sequence_parallel_size, layout, ulysses_size, loss_reduction, shift_labels, label_key,
+            ignore_index: as for :class:`~ring_lightning.parallel.strategy.RingStrategy` (same meaning,
+            same checks, same core).
+        compression: only ``"none"``: gradient compression is a DDP communication hook and
+            FSDP2 has none (a ValueError names ``strategy.compression``). The other
+            compression arguments a config merges in are accepted and must be unused.
+        reshard_after_forward: free each block's gathered parameters after its forward and
+            gather them again in backward (FSDP2's ZeRO-3; ``False``: keep them, ZeRO-2-like).
+        save_distributed_checkpoint: ``False`` (default): checkpoints gather the full state
+            into one file (Lightning's format, loadable anywhere); ``True``: a folder of shards
+            through ``torch.distributed.checkpoint`` (Lightning's). Both resume as DDP does on
+            the same number of processes (tests/distributed/test_fsdp.py); train.py's resume
+            looks for checkpoint files, not folders, and resharding is untested.
+        start_method: ``"popen"`` (Lightning re-runs the script per rank) or a multiprocessing
+            start method (``spawn``...), as for ``DDPStrategy``.
+        process_group_backend, timeout: as for ``ModelParallelStrategy``.
+    """
+
+    strategy_name = "ring_fsdp"
+
+    def __init__(
+        self,
+        sequence_parallel_size: Union[int, str] = "auto",
+        layout: str = "auto",
+        ulysses_size: int = 1,
+        loss_reduction: str = "mean",
+        shift_labels: Optional[bool] = None,
+        label_key: str = "labels",
+        ignore_index: int = IGNORE_INDEX,
+        compression: str = "none",
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = False,
+        start_method: str = "popen",
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = None,
+        **compression_kwargs: Any,
+    ) -> None:
+        check_sp_request(sequence_parallel_size)
+        if loss_reduction not in loss_contract.LOSS_REDUCTIONS:
+            raise ValueError(
+                f"loss_reduction={loss_reduction!r} is not valid; valid values: {loss_contract.LOSS_REDUCTIONS}")
+        if shift_labels not in (None, True, False):
+            raise ValueError(f"shift_labels must be None, True or False, got {shift_labels!r}")
+        if compression != "none":
+            raise ValueError(
+                f"strategy.compression={compression!r} is not supported by RingFSDPStrategy: gradient compression "
+                f"is a DDP communication hook and FSDP2 has none. Use compression=none, or strategy=ring (DDP).")
+        unknown = set(compression_kwargs) - {"compression_ratio", "powersgd_rank", "error_feedback",
+                                              "powersgd_start_iter"}
+        if unknown:
+            raise TypeError(f"RingFSDPStrategy got unexpected arguments {sorted(unknown)}")
+        if start_method not in START_METHODS:
+            raise ValueError(f"start_method={start_method!r} is not valid; valid values: {START_METHODS}")
+        check_ulysses_size(ulysses_size, sequence_parallel_size)
+        check_layout_policy(layout)
+        kwargs: Dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, **kwargs)
+        self._sp_request = sequence_parallel_size
+        self.layout, self.ulysses_size = layout, ulysses_size
+        self.reshard_after_forward = reshard_after_forward
+        self._start_method = start_method
+        self._sequence = SequenceParallel(loss_reduction, shift_labels, label_key, ignore_index)
+
+    loss_reduction = property(lambda self: self._sequence.loss_reduction)
+    shift_labels = property(lambda self: self._sequence.shift_labels)
+    label_key = property(lambda self: self._sequence.label_key)
+    ignore_index = property(lambda self: self._sequence.ignore_index)
+    compression = "none"  # read by configs and reports as for RingStrategy
+
+    # ------------------------------------------------------------------ shape and mesh
+
+    @property
+    def parallel_dims(self) -> ParallelDims:
+        """The parallel shape: fixed once the process group exists (as ``RingStrategy.parallel_dims``)."""
+        if self._sequence.dims is not None:
+            return self._sequence.dims
+        return ParallelDims.resolve(self.world_size, self.num_processes, self._sp_request, self.ulysses_size,
+                                    self.layout)
+
+    @property
+    def sequence_parallel_size(self) -> int:
+        if self._sequence.dims is not None:
+            return self._sequence.dims.sp
+        return ParallelDims.resolve_sp(self._sp_request, self.num_processes)
+
+    sp_size = sequence_parallel_size
+    dp_size = property(lambda self: self.parallel_dims.dp)
+    sp_rank = property(lambda self: self.parallel_dims.sp_rank(self.global_rank))
+    dp_rank = property(lambda self: self.parallel_dims.dp_rank(self.global_rank))
+    sp_group = property(lambda self: self._sequence.group(SP_AXIS), doc="This rank's sequence group.")
+    dp_group = property(lambda self: self._sequence.group(DP_AXIS), doc="The ranks of this rank's sp position.")
+
+    @property
+    def ring_attention_modules(self) -> List[nn.Module]:
+        return list(self._sequence.ring_modules)
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self.cluster_environment.creates_processes_externally:
+            return
+        if self._start_method == "popen":
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _MultiProcessingLauncher(self, start_method=self._start_method)
+
+    def setup_environment(self) -> None:
+        sp = self.sequence_parallel_size
+        # Check before init_process_group: every rank fails the same way, nobody waits.
+        ParallelDims(self.num_nodes * self.num_processes, sp, self.ulysses_size, self.layout)
+        self._setup_distributed()  # ModelParallelStrategy's: accelerator, ranks, process group
+        dims = ParallelDims(dist.get_world_size(), sp, self.ulysses_size, self.layout)
+        self._device_mesh = self._sequence.build(dims, self.root_device.type)
+        if self.lightning_module is not None:  # seen by configure_model, as under ModelParallelStrategy
+            self.lightning_module._device_mesh = self._device_mesh
+
+    @property
+    def shard_mesh(self) -> DeviceMesh:
+        """The 1-D mesh FSDP2 shards over: the whole (dp, sp) world, ranks in mesh order."""
+        return DeviceMesh.from_group(dist.group.WORLD, self.root_device.type)
+
+    @property
+    def distributed_sampler_kwargs(self) -> Dict[str, Any]:
+        return self.parallel_dims.sampler_kwargs(self.global_rank)  # dp only: a group reads one sample
+
+    # ------------------------------------------------------------------ model and steps
+
+    def setup(self, trainer: Any) -> None:
+        assert self.model is not None and self.accelerator is not None and self.lightning_module is not None
+        self.accelerator.setup(trainer)
+        check_shardable(self.lightning_module)
+        self._sequence.prepare(self.lightning_module, self.sequence_parallel_size)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if _distributed_is_initialized():
+            shard_model(self.model, self.shard_mesh, self.reshard_after_forward)
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)  # after sharding: the optimizer holds the shards
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def teardown(self) -> None:
+        self._sequence.teardown()
+        super().teardown()
+
+    @property
+    def sequence_layout(self) -> str:
+        return self._sequence.batch.layout
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._sequence.training_step(lambda: ModelParallelStrategy.training_step(self, *args, **kwargs),
+                                            self.lightning_module, args[0] if args else None,
+                                            self.sequence_parallel_size)
+
+    validation_step = _within_batch_sharding("validation_step")
+    test_step = _within_batch_sharding("test_step")
+    predict_step = _within_batch_sharding("predict_step")
+
+    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
+        return self.shard_batch(super().batch_to_device(batch, device, dataloader_idx))
+
+    def shard_batch(self, batch: Any) -> Any:
+        """This rank's shard of a dict batch (``RingStrategy.shard_batch``: the same core)."""
+        return self._sequence.shard(batch, self.parallel_dims, self.global_rank, self.lightning_module)
+
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        """Backpropagate ``closure_loss`` times the batch's loss scale (``loss_contract``)."""
+        closure_loss = self._sequence.scale_for_backward(closure_loss)
+        with self._sequence.in_step():
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def reduce_token_loss(self, loss_sum: Tensor, num_tokens: Union[Tensor, int]) -> Tuple[Tensor, Tensor]:
+        """``loss_contract.reduce_token_loss`` over the sequence group (``RingStrategy.reduce_token_loss``)."""
+        return self._sequence.reduce_token_loss(loss_sum, num_tokens, self.sequence_parallel_size)
+
+
+if "ring_fsdp" not in StrategyRegistry:
+    StrategyRegistry.register("ring_fsdp", RingFSDPStrategy,
+                              description="Sequence-parallel ring attention with FSDP2 over the (dp, sp) world")

@@ -1,0 +1,125 @@
+"""Per-rank code for test_fsdp.py: the user's module and LongDocumentLM under RingFSDPStrategy.
+
+The modules are test_user_module.py's (``_user_module_worker``), with AdamW, recording what
+the test compares as whole tensors: under FSDP2 a parameter and its gradient are this rank's
+shard (a DTensor), so each is gathered (``full_tensor``, a collective every rank makes alike).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader
+
+import _strategy_worker as W
+import _user_module_worker as U
+from ring_lightning.parallel.fsdp import RingFSDPStrategy
+from ring_lightning.parallel.strategy import RingStrategy
+
+LR = 1e-2
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+class AdamWMeanLossLM(U.MeanLossLM):
+    """The user's plain mean cross-entropy module, trained with AdamW."""
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=LR)
+
+    def on_before_optimizer_step(self, optimizer):
+        self.record["grads"].append({n: _whole(p.grad) for n, p in self.named_parameters()})
+
+
+class SGDMeanLossLM(AdamWMeanLossLM):
+    """The user's module with its own SGD (momentum): the step is proportional to the gradient, so
+    a wrong clipping scale shows in the parameters (AdamW would nearly cancel it)."""
+
+    def configure_optimizers(self):
+        return U.MeanLossLM.configure_optimizers(self)
+
+
+class WholeGradDocumentLM(U.RecordingDocumentLM):
+    """LongDocumentLM (its own AdamW and schedule), recording whole gradients."""
+
+    def on_before_optimizer_step(self, optimizer):
+        self.record["grads"].append({n: _whole(p.grad) for n, p in self.named_parameters()})
+
+
+MODELS = {"user": AdamWMeanLossLM, "model": WholeGradDocumentLM}
+
+
+def fit(rank: int, world_size: int, sp: int, kind: str, ckpt_dir: str) -> Dict:
+    """U.STEPS steps of ``MODELS[kind]`` under RingFSDPStrategy(sequence_parallel_size=sp)."""
+    W._lightning_env(rank, world_size)
+    torch.manual_seed(0)
+    model = MODELS[kind]()
+    strategy = RingFSDPStrategy(sequence_parallel_size=sp)
+    trainer = W._trainer(world_size, strategy, U.STEPS, os.path.join(ckpt_dir, kind))
+    dp = world_size // sp
+    loader = DataLoader(U.DATA["uneven"](dp * W.BATCH * U.STEPS, seed=1), batch_size=W.BATCH)
+    trainer.fit(model, train_dataloaders=loader)
+    saved = torch.load(os.path.join(ckpt_dir, kind, "last.ckpt"), map_location="cpu", weights_only=False)
+    local = {n: p.to_local().numel() if isinstance(p, DTensor) else p.numel() for n, p in model.named_parameters()}
+    return {"grads": model.record["grads"], "samples": model.record["samples"], "loss": model.record.get("loss"),
+            "params": {n: _whole(p) for n, p in model.named_parameters()},
+            "local_numel": sum(local.values()), "sp_rank": strategy.sp_rank, "dp_rank": strategy.dp_rank,
+            "checkpoint": {k: v for k, v in saved["state_dict"].items() if isinstance(v, torch.Tensor)},
+            "checkpoint_step": saved["global_step"]}
+
+
+def fit_and_resume(rank: int, world_size: int, sp: int, ckpt_dir: str, sharded: bool = False) -> Dict:
+    """The user's module: 2 steps (one epoch, a gathered checkpoint), then a fresh Trainer from
+    another init resumed from it to step 4; under RingFSDPStrategy and under RingStrategy (DDP),
+    whose resume (weights, AdamW moments, data position) is the yardstick. ``sharded``: the FSDP
+    checkpoint is a folder of shards (``save_distributed_checkpoint=True``) instead of one file."""
+    W._lightning_env(rank, world_size)
+    dp, out = world_size // sp, {}
+    strategies = {"fsdp": lambda **kw: RingFSDPStrategy(save_distributed_checkpoint=sharded, **kw), "ddp": RingStrategy}
+    for name, make_strategy in strategies.items():
+        run_dir = os.path.join(ckpt_dir, name)
+        for seed, max_steps, resume in ((0, 2, None), (123, 4, os.path.join(run_dir, "last.ckpt"))):
+            torch.manual_seed(seed)
+            model = AdamWMeanLossLM()
+            init = {n: _whole(p) for n, p in model.named_parameters()}
+            trainer = W._trainer(world_size, make_strategy(sequence_parallel_size=sp), max_steps, run_dir)
+            loader = DataLoader(U.DATA["uneven"](dp * W.BATCH * 2, seed=1), batch_size=W.BATCH)
+            trainer.fit(model, train_dataloaders=loader, ckpt_path=resume)
+        out[name] = {"init": init, "samples": model.record["samples"], "step": trainer.global_step,
+                     "checkpoint_is_folder": os.path.isdir(os.path.join(run_dir, "last.ckpt")),
+                     "params": {n: _whole(p) for n, p in model.named_parameters()}}
+    return out
+
+
+def fit_fsdp_and_ddp(rank: int, world_size: int, sp: int, kind: str, ckpt_dir: str) -> Dict:
+    """``MODELS[kind]`` under RingFSDPStrategy, then under RingStrategy (DDP), at the same sp."""
+    fsdp = fit(rank, world_size, sp, kind, ckpt_dir)
+    ddp = U._fit(rank, world_size, sp, "uneven", os.path.join(ckpt_dir, "ddp"), make_model=MODELS[kind])
+    ddp["grads"] = [{n: g.detach().clone() for n, g in step.items()} for step in ddp["grads"]]
+    return {"fsdp": fsdp, "ddp": ddp}
+
+
+def fit_clipped(rank: int, world_size: int, sp: int, clip: float, ckpt_dir: str) -> Dict:
+    """The user's module with ``gradient_clip_val=clip`` under RingFSDPStrategy and RingStrategy:
+    the norm over sharded gradients must be the whole gradient's norm (what DDP clips by)."""
+    from lightning.pytorch import Trainer
+
+    W._lightning_env(rank, world_size)
+    out = {}
+    for name, make_strategy in {"fsdp": RingFSDPStrategy, "ddp": RingStrategy}.items():
+        torch.manual_seed(0)
+        model = SGDMeanLossLM()
+        trainer = Trainer(accelerator="cpu", devices=world_size, strategy=make_strategy(sequence_parallel_size=sp),
+                          max_steps=U.STEPS, gradient_clip_val=clip, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, enable_checkpointing=False)
+        loader = DataLoader(U.DATA["uneven"](world_size // sp * W.BATCH * U.STEPS, seed=1), batch_size=W.BATCH)
+        trainer.fit(model, train_dataloaders=loader)
+        out[name] = {"params": {n: _whole(p) for n, p in model.named_parameters()},
+                     "grad_norms": [float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in step.values()])))
+                                    for step in model.record["grads"]]}
+    return out

@@ -1,0 +1,131 @@
+"""RingFSDPStrategy (FSDP2 over the flattened (dp, sp) world) trains as DDP and as sp=1.
+
+The user's own module (plain mean cross-entropy, ignored labels) and LongDocumentLM train
+U.STEPS AdamW steps under RingFSDPStrategy; the same run under RingStrategy (DDP) and the
+one-process sp=1 reference (``_user_module_worker.reference``) are the yardsticks.
+
+Why not every parameter against sp=1: AdamW steps each element by about ``lr`` whatever the
+size of its gradient, so an element whose exact gradient is zero (the user module's key bias:
+adding a constant to every key of a row leaves softmax unchanged) or at the rounding level
+(~1e-8, some of LongDocumentLM's weights at step 0) moves by up to ``lr`` in a direction set by
+rounding. The user module's parameters are compared (with DDP at the same sp and with sp=1)
+except the key bias; LongDocumentLM's parameters and gradients are compared with DDP at the same
+sp, its losses and first gradients with sp=1.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _fsdp_worker as F
+import _strategy_worker as W
+import _user_module_worker as U
+
+pytestmark = pytest.mark.distributed
+TOL = 1e-5  # float32 against sp=1, as test_user_module.py
+SAME_SP_TOL = 1e-6  # FSDP against DDP at the same sp on 2 ranks: both add the same two shards
+# On 4 ranks reduce-scatter and all-reduce add the 4 contributions in different orders: TOL (seen: 2e-6).
+SPAWN_TIMEOUT_S = 240
+KEY_BIAS = slice(W.EMBED, 2 * W.EMBED)  # qkv.bias rows of k: exact gradient 0
+
+
+def _samples(results, sp: int):
+    dp = len(results) // sp
+    return [[results[d * sp]["samples"][step] for d in range(dp)] for step in range(U.STEPS)]
+
+
+def _close(got, ref, tol, what):
+    torch.testing.assert_close(got, ref, atol=tol, rtol=tol, msg=lambda details: f"{what}: {details}")
+
+
+def _same_sp_tol(world: int) -> float:
+    return SAME_SP_TOL if world == 2 else TOL
+
+
+def _without_key_bias(name, *params):
+    """``params`` without the key bias's elements (module docstring: their exact gradient is 0)."""
+    if name != "qkv.bias":
+        return params
+    keep = torch.ones_like(params[0], dtype=torch.bool)
+    keep[KEY_BIAS] = False
+    return tuple(p[keep] for p in params)
+
+
+def _fit_both(run_distributed, tmp_path, world, sp, kind):
+    return run_distributed(F.fit_fsdp_and_ddp, world, sp, kind, str(tmp_path), timeout=SPAWN_TIMEOUT_S)
+
+
+def _check_sharded_state(results, ref_params):
+    total = sum(p.numel() for p in ref_params.values())
+    assert sum(r["fsdp"]["local_numel"] for r in results) == total, "each element held by exactly one rank"
+    assert all(r["fsdp"]["local_numel"] < total for r in results)
+    saved = results[0]["fsdp"]["checkpoint"]  # gathered: the whole parameters, one file
+    assert results[0]["fsdp"]["checkpoint_step"] == U.STEPS and set(saved) == set(ref_params)
+    for name, p in results[0]["fsdp"]["params"].items():
+        assert torch.equal(saved[name], p), f"checkpoint's {name}"
+
+
+@pytest.mark.parametrize("world, sp", [pytest.param(2, 2, id="sp2"), pytest.param(4, 2, id="dp2-sp2")])
+def test_user_module_trains_as_ddp_and_as_sp1(run_distributed, tmp_path, world, sp):
+    results = _fit_both(run_distributed, tmp_path, world, sp, "user")
+    ref = U.reference(world // sp, "uneven", _samples([r["fsdp"] for r in results], sp), make_model=F.AdamWMeanLossLM)
+    _check_sharded_state(results, ref["params"])
+    for rank, res in enumerate(results):
+        fsdp, ddp = res["fsdp"], res["ddp"]
+        assert fsdp["samples"] == ddp["samples"]
+        for step, grads in enumerate(fsdp["grads"]):
+            for name, g in grads.items():
+                _close(g, ref["grads"][step][name], TOL, f"rank {rank} step {step} gradient of {name} vs sp=1")
+        for name, p in fsdp["params"].items():
+            got, same_sp, want = _without_key_bias(name, p, ddp["params"][name], ref["params"][name])
+            _close(got, same_sp, _same_sp_tol(world), f"rank {rank} {name} vs DDP")
+            _close(got, want, TOL, f"rank {rank} {name} after {U.STEPS} AdamW steps vs sp=1")
+
+
+@pytest.mark.parametrize("world, sp", [pytest.param(2, 2, id="sp2"), pytest.param(4, 2, id="dp2-sp2")])
+def test_long_document_lm_trains_as_ddp_and_as_sp1(run_distributed, tmp_path, world, sp):
+    results = _fit_both(run_distributed, tmp_path, world, sp, "model")
+    ref = U.reference(world // sp, "uneven", _samples([r["fsdp"] for r in results], sp),
+                      make_model=F.WholeGradDocumentLM)
+    _check_sharded_state(results, ref["params"])
+    for rank, res in enumerate(results):
+        fsdp, ddp = res["fsdp"], res["ddp"]
+        dp = world // sp  # the reference records each replica's loss in turn, step by step
+        assert fsdp["loss"] == pytest.approx(ref["loss"][fsdp["dp_rank"]::dp], rel=TOL)
+        for name, g in fsdp["grads"][0].items():
+            _close(g, ref["grads"][0][name], TOL, f"rank {rank} first gradient of {name} vs sp=1")
+        for step, grads in enumerate(fsdp["grads"]):
+            for name, g in grads.items():
+                _close(g, ddp["grads"][step][name], _same_sp_tol(world),
+                       f"rank {rank} step {step} gradient of {name} vs DDP")
+        for name, p in fsdp["params"].items():
+            _close(p, ddp["params"][name], _same_sp_tol(world), f"rank {rank} {name} vs DDP")
+
+
+@pytest.mark.parametrize("sharded", [pytest.param(False, id="gathered_file"), pytest.param(True, id="sharded_folder")])
+def test_checkpoint_resumes_as_ddp(run_distributed, tmp_path, sharded):
+    """2 steps, a checkpoint (one gathered file, or a folder of shards through
+    torch.distributed.checkpoint), a fresh Trainer from another init resumed to step 4: the weights
+    and AdamW moments go back into the shards, and training goes on as DDP's resume."""
+    results = run_distributed(F.fit_and_resume, 2, 2, str(tmp_path), sharded, timeout=SPAWN_TIMEOUT_S)
+    for rank, res in enumerate(results):
+        fsdp, ddp = res["fsdp"], res["ddp"]
+        assert fsdp["checkpoint_is_folder"] is sharded
+        assert fsdp["step"] == ddp["step"] == 4 and fsdp["samples"] == ddp["samples"]
+        for name, p in fsdp["params"].items():
+            assert (p - fsdp["init"][name]).abs().max() > 0.1, f"{name}: the checkpoint was not loaded"
+            _close(p, ddp["params"][name], SAME_SP_TOL, f"rank {rank} {name}: resumed under FSDP vs DDP")
+
+
+def test_gradient_clipping_clips_by_the_whole_norm_as_ddp(run_distributed, tmp_path):
+    """Lightning's ``gradient_clip_val`` over FSDP2's gradient shards (DTensors): the same norm
+    and the same clipped training as DDP. The clip is below every step's norm, so it acts."""
+    clip = 0.05
+    for rank, res in enumerate(run_distributed(F.fit_clipped, 2, 2, clip, str(tmp_path), timeout=SPAWN_TIMEOUT_S)):
+        fsdp, ddp = res["fsdp"], res["ddp"]
+        assert min(ddp["grad_norms"]) > clip
+        assert fsdp["grad_norms"] == pytest.approx(ddp["grad_norms"], rel=SAME_SP_TOL)
+        for name, p in fsdp["params"].items():
+            got, same_sp = _without_key_bias(name, p, ddp["params"][name])
+            _close(got, same_sp, SAME_SP_TOL, f"rank {rank} {name}: clipped under FSDP vs DDP")

@@ -1,0 +1,49 @@
+"""RingFSDPStrategy's arguments and Hydra option, without processes (training: tests/distributed/test_fsdp.py)."""
+
+from __future__ import annotations
+
+import pytest
+from lightning.pytorch.strategies import StrategyRegistry
+
+from ring_lightning.parallel.fsdp import RingFSDPStrategy
+
+
+def test_registered_as_ring_fsdp():
+    assert StrategyRegistry["ring_fsdp"]["strategy"] is RingFSDPStrategy
+
+
+@pytest.mark.parametrize("method", ["topk", "randomk", "powersgd", "bf16"])
+def test_gradient_compression_is_refused_naming_the_field(method):
+    with pytest.raises(ValueError, match=r"strategy\.compression='" + method + "'.*FSDP2 has none"):
+        RingFSDPStrategy(compression=method)
+
+
+def test_compression_arguments_a_config_merges_in_are_accepted_with_none():
+    strategy = RingFSDPStrategy(compression="none", compression_ratio=0.01, error_feedback=True)
+    assert strategy.compression == "none"
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        RingFSDPStrategy(find_unused_parameters=True)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(sequence_parallel_size=0), "sequence_parallel_size"),
+    (dict(loss_reduction="avg"), "loss_reduction"),
+    (dict(shift_labels="yes"), "shift_labels"),
+    (dict(layout="spiral"), "layout"),
+    (dict(start_method="thread"), "start_method"),
+])
+def test_bad_arguments_name_their_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        RingFSDPStrategy(**kwargs)
+
+
+def test_activation_offload_is_refused_and_full_checkpointing_is_not():
+    """checkpointing=offload recomputes block groups with their parameters as explicit inputs,
+    outside the blocks' forward: under FSDP2 those are the shards (wrong gradients)."""
+    from ring_lightning.models.model import LongDocTransformer
+    from ring_lightning.models.model_config import ModelConfig
+    from ring_lightning.parallel.fsdp import check_shardable
+
+    with pytest.raises(ValueError, match=r"model\.offload_activations=True.*checkpointing=full"):
+        check_shardable(LongDocTransformer(ModelConfig.preset("tiny", checkpointing="full", offload_activations=True)))
+    check_shardable(LongDocTransformer(ModelConfig.preset("tiny", checkpointing="full")))
