@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(6 * RUN_TIMEOUT_S)]
 ENV = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")])}
 # The list form of the README, three files of this repository (~75 windows of 257 bytes)
 FILES = ["data=files", "data.paths=[" + ",".join(str(ROOT / "ring_lightning" / f) for f in
-                                                 ("model.py", "module.py", "strategy.py")) + "]",
+                                                 ("models/model.py", "training/module.py", "parallel/strategy.py")) + "]",
          "data.max_tokens=20000", "trainer.val_check_interval=8", "callbacks.model_checkpoint.every_n_train_steps=2"]
 NOT_STARTED = ("Traceback", "Initializing distributed", "GLOBAL_RANK")
 

@@ -1,4 +1,4 @@
-"""The pre-flight check (ring_lightning/preflight.py) and the one owner of length rules
+"""The pre-flight check (ring_lightning/preflight/) and the one owner of length rules
 (ring_lightning/sequence/lengths.py): bad inputs are refused from the composed config alone, with a
 message naming the override and a value that works, and no process group exists yet."""
 
