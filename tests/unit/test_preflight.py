@@ -167,3 +167,11 @@ def test_hybrid_groups_are_checked_before_launch_with_the_ring_over_sp_over_u(tm
             r"strategy\.ulysses_size=3 must divide strategy\.sequence_parallel_size=4.*valid values: \[1, 2, 4\]")
     refused(compose_cfg(tmp_path, *four, "strategy.ulysses_size=4", "model.n_heads=2", "model.dim=64"),
             r"strategy\.ulysses_size=4 must divide the model's heads \(model\.n_heads=2\).*valid values: \[1, 2\]")
+
+
+def test_ring_fsdp_with_activation_offload_is_refused_before_anything_starts(tmp_path):
+    cfg = compose_cfg(tmp_path, "strategy=ring_fsdp", "checkpointing=offload")
+    with pytest.raises(preflight.ConfigError, match=r"model\.offload_activations=true .* strategy=ring_fsdp .* "
+                                                    r"checkpointing=full"):
+        preflight.check_config(cfg)
+    assert preflight.check_config(compose_cfg(tmp_path, "strategy=ring_fsdp", "checkpointing=full")) is not None
