@@ -128,7 +128,7 @@ class DocumentMask(AttentionMask):
 
     ``ids`` (B, N) global. The ring itself reads the ids through ``Documents`` (gathered over
     the group once per call, per task and per tile); this is the one-device view: the
-    attention weights, the FlexAttention mask_mod and the checks of tests/unit/test_masks.py."""
+    attention weights, the FlexAttention mask_mod and the checks of tests/unit/attention/test_masks.py."""
 
     kind = "documents"
 

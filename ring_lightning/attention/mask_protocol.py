@@ -14,11 +14,11 @@ on the layout, the rank or the order the kernel sees tokens in:
 * ``mask_mod(device)``: FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` in the caller's order,
   reading tensors on ``device``.
 * ``dense(n, device)``: the whole (1|B, N, N) mask: the reference, the attention weights
-  (multihead.py) and the checks of the other three answers (tests/unit/test_masks.py).
+  (multihead.py) and the checks of the other three answers (tests/unit/attention/test_masks.py).
 
 Masks combine by AND (``MaskSet``). Each kind registers itself with ``register_mask``; to add
 one: a new file with its class, ``@register_mask``, and its import in ``attention/__init__.py``
-(the example the property test runs goes next to the others in tests/unit/test_masks.py).
+(the example the property test runs goes next to the others in tests/unit/attention/test_masks.py).
 """
 
 from __future__ import annotations

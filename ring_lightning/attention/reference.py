@@ -75,7 +75,7 @@ def reference_attention(
             ANDed into every pattern.
         masks: further masks (mask_protocol.AttentionMask) ANDed into every pattern through
             their ``dense`` answer: a mask kind without a definition here (the ones above are
-            written out independently, and tests/unit/test_masks.py checks the masks against them).
+            written out independently, and tests/unit/attention/test_masks.py checks the masks against them).
     Returns:
         out (B, N, H, D) and lse (B, N, H), in ``dtype``. Rows with no key: out 0, lse -inf.
     """

@@ -16,7 +16,7 @@ options) and ``choose_route`` alone decides how it is computed:
   ``KernelPolicy`` (kernel_policy.py).
 
 The choice reads nothing but the description, so it is tested as a table
-(tests/unit/test_route.py) without tensors or devices.
+(tests/unit/attention/test_route.py) without tensors or devices.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ Numerics: the same as ``F.cross_entropy(F.linear(h, W).float(), labels, reductio
 each chunk's logits are computed in the matmul dtype autocast would use (bf16 under
 ``bf16-mixed``), then the softmax in float32; the gradient of the logits is cast back to
 that dtype before its two matmuls, as autograd does for the plain head. Equal to 1e-6 in
-float32 (tests/unit/test_loss.py).
+float32 (tests/unit/models/test_loss.py).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Override points (each a method with a docstring below):
 * ``configure_optimizers()``: AdamW with decay / no-decay groups, linear warm-up and
   cosine decay to ``min_lr_ratio * lr``, stepped every optimizer step.
 
-Example (tested in tests/unit/test_module.py)::
+Example (tested in tests/unit/training/test_module.py)::
 
     class LabelSmoothingLM(LongDocumentLM):
         def compute_loss(self, logits, batch):

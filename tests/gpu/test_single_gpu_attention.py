@@ -1,6 +1,6 @@
 """GPU tier: attention on one GPU (no process group) equals the float64 reference in bf16.
 
-Dense patterns take the fused SDPA kernel directly (route.Route.SDPA, tests/unit/test_route.py);
+Dense patterns take the fused SDPA kernel directly (route.Route.SDPA, tests/unit/attention/test_route.py);
 dilated ones take the ring's general path. Both must match the brute-force reference,
 outputs and input gradients. Skipped without CUDA.
 """

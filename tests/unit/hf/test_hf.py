@@ -160,7 +160,7 @@ def test_model_hf_switches_the_module_and_the_data_tokenizer(tmp_path):
     from ring_lightning.app.hydra_presets import register_model_presets
 
     register_model_presets()
-    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))), "conf")
     fields = ", ".join(f"{k}: {v}" for k, v in FIELDS.items())
     GlobalHydra.instance().clear()
     with initialize_config_dir(conf, version_base="1.3"):
@@ -189,7 +189,7 @@ def test_model_hf_name_or_path_trains_on_the_models_tokenizer(tmp_path):
     model_dir = pretrained_dir(tmp_path / "tiny_llama")
     text = tmp_path / "doc.py"
     text.write_text("def g(y):\n    return y * 2\n" * 400)
-    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))), "conf")
     GlobalHydra.instance().clear()
     with initialize_config_dir(conf, version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.output_dir={tmp_path}", "model=hf", f"model.name_or_path={model_dir}",

@@ -318,4 +318,4 @@ def test_pad_to_multiple_and_indivisible_length_message():
         shard_sequence(torch.ones(1, 10), 2, 0, "zigzag")
 
 
-# the one-device fused path's table: tests/unit/test_route.py
+# the one-device fused path's table: tests/unit/attention/test_route.py

@@ -22,7 +22,7 @@ from ring_lightning.training.module import LongDocumentLM
 from ring_lightning.parallel.fsdp import RingFSDPStrategy
 from ring_lightning.parallel.strategy import RingStrategy
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CONF, RECIPES = ROOT / "conf", ROOT / "recipes"
 GROUPS = ("variant", "compression", "checkpointing", "model", "data", "module", "strategy",
           "trainer", "logger", "callbacks", "experiment")

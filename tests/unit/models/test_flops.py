@@ -66,7 +66,7 @@ def test_block_mask_matches_brute_force(block_size, segments, rates, causal):
 
 
 def test_fraction_and_flops():
-    # the dilated pattern of tests/unit/test_module.py: two patterns of a quarter each
+    # the dilated pattern of tests/unit/training/test_module.py: two patterns of a quarter each
     frac = attention_fraction(1024, 4, segment_lengths=[256, 1024], dilation_rates=[1, 2])
     assert frac == pytest.approx(256 / 1024 + 1024 / (4 * 1024))
     assert flops_from_pairs(10.0, 64, 2, backward=False) == 4 * 2 * 64 * 10
