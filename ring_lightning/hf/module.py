@@ -42,7 +42,7 @@ from ring_lightning.sequence import sharding
 from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
 from ring_lightning.parallel.loss_contract import labels_follow_inputs
 from ring_lightning.attention.documents import document_position_ids
-from ring_lightning.training.schedule import WarmupCosine, keep_configured_schedule
+from ring_lightning.training.schedule import WarmupCosine, keep_configured_schedule, optimizer_settings
 from ring_lightning.training.module import _plain  # Hydra containers -> plain Python (one owner)
 
 from .attention import IMPLEMENTATION, attach_ring_attention
@@ -168,11 +168,8 @@ class HFCausalLM(pl.LightningModule):
         self.save_hyperparameters()
         from ring_lightning.training.module import LongDocumentLM  # the same attention-config validation
 
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        betas = tuple(float(b) for b in _plain(betas))
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        self.lr, self.weight_decay, self.betas, self.warmup_steps, self.max_steps, self.min_lr_ratio = \
+            optimizer_settings(lr, weight_decay, _plain(betas), warmup_steps, max_steps, min_lr_ratio)
         variant, attention_config = LongDocumentLM._attention_config(_plain(attention))
         self.model = build_hf_model(name_or_path, _plain(config), dtype, trust_remote_code)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps a submodule's mode as found
@@ -183,8 +180,6 @@ class HFCausalLM(pl.LightningModule):
         enable_checkpointing(self.model, checkpointing, int(checkpoint_every_n_layers))
         self.tokenizer_name = tokenizer or name_or_path or "byte"
         self.num_items_in_batch = bool(num_items_in_batch)
-        self.lr, self.weight_decay, self.betas = float(lr), float(weight_decay), betas
-        self.warmup_steps, self.max_steps, self.min_lr_ratio = int(warmup_steps), max_steps, float(min_lr_ratio)
         self.sequence_keys = tuple(_plain(sequence_keys))
         self.document_mask, self.restart_positions = bool(document_mask), bool(restart_positions_per_document)
         self.export_dir = export_dir

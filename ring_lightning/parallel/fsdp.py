@@ -58,6 +58,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 
 from ring_lightning.parallel import loss_contract
 from ring_lightning.constants import IGNORE_INDEX
+from ring_lightning.parallel.shell import SequenceParallelShell
 from ring_lightning.parallel.core import DP_AXIS, SP_AXIS, SequenceParallel
 from ring_lightning.sequence.dims import ParallelDims, check_layout_policy, check_sp_request, check_ulysses_size
 
@@ -99,18 +100,7 @@ def check_shardable(module: nn.Module) -> None:
                 "holds them sharded. Use checkpointing=full or selective, or strategy=ring (DDP).")
 
 
-def _within_batch_sharding(hook: str):
-    """``ModelParallelStrategy.<hook>`` run inside the current batch's sharding."""
-
-    def step(self: "RingFSDPStrategy", *args: Any, **kwargs: Any) -> Any:
-        with self._sequence.in_step():
-            return getattr(ModelParallelStrategy, hook)(self, *args, **kwargs)
-
-    step.__name__ = step.__qualname__ = hook
-    return step
-
-
-class RingFSDPStrategy(ModelParallelStrategy):
+class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
     """FSDP2 over the flattened ``(dp, sp)`` world with sequence sharding and ring attention wiring.
 
     Args:
@@ -178,38 +168,9 @@ class RingFSDPStrategy(ModelParallelStrategy):
         self._start_method = start_method
         self._sequence = SequenceParallel(loss_reduction, shift_labels, label_key, ignore_index)
 
-    loss_reduction = property(lambda self: self._sequence.loss_reduction)
-    shift_labels = property(lambda self: self._sequence.shift_labels)
-    label_key = property(lambda self: self._sequence.label_key)
-    ignore_index = property(lambda self: self._sequence.ignore_index)
     compression = "none"  # read by configs and reports as for RingStrategy
 
     # ------------------------------------------------------------------ shape and mesh
-
-    @property
-    def parallel_dims(self) -> ParallelDims:
-        """The parallel shape: fixed once the process group exists (as ``RingStrategy.parallel_dims``)."""
-        if self._sequence.dims is not None:
-            return self._sequence.dims
-        return ParallelDims.resolve(self.world_size, self.num_processes, self._sp_request, self.ulysses_size,
-                                    self.layout)
-
-    @property
-    def sequence_parallel_size(self) -> int:
-        if self._sequence.dims is not None:
-            return self._sequence.dims.sp
-        return ParallelDims.resolve_sp(self._sp_request, self.num_processes)
-
-    sp_size = sequence_parallel_size
-    dp_size = property(lambda self: self.parallel_dims.dp)
-    sp_rank = property(lambda self: self.parallel_dims.sp_rank(self.global_rank))
-    dp_rank = property(lambda self: self.parallel_dims.dp_rank(self.global_rank))
-    sp_group = property(lambda self: self._sequence.group(SP_AXIS), doc="This rank's sequence group.")
-    dp_group = property(lambda self: self._sequence.group(DP_AXIS), doc="The ranks of this rank's sp position.")
-
-    @property
-    def ring_attention_modules(self) -> List[nn.Module]:
-        return list(self._sequence.ring_modules)
 
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
@@ -235,10 +196,6 @@ class RingFSDPStrategy(ModelParallelStrategy):
         """The 1-D mesh FSDP2 shards over: the whole (dp, sp) world, ranks in mesh order."""
         return DeviceMesh.from_group(dist.group.WORLD, self.root_device.type)
 
-    @property
-    def distributed_sampler_kwargs(self) -> Dict[str, Any]:
-        return self.parallel_dims.sampler_kwargs(self.global_rank)  # dp only: a group reads one sample
-
     # ------------------------------------------------------------------ model and steps
 
     def setup(self, trainer: Any) -> None:
@@ -256,40 +213,6 @@ class RingFSDPStrategy(ModelParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
-
-    def teardown(self) -> None:
-        self._sequence.teardown()
-        super().teardown()
-
-    @property
-    def sequence_layout(self) -> str:
-        return self._sequence.batch.layout
-
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._sequence.training_step(lambda: ModelParallelStrategy.training_step(self, *args, **kwargs),
-                                            self.lightning_module, args[0] if args else None,
-                                            self.sequence_parallel_size)
-
-    validation_step = _within_batch_sharding("validation_step")
-    test_step = _within_batch_sharding("test_step")
-    predict_step = _within_batch_sharding("predict_step")
-
-    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
-        return self.shard_batch(super().batch_to_device(batch, device, dataloader_idx))
-
-    def shard_batch(self, batch: Any) -> Any:
-        """This rank's shard of a dict batch (``RingStrategy.shard_batch``: the same core)."""
-        return self._sequence.shard(batch, self.parallel_dims, self.global_rank, self.lightning_module)
-
-    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
-        """Backpropagate ``closure_loss`` times the batch's loss scale (``loss_contract``)."""
-        closure_loss = self._sequence.scale_for_backward(closure_loss)
-        with self._sequence.in_step():
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
-
-    def reduce_token_loss(self, loss_sum: Tensor, num_tokens: Union[Tensor, int]) -> Tuple[Tensor, Tensor]:
-        """``loss_contract.reduce_token_loss`` over the sequence group (``RingStrategy.reduce_token_loss``)."""
-        return self._sequence.reduce_token_loss(loss_sum, num_tokens, self.sequence_parallel_size)
 
 
 if "ring_fsdp" not in StrategyRegistry:

@@ -51,6 +51,7 @@ from ring_lightning.parallel.compression import check_compression_args, register
 from ring_lightning.parallel.compression_checkpoint import CHECKPOINT_KEY as COMPRESSION_CHECKPOINT_KEY
 from ring_lightning.parallel.compression_checkpoint import gather_compression_state, restore_compression_state, this_rank_state
 from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX  # noqa: F401 (DEFAULT_SEQUENCE_KEYS re-exported)
+from ring_lightning.parallel.shell import SequenceParallelShell
 from ring_lightning.parallel.core import DP_AXIS, GROUP_LOSS_KEY, SP_AXIS, SequenceParallel  # noqa: F401 (re-exported)
 from ring_lightning.sequence.dims import (LAYOUT_POLICIES, MESH_AXES, ParallelDims, check_layout_policy,  # noqa: F401
                                           check_sp_request, check_ulysses_size)
@@ -58,18 +59,7 @@ from ring_lightning.sequence.dims import (LAYOUT_POLICIES, MESH_AXES, ParallelDi
 LAYOUT_CHOICES = LAYOUT_POLICIES
 
 
-def _within_batch_sharding(hook: str):
-    """``DDPStrategy.<hook>`` run inside the current batch's sharding."""
-
-    def step(self: "RingStrategy", *args: Any, **kwargs: Any) -> Any:
-        with self._sequence.in_step():
-            return getattr(DDPStrategy, hook)(self, *args, **kwargs)
-
-    step.__name__ = step.__qualname__ = hook
-    return step
-
-
-class RingStrategy(DDPStrategy):
+class RingStrategy(SequenceParallelShell, DDPStrategy):
     """DDP over a ``(dp, sp)`` mesh with sequence sharding and ring attention wiring.
 
     A model without any ring attention module while ``sequence_parallel_size > 1`` is
@@ -155,49 +145,7 @@ class RingStrategy(DDPStrategy):
         self._compression_state: Any = None
         self._compression_resume: Optional[tuple] = None  # this rank's saved hook state, until the hook exists
 
-    # the loss contract's settings live in the core; readable here as before
-    loss_reduction = property(lambda self: self._sequence.loss_reduction)
-    shift_labels = property(lambda self: self._sequence.shift_labels)
-    label_key = property(lambda self: self._sequence.label_key)
-    ignore_index = property(lambda self: self._sequence.ignore_index)
-
-    # ------------------------------------------------------------------ shape and mesh
-
-    @property
-    def parallel_dims(self) -> ParallelDims:
-        """The parallel shape (``ParallelDims``): fixed once the process group exists; before,
-        what this strategy's world and devices per node give (``"auto"`` resolved there)."""
-        if self._sequence.dims is not None:
-            return self._sequence.dims
-        return ParallelDims.resolve(self.world_size, self.num_processes, self._sp_request, self.ulysses_size,
-                                    self.layout)
-
-    @property
-    def sequence_parallel_size(self) -> int:
-        """Ranks per sequence group: the explicit size, or with ``"auto"`` the devices per node."""
-        if self._sequence.dims is not None:
-            return self._sequence.dims.sp
-        return ParallelDims.resolve_sp(self._sp_request, self.num_processes)  # Lightning's devices on this node
-
-    @property
-    def sp_size(self) -> int:
-        """Ranks per sequence group."""
-        return self.sequence_parallel_size
-
-    @property
-    def dp_size(self) -> int:
-        """Number of sequence groups (data-parallel replicas)."""
-        return self.parallel_dims.dp
-
-    @property
-    def sp_rank(self) -> int:
-        """This rank's index inside its sequence group (consecutive ranks: global % sp)."""
-        return self.parallel_dims.sp_rank(self.global_rank)
-
-    @property
-    def dp_rank(self) -> int:
-        """Index of this rank's sequence group."""
-        return self.parallel_dims.dp_rank(self.global_rank)
+    # ------------------------------------------------------------------ mesh
 
     @property
     def device_mesh(self) -> DeviceMesh:
@@ -205,25 +153,6 @@ class RingStrategy(DDPStrategy):
         if self._sequence.mesh is None:
             raise RuntimeError("RingStrategy.device_mesh is built in setup_environment(); it does not exist yet")
         return self._sequence.mesh
-
-    @property
-    def sp_group(self) -> dist.ProcessGroup:
-        """The process group of this rank's sequence group (ring attention runs in it)."""
-        return self._sequence.group(SP_AXIS)
-
-    @property
-    def dp_group(self) -> dist.ProcessGroup:
-        """The ranks holding the same sequence positions of different samples.
-
-        Reduce over it (not the world) to sum a value that is already identical across a
-        sequence group, e.g. the logging loss of :meth:`reduce_token_loss`.
-        """
-        return self._sequence.group(DP_AXIS)
-
-    @property
-    def ring_attention_modules(self) -> List[nn.Module]:
-        """The model's ring attention modules, found at setup."""
-        return list(self._sequence.ring_modules)
 
     def setup_distributed(self) -> None:
         # Check before init_process_group: every rank fails the same way, nobody waits.
@@ -244,70 +173,12 @@ class RingStrategy(DDPStrategy):
             # (configure_model) sees the mesh.
             module._device_mesh = self._sequence.mesh
 
-    @property
-    def distributed_sampler_kwargs(self) -> Dict[str, Any]:
-        # The sampler runs over dp only: all ranks of a sequence group read the same sample.
-        return self.parallel_dims.sampler_kwargs(self.global_rank)
-
     # ------------------------------------------------------------------ model and steps
 
     def setup(self, trainer: Any) -> None:
         assert self.lightning_module is not None
         self._sequence.prepare(self.lightning_module, self.sequence_parallel_size)
         super().setup(trainer)
-
-    def teardown(self) -> None:
-        self._sequence.teardown()
-        super().teardown()
-
-    @property
-    def sequence_layout(self) -> str:
-        """The layout of the last sharded batch (``contiguous`` before any, or with sp=1)."""
-        return self._sequence.batch.layout
-
-    # Forward and backward of each step run inside the batch's sharding (backward too, see
-    # backward(): activation checkpointing calls attention again while recomputing).
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._sequence.training_step(lambda: DDPStrategy.training_step(self, *args, **kwargs),
-                                            self.lightning_module, args[0] if args else None,
-                                            self.sequence_parallel_size)
-
-    validation_step = _within_batch_sharding("validation_step")
-    test_step = _within_batch_sharding("test_step")
-    predict_step = _within_batch_sharding("predict_step")
-
-    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
-        batch = super().batch_to_device(batch, device, dataloader_idx)
-        return self.shard_batch(batch)
-
-    def shard_batch(self, batch: Any) -> Any:
-        """This rank's shard of a dict batch (the module's ``sequence_keys`` along dim 1), plus
-        global ``position_ids`` (B, T) when absent, also with sp=1. Per-token outputs are shards
-        too: ``sharding.gather_sequence(x, strategy.sp_group, strategy.sequence_layout)``.
-
-        Raises:
-            ValueError: see ``sharding.sequence_entries``; a length the layout cannot split.
-        """
-        return self._sequence.shard(batch, self.parallel_dims, self.global_rank, self.lightning_module)
-
-    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
-        """Backpropagate ``closure_loss`` times the batch's loss scale (``loss_contract``).
-
-        Both automatic optimization and ``manual_backward`` come through here; the loss the
-        module logs and returns is left as it is.
-        """
-        closure_loss = self._sequence.scale_for_backward(closure_loss)
-        with self._sequence.in_step():
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
-
-    def reduce_token_loss(self, loss_sum: Tensor, num_tokens: Union[Tensor, int]) -> Tuple[Tensor, Tensor]:
-        """The explicit path: ``loss_contract.reduce_token_loss`` over this rank's sequence group.
-
-        Returns ``(loss_to_backprop, mean_loss)``; marks this batch's loss as final, so
-        ``backward`` does not rescale it. To *sum* ``mean_loss`` across groups, reduce over
-        :attr:`dp_group`.
-        """
-        return self._sequence.reduce_token_loss(loss_sum, num_tokens, self.sequence_parallel_size)
 
     # ------------------------------------------------------------------ compression
 

@@ -50,7 +50,7 @@ from ring_lightning.constants import DEFAULT_SEQUENCE_KEYS, IGNORE_INDEX
 from ring_lightning.models.loss import linear_cross_entropy
 from ring_lightning.attention.documents import document_position_ids
 from ring_lightning.models.model import LongDocTransformer, ModelConfig, default_position_ids
-from ring_lightning.training.schedule import WarmupCosine, keep_configured_schedule  # noqa: F401 (WarmupCosine re-exported)
+from ring_lightning.training.schedule import WarmupCosine, keep_configured_schedule, optimizer_settings  # noqa: F401 (WarmupCosine re-exported)
 from ring_lightning.training.training_metrics import TrainingMetrics
 
 def _plain(value: Any) -> Any:
@@ -115,27 +115,14 @@ class LongDocumentLM(TrainingMetrics, pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        betas = tuple(float(b) for b in _plain(betas))
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if max_steps is not None and max_steps < 1:
-            raise ValueError(f"max_steps must be None or >= 1, got {max_steps}")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        self.lr, self.weight_decay, self.betas, self.warmup_steps, self.max_steps, self.min_lr_ratio = \
+            optimizer_settings(lr, weight_decay, _plain(betas), warmup_steps, max_steps, min_lr_ratio)
         if throughput_window < 1:
             raise ValueError(f"throughput_window must be >= 1, got {throughput_window}")
         if loss_chunk_tokens is not None and (not isinstance(loss_chunk_tokens, int) or loss_chunk_tokens < 0):
             raise ValueError(f"module.loss_chunk_tokens must be null (auto), 0 (plain logits) or a positive "
                              f"number of tokens, got {loss_chunk_tokens!r}")
         self.loss_chunk_tokens = loss_chunk_tokens
-        self.lr, self.weight_decay, self.betas = float(lr), float(weight_decay), betas
-        self.warmup_steps, self.max_steps, self.min_lr_ratio = int(warmup_steps), max_steps, float(min_lr_ratio)
         self.sequence_keys = tuple(_plain(sequence_keys))
         self.attention_variant, self.attention_config = self._attention_config(_plain(attention))
         self.model = LongDocTransformer(self._checkpointing_from_attention(ModelConfig.from_any(_plain(model))),

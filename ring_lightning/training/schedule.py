@@ -10,7 +10,7 @@ applies.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 
 class WarmupCosine:
@@ -44,3 +44,28 @@ def keep_configured_schedule(checkpoint: Dict[str, Any], lr: float) -> None:
             if peak:
                 group["lr"] = group["lr"] * lr / peak
                 group["initial_lr"] = lr
+
+
+def optimizer_settings(lr: float, weight_decay: float, betas: Sequence[float], warmup_steps: int,
+                       max_steps: Optional[int], min_lr_ratio: float) -> Tuple[float, float, tuple, int, Optional[int], float]:
+    """AdamW's and the schedule's arguments of a module, checked once for every LightningModule
+    of the package (LongDocumentLM, HFCausalLM): ``(lr, weight_decay, betas, warmup_steps,
+    max_steps, min_lr_ratio)`` as plain numbers.
+
+    Raises:
+        ValueError: an argument outside its valid values, naming it.
+    """
+    betas = tuple(float(b) for b in betas)
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be None or >= 1, got {max_steps}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    return float(lr), float(weight_decay), betas, int(warmup_steps), max_steps, float(min_lr_ratio)

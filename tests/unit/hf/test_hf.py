@@ -211,3 +211,12 @@ def test_labels_in_the_hf_convention_are_refused_with_the_fix():
     ids = torch.randint(0, 64, (2, 16))
     with pytest.raises(ValueError, match="strategy.shift_labels=true"):
         module.model_inputs({"input_ids": ids, "labels": ids})
+
+
+@pytest.mark.parametrize("kwargs, field", [({"lr": 0}, "lr"), ({"weight_decay": -1}, "weight_decay"),
+                                           ({"betas": [0.9]}, "betas"), ({"warmup_steps": -1}, "warmup_steps"),
+                                           ({"max_steps": 0}, "max_steps"), ({"min_lr_ratio": 2}, "min_lr_ratio")])
+def test_hf_module_checks_its_optimizer_arguments_as_the_reference_module(kwargs, field):
+    """HFCausalLM and LongDocumentLM share one check (training/schedule.optimizer_settings), before any model is built."""
+    with pytest.raises(ValueError, match=f"^{field} must"):
+        HFCausalLM(config={"model_type": "llama"}, **kwargs)

@@ -12,26 +12,11 @@ import math
 import pytest
 import torch
 
-from ring_lightning.attention.reference import block_to_token_mask, grid_window_mask, pattern_mask
+from pairs_oracle import brute_pairs
+from ring_lightning.attention.reference import grid_window_mask
 from ring_lightning.models.flops import (
     attention_fraction, attention_pairs, causal_document_pairs_per_rank, flops_from_pairs, grid_window_pairs,
 )
-
-
-def brute_pairs(n, heads, causal, segments=None, rates=None, block_mask=None, block_size=None):
-    patterns = [(n, 1)] if segments is None else [(min(w, n), r) for w, r in zip(segments, rates)]
-    t = torch.arange(n)
-    total = 0.0
-    for w, r in patterns:
-        mask = pattern_mask(n, heads, w, r, is_causal=False)  # (H, N, N)
-        if block_mask is not None:
-            mask = mask & block_to_token_mask(block_mask, block_size)[None]
-        if causal:
-            total += (mask & (t[None, :] < t[:, None])).sum().item()
-            total += (mask & (t[None, :] == t[:, None])).sum().item() / 2
-        else:
-            total += mask.sum().item()
-    return total
 
 
 def test_dense_closed_forms():
@@ -159,14 +144,5 @@ def test_batch_pairs_with_documents_match_brute_force(block_size, segments, rate
     mask = None if block_size is None else torch.rand(n // block_size, n // block_size, generator=g) < 0.5
     got = batch_attention_pairs(n, heads, causal=causal, segment_lengths=segments, dilation_rates=rates,
                                 block_mask=mask, block_size=block_size, document_ids=ids)
-    t = torch.arange(n)
-    patterns = [(n, 1)] if segments is None else list(zip(segments, rates))
-    want = 0.0
-    for row in ids:
-        for w, r in patterns:
-            m = pattern_mask(n, heads, w, r, is_causal=False) & (row[:, None] == row[None, :])[None]
-            if mask is not None:
-                m &= block_to_token_mask(mask, block_size)[None]
-            want += ((m & (t[None, :] < t[:, None])).sum().item() + (m & (t[None, :] == t[:, None])).sum().item() / 2
-                     if causal else m.sum().item())
+    want = brute_pairs(n, heads, causal, segments, rates, mask, block_size, document_ids=ids)
     assert got == want

@@ -15,28 +15,11 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
 from ring_lightning.attention.masks import block_mask_for
-from ring_lightning.attention.reference import block_to_token_mask, grid_window_mask, pattern_mask
+from pairs_oracle import brute_pairs
 from ring_lightning.models.flops import flops_from_pairs
 from ring_lightning.training.module import LongDocumentLM
 
 SEQ, BATCH, STEPS = 64, 2, 3
-
-
-def brute_pairs(ids_BN, heads, segments=None, rates=None, block_mask=None, block_size=None, grid=None, window=None):
-    """Causal pairs of a batch (a key before the query 1, itself 1/2) from the oracle's masks."""
-    n = ids_BN.shape[1]
-    t = torch.arange(n)
-    patterns = [(n, 1)] if segments is None else [(min(w, n), r) for w, r in zip(segments, rates)]
-    total = 0.0
-    for ids in ids_BN:
-        for w, r in patterns:
-            mask = pattern_mask(n, heads, w, r, is_causal=False) & (ids[:, None] == ids[None, :])[None]
-            if block_mask is not None:
-                mask &= block_to_token_mask(block_mask, block_size)[None]
-            if grid is not None:
-                mask &= grid_window_mask(grid, window)[None]
-            total += (mask & (t[None, :] < t[:, None])).sum().item() + (mask & (t[None, :] == t[:, None])).sum().item() / 2
-    return total
 
 
 class Recording(LongDocumentLM):
@@ -74,7 +57,7 @@ def test_logged_flops_count_the_allowed_pairs_of_every_mask(attention, pattern):
     c = module.model.config
     matmuls = 6 * module.model.num_params(exclude_embedding=True) * BATCH * SEQ
     expected = sum(matmuls + c.n_layers * flops_from_pairs(
-        brute_pairs(torch.zeros_like(ids) if grid else ids, c.n_heads, **pattern), c.head_dim, recompute=False)
+        brute_pairs(ids.shape[1], c.n_heads, document_ids=torch.zeros_like(ids) if grid else ids, **pattern), c.head_dim, recompute=False)
         for ids in module.seen)
     assert len(module.seen) == STEPS
     assert module._flops_seen == pytest.approx(expected, rel=1e-12)
