@@ -10,6 +10,9 @@
 #   train_default   `python train.py` with the GPU defaults (the README's command; 30 steps)
 #   recipe_mfu      the recipe's logged perf/mfu next to bench_model.py's step (benchmarks/recipe_mfu.py)
 #   estimate        the pre-flight's memory estimate against measured peaks (check_memory_estimate.py)
+#   fsdp_3b         recipes/fsdp_3b_offload_1gpu.yaml through train.py (3.6B model, 163,840 tokens, model
+#                   state on the host; 3 steps, no checkpoint written: 43 GiB each)
+#   ddp_3b          the same under strategy=ring (DDP): the pre-flight's verdict, then the run with it off
 # Usage: OUT=results PARTS="longest_2m bench_hf" bash benchmarks/gpu_session.sh
 #        (hydra-core/omegaconf/datasets installed; logger=csv: the device image has no wandb)
 set -u
@@ -26,6 +29,9 @@ part() { local name=$1 limit=$2; shift 2; local t0=$SECONDS left=$((DEADLINE - S
   timeout "$limit" "$@" > "$R/$name.log" 2>&1; echo "rc=$? wall=$((SECONDS - t0))s limit=${limit}s" >> "$R/$name.log"
   echo "== $name: $(tail -1 "$R/$name.log")"; pack; }
 B="python benchmarks/bench_memory.py --out $R"
+F3B="python train.py -cd recipes -cn fsdp_3b_offload_1gpu logger=csv callbacks.model_checkpoint=null \
+  callbacks.final_checkpoint=null +trainer.enable_checkpointing=false"
+DDP3B="strategy=ring ~strategy.offload_params ~strategy.save_distributed_checkpoint"
 HF350='{model_type: llama, vocab_size: 259, hidden_size: 1024, intermediate_size: 3584, num_hidden_layers: 24, num_attention_heads: 16, num_key_value_heads: 8, head_dim: 64, rope_theta: 500000.0, rms_norm_eps: 1e-05, max_position_embeddings: 131072, tie_word_embeddings: false}'
 
 for p in ${PARTS:-longest_2m cost_128k bench_hf train_hf longest_recipe train_default recipe_mfu estimate}; do case $p in
@@ -67,6 +73,18 @@ for p in ${PARTS:-longest_2m cost_128k bench_hf train_hf longest_recipe train_de
   estimate)
     part estimate 150 python benchmarks/check_memory_estimate.py --out "$R"
     tail -12 "$R/estimate.log" ;;
+  fsdp_3b)
+    (while sleep 5; do free -m | awk '/Mem:/{print $3}'; done) > "$R/fsdp_3b_host_used_mb.log" 2>&1 & SAMPLER=$!
+    part fsdp_3b ${FSDP_3B_S:-400} $F3B trainer.max_steps=3 trainer.val_check_interval=3 hydra.run.dir=/tmp/fsdp_3b
+    kill $SAMPLER; cp /tmp/fsdp_3b/metrics.jsonl "$R/fsdp_3b_metrics.jsonl" 2>/dev/null
+    echo "host used MiB (max of 5 s samples): $(sort -n "$R/fsdp_3b_host_used_mb.log" | tail -1)"
+    grep -E "memory estimate|step [0-9]+/|val/loss|final|Error|error" "$R/fsdp_3b.log" | tail -12 ;;
+  ddp_3b)
+    part ddp_3b_preflight 60 $F3B $DDP3B trainer.max_steps=1 hydra.run.dir=/tmp/ddp_3b_preflight
+    grep -E "memory|ConfigError" "$R/ddp_3b_preflight.log" | tail -3
+    part ddp_3b 180 $F3B $DDP3B preflight.check_memory=false trainer.max_steps=2 trainer.val_check_interval=2 \
+      hydra.run.dir=/tmp/ddp_3b
+    grep -E "OutOfMemory|out of memory|step [0-9]+/|final" "$R/ddp_3b.log" | tail -4 ;;
   *) echo "unknown part $p" ;;
 esac; done
 pack

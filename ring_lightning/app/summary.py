@@ -42,10 +42,11 @@ def summarize(cfg, trainer, loggers, metrics, ckpt_path) -> str:
     for lg in loggers:
         if isinstance(lg, MetricsFile):
             lg.record_final_step(step)
-    ckpt_dir = cfg.callbacks.model_checkpoint.dirpath
+    ckpt_dir = ((cfg.get("callbacks") or {}).get("model_checkpoint") or {}).get("dirpath")
     lines = [f"outputs      {cfg.paths.output_dir}",
-             f"checkpoints  {ckpt_dir}",
-             f"continue     {continue_command(cfg, step)}"]
+             f"checkpoints  {ckpt_dir}" if ckpt_dir else "checkpoints  none (callbacks.model_checkpoint=null)"]
+    if ckpt_dir:  # nothing to continue from without checkpoints
+        lines.append(f"continue     {continue_command(cfg, step)}")
     if ckpt_path:
         lines.append(f"resumed from {ckpt_path}")
     for lg in loggers:

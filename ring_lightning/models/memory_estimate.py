@@ -7,7 +7,10 @@ hidden_dim F, vocabulary V), the tokens each rank holds (T = seq_len / sp, times
 the activation precision and the memory options:
 
 * model state: fp32 weights, gradients and AdamW's two moments (16 bytes/param), DDP's
-  gradient buckets, the bf16 weight copies autocast keeps during a forward;
+  gradient buckets, the bf16 weight copies autocast keeps during a forward; under FSDP2
+  (``strategy=ring_fsdp``) the 16 bytes/param divided by the ranks sharing it, on the device or,
+  with ``offload_params``, on the host, plus the units gathered at a time (the root's, the block
+  in use and the next);
 * kept activations: what the checkpointing mode keeps per layer until backward;
 * the transient peak: one recomputed block (group) in backward, or the logits at the loss,
   whichever is larger (they are never alive together);
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 GiB = 2**30
 
@@ -109,9 +112,12 @@ class Shapes:
         return self.dim // self.n_heads
 
     def num_params(self) -> int:
+        C = self.dim
+        return 2 * self.vocab_size * C + self.n_layers * self.block_params() + C  # untied embedding and head, final norm
+
+    def block_params(self) -> int:
         C, H, K, D, F = self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.hidden_dim
-        block = C * (H * D + 2 * K * D) + H * D * C + 3 * C * F + 2 * C  # q/k/v/o, SwiGLU, two norms
-        return 2 * self.vocab_size * C + self.n_layers * block + C  # untied embedding and head, final norm
+        return C * (H * D + 2 * K * D) + H * D * C + 3 * C * F + 2 * C  # q/k/v/o, SwiGLU, two norms
 
 
 @dataclass
@@ -148,7 +154,8 @@ def _element_bytes(precision: str) -> int:
 def estimate_memory(model: Any, seq_len: int, batch_size: int = 1, sp: int = 1, ulysses: int = 1,
                     precision: str = "bf16-mixed", loss_chunk_tokens: Optional[int] = None,
                     merged_attention: bool = False, on_gpu: bool = True, ranks_per_node: int = 1,
-                    segment_groups: bool = True) -> MemoryEstimate:
+                    segment_groups: bool = True, shard_ranks: int = 0, offload_params: bool = False,
+                    gathered_param_bytes: int = 4) -> MemoryEstimate:
     """Peak memory of one training step (forward, backward, AdamW) of one rank.
 
     Args:
@@ -165,6 +172,10 @@ def estimate_memory(model: Any, seq_len: int, batch_size: int = 1, sp: int = 1, 
             the standard and distributed variants without dropout); False: whole-shard transients.
         on_gpu: False puts every device term on the host (CPU runs).
         ranks_per_node: processes sharing one host.
+        shard_ranks: 0: the model is replicated (DDP, ``strategy=ring``); n: FSDP2 shards it over n
+            ranks (``strategy=ring_fsdp``: the whole world).
+        offload_params: FSDP2 keeps the shards, gradients and optimizer state on the host.
+        gathered_param_bytes: bytes of a gathered weight under FSDP2 (2 with ``mixed_precision`` bf16).
 
     Returns:
         A MemoryEstimate with every term named (docs/MEMORY.md).
@@ -232,14 +243,13 @@ def estimate_memory(model: Any, seq_len: int, batch_size: int = 1, sp: int = 1, 
         loss_fixed = 4 * V * C + elem * V * C  # the head's float32 gradient, accumulated; its cast weight
 
     fit = b["fit_activations"]
+    state, host_state = _model_state(s, P, mixed, shard_ranks, offload_params, gathered_param_bytes)
     device = {
-        "model state": b["model_state_per_param"] * P,
-        "DDP buckets": b["ddp_buckets_per_param"] * P,
-        "autocast weights": b["autocast_weights_per_param"] * P if mixed else 0.0,
+        **state,
         "kept activations": tokens * kept * fit,
         "backward peak": max(loss_peak, (tokens * recompute + tile_bytes) * fit) + loss_fixed,
     }
-    host = {}
+    host = dict(host_state)
     if s.checkpointing == "full" and s.offload_activations:
         host["offloaded inputs"] = tokens * math.ceil(L / s.blocks_per_checkpoint) * block_input
     if on_gpu:
@@ -249,3 +259,30 @@ def estimate_memory(model: Any, seq_len: int, batch_size: int = 1, sp: int = 1, 
         host = {**device, **host, "process": b["host_process_cpu"]}
         device = {}
     return MemoryEstimate(device=device, host=host, ranks_per_node=ranks_per_node, on_gpu=on_gpu)
+
+
+def _model_state(s: Shapes, P: int, mixed: bool, shard_ranks: int, offload_params: bool,
+                 gathered_param_bytes: int) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """(device terms, host terms) of the model state: replicated under DDP; under FSDP2 sharded
+    over ``shard_ranks`` (on the host with ``offload_params``) plus the units gathered at once."""
+    b = BYTES
+    if not shard_ranks:
+        return {"model state": b["model_state_per_param"] * P, "DDP buckets": b["ddp_buckets_per_param"] * P,
+                "autocast weights": b["autocast_weights_per_param"] * P if mixed else 0.0}, {}
+    block = s.block_params()
+    root = P - s.n_layers * block  # embedding, head, final norm: gathered for the whole step
+    gathered = root + 2 * block    # and the block in use with the next one (prefetched)
+    # each gathered weight and its gradient in the gathered dtype, the float32 reduce-scatter input
+    # of one block, autocast's bf16 copies when the gathered weights are float32
+    unit_bytes = 2 * gathered_param_bytes * gathered + 4 * block
+    if mixed and gathered_param_bytes == 4:
+        unit_bytes += b["autocast_weights_per_param"] * gathered
+    if offload_params:
+        unit_bytes += 4 * block  # the float32 shard copied to the device before its all-gather
+    sharded = b["model_state_per_param"] * P / shard_ranks
+    # each rank builds the whole float32 model on the host before it is sharded
+    host = {"model state": max(sharded, 4 * P * (1 + 1 / shard_ranks))} if offload_params else {}
+    device = {"gathered weights": unit_bytes}
+    if not offload_params:
+        device["model state (sharded)"] = sharded
+    return device, host

@@ -107,7 +107,7 @@ class ModelConfig:
         """A named size, optionally with fields overridden.
 
         Args:
-            name: one of ``PRESETS``: tiny (CPU tests), small (CPU runs), 350m, 1b.
+            name: one of ``PRESETS``: tiny (CPU tests), small (CPU runs), 350m, 1b, 3b, 8b.
             **overrides: any ModelConfig field.
 
         Raises:
@@ -160,4 +160,9 @@ PRESETS = {
     "350m": dict(dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, hidden_dim=3584, rope_theta=500000.0),
     # ~1.0B parameters, LLaMA-3.2-1B shapes, head_dim 64: multi-GPU runs.
     "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, rope_theta=500000.0),
+    # ~3.6B parameters, LLaMA-3.2-3B shapes (head_dim 128; its head here is not tied to the embedding):
+    # sharded with strategy=ring_fsdp, on one GPU with strategy.offload_params=true.
+    "3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192, rope_theta=500000.0),
+    # ~8.0B parameters, LLaMA-3.1-8B shapes: strategy=ring_fsdp on a node of 8.
+    "8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, rope_theta=500000.0),
 }

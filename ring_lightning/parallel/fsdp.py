@@ -33,9 +33,12 @@ its submodules' methods or weights directly (LongDocumentLM's chunked loss reads
 weight) sees them gathered for the whole step. A module that applied ``fully_shard`` itself in
 ``configure_model`` is left as it is.
 
-Not here yet (issue 22): FSDP2's mixed-precision policy (Lightning's precision plugin still
-applies: ``bf16-mixed`` autocasts around float32 master weights), host offload of the model
-state, resuming on another number of processes (resharding) and after a SIGTERM, gradient
+Precision and host memory (:func:`mixed_precision_policy`, :func:`offload_policy`): under a bf16
+trainer precision the gathered weights are bf16 and gradients are reduced in float32 into the
+float32 shards, as torchtitan does; ``offload_params=True`` keeps the shards, their gradients and
+AdamW's moments on the host (a model larger than the GPU trains on one GPU).
+
+Not here yet (issue 22): resuming on another number of processes (resharding) and after a SIGTERM, gradient
 compression (DDP communication hooks: refused, FSDP2 has none), activation offload
 (``checkpointing=offload``: refused, see :func:`check_shardable`).
 """
@@ -48,13 +51,15 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.distributed import _distributed_is_initialized
+from lightning.fabric.utilities.device_dtype_mixin import _DeviceDtypeModuleMixin
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                    register_fsdp_forward_method)
 
 from ring_lightning.parallel import loss_contract
 from ring_lightning.constants import IGNORE_INDEX
@@ -65,18 +70,43 @@ from ring_lightning.sequence.dims import ParallelDims, check_layout_policy, chec
 #: The LightningModule's methods that run as FSDP forwards (parameters gathered around them).
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 START_METHODS = ("popen", "spawn", "fork", "forkserver")
+#: ``mixed_precision``: "auto" follows ``trainer.precision`` (bf16 for ``bf16-mixed`` / ``bf16-true``).
+MIXED_PRECISION = ("auto", "bf16", "none")
 
 
-def shard_model(module: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True) -> int:
+def mixed_precision_policy(mixed_precision: str, trainer_precision: str) -> MixedPrecisionPolicy:
+    """FSDP2's mixed precision: bf16 gathered weights (the compute), float32 gradient reduction
+    into float32 sharded weights (the master copy AdamW steps). ``"none"``: the weights' dtype."""
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"strategy.mixed_precision={mixed_precision!r} is not valid; valid values: {MIXED_PRECISION}")
+    bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and str(trainer_precision).startswith("bf16"))
+    if not bf16:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def offload_policy(offload_params: bool, device_type: str) -> OffloadPolicy:
+    """FSDP2's host offload of the model state: sharded float32 weights, their gradients and so the
+    optimizer's moments live in (pinned, on a GPU run) host memory; each unit's shard is copied to
+    the device for its all-gather, and the optimizer steps on the host."""
+    if not offload_params:
+        return OffloadPolicy()
+    return CPUOffloadPolicy(pin_memory=device_type == "cuda")
+
+
+def shard_model(module: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True,
+                mp_policy: Optional[MixedPrecisionPolicy] = None, offload: Optional[OffloadPolicy] = None) -> int:
     """``fully_shard`` each ``nn.ModuleList`` entry, then ``module`` as the root (module docstring);
     returns the number of FSDP units made. A module that holds FSDP units already is left alone."""
     if any(isinstance(m, FSDPModule) for m in module.modules()):
         return 0
     blocks = [b for m in module.modules() if isinstance(m, nn.ModuleList) for b in m
               if any(p.requires_grad for p in b.parameters())]
+    options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
+                   mp_policy=mp_policy or MixedPrecisionPolicy(), offload_policy=offload or OffloadPolicy())
     for block in reversed(blocks):  # modules() is pre-order: reversed, a nested list's entries come first
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, **options)
+    fully_shard(module, **options)
     for name in STEP_METHODS:
         if callable(getattr(module, name, None)):
             register_fsdp_forward_method(module, name)
@@ -112,6 +142,15 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
             compression arguments a config merges in are accepted and must be unused.
         reshard_after_forward: free each block's gathered parameters after its forward and
             gather them again in backward (FSDP2's ZeRO-3; ``False``: keep them, ZeRO-2-like).
+        mixed_precision: ``"auto"`` (default): bf16 when ``trainer.precision`` is bf16 (``bf16-mixed``
+            or ``bf16-true``), else none; ``"bf16"``: gathered weights in bf16 (the compute), gradients
+            reduced in float32 into float32 sharded weights (the master copy); ``"none"``: the
+            weights' own dtype throughout. Lightning's autocast still applies under ``bf16-mixed``.
+        offload_params: keep the sharded model state (float32 weights, gradients, AdamW's moments)
+            in pinned host memory and step the optimizer there (FSDP2's ``CPUOffloadPolicy``): about
+            16 bytes per parameter / world move from each GPU to its host; the device holds only the
+            gathered units of the moment. The process group is ``cuda:nccl,cpu:gloo`` so collectives
+            on host tensors (the gradient norm for clipping) have a backend.
         save_distributed_checkpoint: ``False`` (default): checkpoints gather the full state
             into one file (Lightning's format, loadable anywhere); ``True``: a folder of shards
             through ``torch.distributed.checkpoint`` (Lightning's). Both resume as DDP does on
@@ -135,6 +174,8 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
         ignore_index: int = IGNORE_INDEX,
         compression: str = "none",
         reshard_after_forward: bool = True,
+        mixed_precision: str = "auto",
+        offload_params: bool = False,
         save_distributed_checkpoint: bool = False,
         start_method: str = "popen",
         process_group_backend: Optional[str] = None,
@@ -159,12 +200,16 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
             raise ValueError(f"start_method={start_method!r} is not valid; valid values: {START_METHODS}")
         check_ulysses_size(ulysses_size, sequence_parallel_size)
         check_layout_policy(layout)
+        mixed_precision_policy(mixed_precision, "32-true")  # names the field on a bad value, now
+        if not isinstance(offload_params, bool):
+            raise ValueError(f"strategy.offload_params must be true or false, got {offload_params!r}")
         kwargs: Dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, **kwargs)
         self._sp_request = sequence_parallel_size
         self.layout, self.ulysses_size = layout, ulysses_size
         self.reshard_after_forward = reshard_after_forward
+        self.mixed_precision, self.offload_params = mixed_precision, offload_params
         self._start_method = start_method
         self._sequence = SequenceParallel(loss_reduction, shift_labels, label_key, ignore_index)
 
@@ -191,6 +236,11 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
         if self.lightning_module is not None:  # seen by configure_model, as under ModelParallelStrategy
             self.lightning_module._device_mesh = self._device_mesh
 
+    def _get_process_group_backend(self) -> str:
+        if self._process_group_backend is None and self.offload_params and self.root_device.type == "cuda":
+            return "cuda:nccl,cpu:gloo"  # offloaded gradients are host tensors: their norm's all-reduce
+        return super()._get_process_group_backend()
+
     @property
     def shard_mesh(self) -> DeviceMesh:
         """The 1-D mesh FSDP2 shards over: the whole (dp, sp) world, ranks in mesh order."""
@@ -204,14 +254,21 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
         check_shardable(self.lightning_module)
         self._sequence.prepare(self.lightning_module, self.sequence_parallel_size)
         self.model = self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
+        if not self.offload_params:  # offloaded: fully_shard moves one unit at a time and keeps its shard on the host
+            self.model_to_device()
         if _distributed_is_initialized():
-            shard_model(self.model, self.shard_mesh, self.reshard_after_forward)
+            shard_model(self.model, self.shard_mesh, self.reshard_after_forward,
+                        mixed_precision_policy(self.mixed_precision, self.precision_plugin.precision),
+                        offload_policy(self.offload_params, self.root_device.type))
+        if self.offload_params:  # the module computes on the GPU though its shards live on the host
+            for m in self.model.modules():
+                if isinstance(m, _DeviceDtypeModuleMixin):
+                    m._device = self.root_device
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)  # after sharding: the optimizer holds the shards
         self.setup_precision_plugin()
-        if trainer.state.fn == TrainerFn.FITTING:
+        if trainer.state.fn == TrainerFn.FITTING and not self.offload_params:  # offloaded: its state stays on the host
             _optimizers_to_device(self.optimizers, self.root_device)
 
 

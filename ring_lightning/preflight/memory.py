@@ -28,14 +28,27 @@ def _memory_inputs(cfg: DictConfig, per_node: int, dims: Optional[ParallelDims] 
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and machine.visible_gpus() > 0)
     attention = cfg.module.get("attention") or {}
-    return dict(model=OmegaConf.to_container(model, resolve=True), seq_len=seq_len, batch_size=batch, sp=sp,
-                ulysses=ulysses, precision=str(cfg.trainer.get("precision", "32-true")),
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    return dict(**_model_state_inputs(cfg, dims, precision), model=OmegaConf.to_container(model, resolve=True), seq_len=seq_len, batch_size=batch, sp=sp,
+                ulysses=ulysses, precision=precision,
                 loss_chunk_tokens=cfg.module.get("loss_chunk_tokens", None),
                 merged_attention=attention.get("segment_lengths") is not None or dims.ring > 1,
                 # the ring's segment groups bound the core's transients on the standard path only
                 segment_groups=(attention.get("variant", "standard") in ("standard", "distributed")
                                 and not attention.get("dropout")),
                 on_gpu=on_gpu, ranks_per_node=per_node, dims=dims)
+
+
+def _model_state_inputs(cfg: DictConfig, dims: ParallelDims, precision: str) -> dict:
+    """How the strategy holds the model state: replicated (``strategy=ring``, DDP) or sharded by
+    FSDP2 over the whole world (``strategy=ring_fsdp``), on the host with ``offload_params``."""
+    strategy = cfg.get("strategy") or {}
+    if not str(strategy.get("_target_", "")).endswith("RingFSDPStrategy"):
+        return dict(shard_ranks=0, offload_params=False, gathered_param_bytes=4)
+    policy = strategy.get("mixed_precision", "auto")
+    bf16 = policy == "bf16" or (policy == "auto" and precision.startswith("bf16"))
+    return dict(shard_ranks=dims.world, offload_params=bool(strategy.get("offload_params", False)),
+                gathered_param_bytes=2 if bf16 else 4)
 
 
 def _largest_length_that_fits(cfg: DictConfig, dims: ParallelDims, inputs: dict, fits) -> Optional[int]:
@@ -82,7 +95,7 @@ def check_memory(cfg: DictConfig, per_node: int, device_bytes: Optional[int] = N
             where.append("device")
         # the host binds what it holds for the run: offloaded activations, or everything on CPU runs
         # (the per-process share alone is a guess too rough to refuse a GPU run on)
-        binding = not est.on_gpu or est.host.get("offloaded inputs", 0) > 0
+        binding = not est.on_gpu or est.host.get("offloaded inputs", 0) > 0 or est.host.get("model state", 0) > 0
         if host_cap and binding and est.host_per_node > limit * host_cap:
             where.append("host")
         return where
@@ -120,6 +133,12 @@ def check_memory(cfg: DictConfig, per_node: int, device_bytes: Optional[int] = N
     sp = next((inputs["sp"] * 2**e for e in range(1, 11) if fits(sp=inputs["sp"] * 2**e)), None)
     if sp and inputs["on_gpu"]:
         fixes.append(f"strategy.sequence_parallel_size={sp} ({sp} GPUs: trainer.devices / trainer.num_nodes)")
+    if not inputs["shard_ranks"] and inputs["on_gpu"] and "device" in where:  # DDP: the model state is sharded
+        world, bf16 = dims.world, 2 if str(inputs["precision"]).startswith("bf16") else 4
+        if fits(shard_ranks=world, gathered_param_bytes=bf16) and world > 1:
+            fixes.append("strategy=ring_fsdp (the model state sharded over the GPUs)")
+        elif fits(shard_ranks=world, gathered_param_bytes=bf16, offload_params=True):
+            fixes.append("strategy=ring_fsdp strategy.offload_params=true (the model state in host memory)")
     length = _largest_length_that_fits(cfg, dims, inputs, fits)
     if length:
         fixes.append(f"data.seq_len={length}")

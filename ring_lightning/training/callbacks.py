@@ -76,9 +76,11 @@ class NonFiniteGuard(pl.Callback):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return
-        self._flags(grads[0].device)
+        self._flags(pl_module.device)  # not the gradients': offloaded ones (strategy.offload_params) are on the host
         total = torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum()  # inf/nan if any gradient is
-        bad = ~torch.isfinite(total)
+        if hasattr(total, "full_tensor"):  # sharded gradients (FSDP2): every rank's verdict on the whole norm
+            total = total.full_tensor()
+        bad = (~torch.isfinite(total)).to(self._first_bad_grad.device)
         step = trainer.global_step
         if self.policy == "skip":
             if bool(bad):  # the verdict is needed before the step: one read per step

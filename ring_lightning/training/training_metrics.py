@@ -123,3 +123,6 @@ class TrainingMetrics:
         if per_rank.numel() > 1:
             for rank, value in enumerate(per_rank.tolist()):
                 self.log(f"perf/peak_memory_mb_rank{rank}", value)
+        if self.device.type == "cuda":  # host memory too: offloaded activations or model state live there
+            host_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            self.log("perf/host_peak_memory_mb", self.all_gather(torch.tensor(host_mb, device=self.device)).max())

@@ -51,15 +51,27 @@ class WholeGradDocumentLM(U.RecordingDocumentLM):
         self.record["grads"].append({n: _whole(p.grad) for n, p in self.named_parameters()})
 
 
-MODELS = {"user": AdamWMeanLossLM, "model": WholeGradDocumentLM}
+class WeightDtypeLM(AdamWMeanLossLM):
+    """The user's module, recording the dtypes its weights have inside the step (FSDP2 gathers
+    them in its mixed-precision policy's ``param_dtype``) and its losses."""
+
+    def training_step(self, batch, batch_idx):
+        self.record.setdefault("compute_dtypes", set()).update(str(p.dtype) for p in self.parameters())
+        loss = super().training_step(batch, batch_idx)
+        self.record.setdefault("losses", []).append(float(loss.detach() if isinstance(loss, torch.Tensor)
+                                                          else loss["loss"].detach()))
+        return loss
 
 
-def fit(rank: int, world_size: int, sp: int, kind: str, ckpt_dir: str) -> Dict:
-    """U.STEPS steps of ``MODELS[kind]`` under RingFSDPStrategy(sequence_parallel_size=sp)."""
+MODELS = {"user": AdamWMeanLossLM, "model": WholeGradDocumentLM, "dtypes": WeightDtypeLM}
+
+
+def fit(rank: int, world_size: int, sp: int, kind: str, ckpt_dir: str, **strategy_kwargs) -> Dict:
+    """U.STEPS steps of ``MODELS[kind]`` under RingFSDPStrategy(sequence_parallel_size=sp, **strategy_kwargs)."""
     W._lightning_env(rank, world_size)
     torch.manual_seed(0)
     model = MODELS[kind]()
-    strategy = RingFSDPStrategy(sequence_parallel_size=sp)
+    strategy = RingFSDPStrategy(sequence_parallel_size=sp, **strategy_kwargs)
     trainer = W._trainer(world_size, strategy, U.STEPS, os.path.join(ckpt_dir, kind))
     dp = world_size // sp
     loader = DataLoader(U.DATA["uneven"](dp * W.BATCH * U.STEPS, seed=1), batch_size=W.BATCH)
@@ -70,7 +82,19 @@ def fit(rank: int, world_size: int, sp: int, kind: str, ckpt_dir: str) -> Dict:
             "params": {n: _whole(p) for n, p in model.named_parameters()},
             "local_numel": sum(local.values()), "sp_rank": strategy.sp_rank, "dp_rank": strategy.dp_rank,
             "checkpoint": {k: v for k, v in saved["state_dict"].items() if isinstance(v, torch.Tensor)},
-            "checkpoint_step": saved["global_step"]}
+            "checkpoint_step": saved["global_step"], "compute_dtypes": model.record.get("compute_dtypes"),
+            "losses": model.record.get("losses"),
+            "master_dtypes": {str(p.dtype) for p in model.parameters()},
+            "grad_dtypes": {str(p.grad.dtype) for p in model.parameters() if p.grad is not None}}
+
+
+def fit_policies(rank: int, world_size: int, sp: int, ckpt_dir: str) -> Dict:
+    """LongDocumentLM under RingFSDPStrategy as it is, with the model state offloaded to the host,
+    and the user's module without and with bf16 mixed precision (FSDP2's policies)."""
+    runs = {"plain": ("model", {}), "offload": ("model", {"offload_params": True}),
+            "fp32": ("dtypes", {"mixed_precision": "none"}), "bf16": ("dtypes", {"mixed_precision": "bf16"})}
+    return {name: fit(rank, world_size, sp, kind, os.path.join(ckpt_dir, name), **kwargs)
+            for name, (kind, kwargs) in runs.items()}
 
 
 def fit_and_resume(rank: int, world_size: int, sp: int, ckpt_dir: str, sharded: bool = False) -> Dict:

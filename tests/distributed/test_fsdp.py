@@ -129,3 +129,20 @@ def test_gradient_clipping_clips_by_the_whole_norm_as_ddp(run_distributed, tmp_p
         for name, p in fsdp["params"].items():
             got, same_sp = _without_key_bias(name, p, ddp["params"][name])
             _close(got, same_sp, SAME_SP_TOL, f"rank {rank} {name}: clipped under FSDP vs DDP")
+
+
+def test_host_offload_and_bf16_policies(run_distributed, tmp_path):
+    """``offload_params=True`` (FSDP2's CPUOffloadPolicy: shards, gradients and AdamW's moments on
+    the host) trains LongDocumentLM to the same parameters as without it; ``mixed_precision="bf16"``
+    computes with bf16 weights while the shards, their gradients and so AdamW stay float32."""
+    results = run_distributed(F.fit_policies, 2, 2, str(tmp_path), timeout=SPAWN_TIMEOUT_S)
+    for rank, res in enumerate(results):
+        plain, offload = res["plain"], res["offload"]
+        assert offload["samples"] == plain["samples"]
+        for name, p in offload["params"].items():
+            _close(p, plain["params"][name], SAME_SP_TOL, f"rank {rank} {name}: offloaded vs on the device")
+        fp32, bf16 = res["fp32"], res["bf16"]
+        assert fp32["compute_dtypes"] == {"torch.float32"} and bf16["compute_dtypes"] == {"torch.bfloat16"}
+        assert bf16["master_dtypes"] == bf16["grad_dtypes"] == {"torch.float32"}
+        assert bf16["losses"] != fp32["losses"]  # bf16 weights change the numbers...
+        assert bf16["losses"] == pytest.approx(fp32["losses"], rel=2e-2)  # ...by bf16's rounding only

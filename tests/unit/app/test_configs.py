@@ -30,7 +30,7 @@ GROUPS = ("variant", "compression", "checkpointing", "model", "data", "module", 
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 OPTIONS += [("model", name) for name in sorted(PRESETS)]
 RECIPE_NAMES = sorted(p.stem for p in RECIPES.glob("*.yaml"))
-MODEL_PRESETS = {"tiny", "small", "350m", "1b"}
+MODEL_PRESETS = {"tiny", "small", "350m", "1b", "3b", "8b"}
 
 
 def _load_train_module():

@@ -139,3 +139,40 @@ def test_a_core_without_segment_groups_is_estimated_with_its_whole_shard_transie
     per_head_dim = (16 + 2 * 8) * 64  # (H + 2K) x D of the 350m preset
     extra = 2**21 * (mem.BYTES["merge_fp32_ungrouped_per_head_dim"] - mem.BYTES["merge_fp32_per_head_dim"]) * per_head_dim
     assert whole.device_total - grouped.device_total == pytest.approx(extra)
+
+
+M3B = {**PRESETS["3b"], "vocab_size": 128256, "checkpointing": "full"}
+
+
+def test_sharded_model_state_divides_by_the_ranks_and_offload_moves_it_to_the_host():
+    """strategy=ring_fsdp: 16 bytes/param over the shard ranks (no DDP buckets, no autocast copies
+    with bf16 gathered weights) plus the units gathered at once; offload_params moves the shards to
+    the host, where each rank also builds the whole float32 model before sharding it."""
+    P = mem.Shapes.from_any(M3B).num_params()
+    ddp = mem.estimate_memory(M3B, 131072)
+    assert ddp.device["model state"] == 16 * P and ddp.device["DDP buckets"] == 4 * P
+    fsdp8 = mem.estimate_memory(M3B, 131072, shard_ranks=8, gathered_param_bytes=2)
+    assert fsdp8.device["model state (sharded)"] == 2 * P and "DDP buckets" not in fsdp8.device
+    assert 0 < fsdp8.device["gathered weights"] < 0.1 * 16 * P
+    same = ("kept activations", "backward peak")
+    assert all(fsdp8.device[k] == ddp.device[k] for k in same)  # the activations do not change
+    offload = mem.estimate_memory(M3B, 131072, shard_ranks=1, offload_params=True, gathered_param_bytes=2)
+    assert "model state (sharded)" not in offload.device and offload.host["model state"] == 16 * P
+    assert offload.device_total < ddp.device_total - 16 * P
+    offload8 = mem.estimate_memory(M3B, 131072, shard_ranks=8, offload_params=True, gathered_param_bytes=2)
+    assert offload8.host["model state"] == 4 * P * (1 + 1 / 8)  # the float32 build before sharding
+
+
+def test_ddp_over_the_gpu_names_ring_fsdp_with_offload_which_then_fits(tmp_path, one_h200):
+    """The 3b model at 160K tokens (recipes/fsdp_3b_offload_1gpu.yaml): replicated (DDP) it needs
+    more than an H200; its state on the host (strategy=ring_fsdp strategy.offload_params=true)
+    fits, and the host is checked for it."""
+    args = ["trainer=gpu", "trainer.devices=1", "model=3b", "model.vocab_size=128256", "checkpointing=full",
+            "data.seq_len=163840", "data.batch_size=1"]
+    with pytest.raises(preflight.ConfigError, match=r"It fits with .*strategy=ring_fsdp strategy\.offload_params=true"):
+        preflight.check_config(compose_cfg(tmp_path, args))
+    fsdp = [*args, "strategy=ring_fsdp", "strategy.offload_params=true"]
+    notes = preflight.check_config(compose_cfg(tmp_path, fsdp))
+    assert any("memory estimate per GPU" in n and "model state 53.7" in n for n in notes), notes
+    with pytest.raises(preflight.ConfigError, match=r"host .* \(model state 53\.7.* of 40\.0 GiB available"):
+        preflight.memory.check_memory(compose_cfg(tmp_path, fsdp), 1, host_bytes=40 * mem.GiB)
