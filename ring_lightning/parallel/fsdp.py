@@ -45,6 +45,7 @@ compression (DDP communication hooks: refused, FSDP2 has none), activation offlo
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -102,11 +103,16 @@ def shard_model(module: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool
         return 0
     blocks = [b for m in module.modules() if isinstance(m, nn.ModuleList) for b in m
               if any(p.requires_grad for p in b.parameters())]
-    options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward,
-                   mp_policy=mp_policy or MixedPrecisionPolicy(), offload_policy=offload or OffloadPolicy())
+    mp_policy = mp_policy or MixedPrecisionPolicy()
+    options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload or OffloadPolicy())
+    # A block takes its inputs as given, uncast: FSDP2 before torch 2.12 does not cast the inputs of a
+    # checkpoint's recomputation, so a block whose forward saw bf16 rotary tables would recompute
+    # from float32 ones (torch.utils.checkpoint refuses: seen on torch 2.11, one H200). The root
+    # casts its own (integer) inputs as the policy says; the residual stream is the bf16 embedding's.
+    block_policy = dataclasses.replace(mp_policy, cast_forward_inputs=False)
     for block in reversed(blocks):  # modules() is pre-order: reversed, a nested list's entries come first
-        fully_shard(block, **options)
-    fully_shard(module, **options)
+        fully_shard(block, mp_policy=block_policy, **options)
+    fully_shard(module, mp_policy=mp_policy, **options)
     for name in STEP_METHODS:
         if callable(getattr(module, name, None)):
             register_fsdp_forward_method(module, name)
