@@ -33,11 +33,18 @@ its submodules' methods or weights directly (LongDocumentLM's chunked loss reads
 weight) sees them gathered for the whole step. A module that applied ``fully_shard`` itself in
 ``configure_model`` is left as it is.
 
+The model's memory options train as under DDP (tests/distributed/test_fsdp.py): activation
+checkpointing (full, k blocks per group, selective), MLP tiles, the chunked loss, and activation
+offload (``checkpointing=offload``). Offload's recomputation runs each block group through the
+blocks' own ``__call__`` in backward, so FSDP2's hooks gather the parameters there and
+reduce-scatter their gradients into the shards (``ring_lightning.models.activations``,
+``recompute_offloaded``); a group of k blocks holds its k blocks' gathered parameters while it
+is recomputed and back-propagated, as a block does alone.
+
 Not here yet (issue 22): FSDP2's mixed-precision policy (Lightning's precision plugin still
 applies: ``bf16-mixed`` autocasts around float32 master weights), host offload of the model
 state, resuming on another number of processes (resharding) and after a SIGTERM, gradient
-compression (DDP communication hooks: refused, FSDP2 has none), activation offload
-(``checkpointing=offload``: refused, see :func:`check_shardable`).
+compression (DDP communication hooks: refused, FSDP2 has none).
 """
 
 from __future__ import annotations
@@ -81,23 +88,6 @@ def shard_model(module: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool
         if callable(getattr(module, name, None)):
             register_fsdp_forward_method(module, name)
     return len(blocks) + 1
-
-
-def check_shardable(module: nn.Module) -> None:
-    """Refuse what FSDP2 would train on wrong gradients, before anything is sharded.
-
-    Raises:
-        ValueError: a model with ``offload_activations`` (``checkpointing=offload``): its
-            recomputation (``ring_lightning.activations.recompute_offloaded``) takes a block
-            group's parameters as inputs outside the blocks' forward, where FSDP2 holds them
-            sharded, so those parameters would get no gradient from the recomputation.
-    """
-    for m in module.modules():
-        if getattr(getattr(m, "config", None), "offload_activations", False) is True:
-            raise ValueError(
-                "model.offload_activations=True (checkpointing=offload) is not supported by RingFSDPStrategy: "
-                "its recomputation reads each block group's parameters outside the blocks' forward, where FSDP2 "
-                "holds them sharded. Use checkpointing=full or selective, or strategy=ring (DDP).")
 
 
 class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
@@ -201,7 +191,6 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
     def setup(self, trainer: Any) -> None:
         assert self.model is not None and self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
-        check_shardable(self.lightning_module)
         self._sequence.prepare(self.lightning_module, self.sequence_parallel_size)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
