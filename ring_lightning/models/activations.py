@@ -161,10 +161,11 @@ class _RecomputeOffloaded(torch.autograd.Function):
         with _replayed(ctx.rng, ctx.device, ctx.autocast):
             y = ctx.run(x)
         given = [p for p, need in zip(ctx.params, ctx.needs_input_grad[4:]) if need]
+        given_ids = {id(p) for p in given}
         read = [t for t in _leaves(y) if t is not x]
-        others = [t for t in read if not any(t is p for p in given)]
+        others = [t for t in read if id(t) not in given_ids]
         if others:  # the recomputation read other tensors than those given: accumulate in place
-            _accumulate(y, grad_y, x, given, read, others)
+            _accumulate(y, grad_y, x, read_given=len(others) < len(read), others=others)
             return (None, None, None, x.grad if x.requires_grad else None, *[None] * len(ctx.params))
         wanted = ([x] if x.requires_grad else []) + given
         grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True)) if wanted else iter(())
@@ -187,7 +188,7 @@ def _leaves(y: torch.Tensor) -> List[torch.Tensor]:
     return found
 
 
-def _accumulate(y, grad_y, x, given, read, others) -> None:
+def _accumulate(y, grad_y, x, read_given: bool, others: List[torch.Tensor]) -> None:
     """Back-propagate ``grad_y`` through the recomputed ``y`` into ``x.grad`` and the ``.grad`` of
     the tensors it read (``others``), as an ordinary backward would, with their hooks.
 
@@ -196,7 +197,7 @@ def _accumulate(y, grad_y, x, given, read, others) -> None:
     parameters, and reduce-scatter their gradients into the shards once accumulated); the
     parameters given at forward (the shards) are not read and get nothing through this Function.
     """
-    if any(any(t is p for p in given) for t in read):
+    if read_given:
         raise RuntimeError(
             "recompute_offloaded: the recomputation read some of the parameters given to it and other "
             "tensors requiring grad besides: give every tensor requiring grad that run reads (its params), "
@@ -209,7 +210,10 @@ def recompute_offloaded(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
                         run_for_graph: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """``run(x)``, keeping only ``x`` (on the host, in a slot of ``offload``, this forward
     pass's ``HostOffload.new_pass()``) for backward; ``params``: every tensor requiring grad
-    that ``run`` reads besides ``x`` (its parameters). ``run_for_graph``: what backward
+    that ``run`` reads besides ``x`` (its parameters), their gradients returned through this
+    Function; or, where modules gather their parameters into other tensors around their own
+    forward (FSDP2), none of what ``run`` reads: then backward accumulates the gradients into
+    what it read, through the modules' hooks (module docstring). ``run_for_graph``: what backward
     recomputes instead of ``run``, when the caller has a cheaper one: the same autograd graph,
     but its output's values may be left unset (backward only differentiates through it)."""
     return _RecomputeOffloaded.apply(run, run_for_graph, offload, x, *params)
