@@ -35,11 +35,12 @@ weight) sees them gathered for the whole step. A module that applied ``fully_sha
 
 The model's memory options train as under DDP (tests/distributed/test_fsdp.py): activation
 checkpointing (full, k blocks per group, selective), MLP tiles, the chunked loss, and activation
-offload (``checkpointing=offload``). Offload's recomputation runs each block group through the
-blocks' own ``__call__`` in backward, so FSDP2's hooks gather the parameters there and
-reduce-scatter their gradients into the shards (``ring_lightning.models.activations``,
-``recompute_offloaded``); a group of k blocks holds its k blocks' gathered parameters while it
-is recomputed and back-propagated, as a block does alone.
+offload (``checkpointing=offload``). Offload's recomputation
+(``ring_lightning.models.activations.recompute_offloaded``) calls the blocks in backward, where
+FSDP2's hooks gather their parameters into new tensors; it back-propagates through them in place,
+so the gradients accumulate there and FSDP2 reduce-scatters them into the shards. A group of k
+blocks (``model.blocks_per_checkpoint``) keeps its k blocks' parameters gathered from its
+recomputation until each block's backward has run.
 
 Not here yet (issue 22): FSDP2's mixed-precision policy (Lightning's precision plugin still
 applies: ``bf16-mixed`` autocasts around float32 master weights), host offload of the model
