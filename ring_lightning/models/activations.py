@@ -7,7 +7,11 @@ Two autograd Functions, both exact (the same arithmetic as the plain path, recom
   ``x`` brought back (prefetched one group ahead), ``run`` recomputed with the autocast and
   RNG state of the forward, and its gradients taken. The only tensor a group keeps is its
   input, and it is on the host. Parameters are explicit inputs, so their gradients leave
-  through ordinary autograd edges (DDP's hooks fire as for any layer).
+  through ordinary autograd edges (DDP's hooks fire as for any layer). Where the recomputation
+  reads other tensors than those given (FSDP2 gathers each block's parameters into new tensors
+  around the block's forward), backward back-propagates through it in place instead, as an
+  ordinary backward: the gradients accumulate into what was read and its hooks (FSDP2's
+  reduce-scatter into the shards) fire, as for the reentrant form of ``torch.utils.checkpoint``.
 * ``tiled(fn, x, params, tile)``: ``fn`` applied to sequence tiles of ``x`` (dim 1), in
   forward and in backward, so only one tile's intermediates are ever alive (the SwiGLU's
   (T, hidden_dim) tensors are the largest of a block).
@@ -156,12 +160,49 @@ class _RecomputeOffloaded(torch.autograd.Function):
         x = ctx.offload.get(ctx.slot).detach().requires_grad_(ctx.needs_input_grad[3])
         with _replayed(ctx.rng, ctx.device, ctx.autocast):
             y = ctx.run(x)
-        wanted = [x] if x.requires_grad else []
-        wanted += [p for p, need in zip(ctx.params, ctx.needs_input_grad[4:]) if need]
+        given = [p for p, need in zip(ctx.params, ctx.needs_input_grad[4:]) if need]
+        given_ids = {id(p) for p in given}
+        read = [t for t in _leaves(y) if t is not x]
+        others = [t for t in read if id(t) not in given_ids]
+        if others:  # the recomputation read other tensors than those given: accumulate in place
+            _accumulate(y, grad_y, x, read_given=len(others) < len(read), others=others)
+            return (None, None, None, x.grad if x.requires_grad else None, *[None] * len(ctx.params))
+        wanted = ([x] if x.requires_grad else []) + given
         grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True)) if wanted else iter(())
         grad_x = next(grads) if x.requires_grad else None
         grad_params = [next(grads) if need else None for need in ctx.needs_input_grad[4:]]
         return (None, None, None, grad_x, *grad_params)
+
+
+def _leaves(y: torch.Tensor) -> List[torch.Tensor]:
+    """The tensors a backward from ``y`` accumulates gradients into (its graph's AccumulateGrad nodes)."""
+    found, seen, stack = [], set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad
+            found.append(node.variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def _accumulate(y, grad_y, x, read_given: bool, others: List[torch.Tensor]) -> None:
+    """Back-propagate ``grad_y`` through the recomputed ``y`` into ``x.grad`` and the ``.grad`` of
+    the tensors it read (``others``), as an ordinary backward would, with their hooks.
+
+    This is the case of a module whose parameters are gathered into new tensors around its own
+    forward (FSDP2's ``fully_shard``: the recomputation calls the blocks, whose hooks gather the
+    parameters, and reduce-scatter their gradients into the shards once accumulated); the
+    parameters given at forward (the shards) are not read and get nothing through this Function.
+    """
+    if read_given:
+        raise RuntimeError(
+            "recompute_offloaded: the recomputation read some of the parameters given to it and other "
+            "tensors requiring grad besides: give every tensor requiring grad that run reads (its params), "
+            "or none of them when a wrapper (FSDP2) gathers them around the forward")
+    torch.autograd.backward(y, grad_y, inputs=([x] if x.requires_grad else []) + others)
 
 
 def recompute_offloaded(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -169,7 +210,10 @@ def recompute_offloaded(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
                         run_for_graph: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """``run(x)``, keeping only ``x`` (on the host, in a slot of ``offload``, this forward
     pass's ``HostOffload.new_pass()``) for backward; ``params``: every tensor requiring grad
-    that ``run`` reads besides ``x`` (its parameters). ``run_for_graph``: what backward
+    that ``run`` reads besides ``x`` (its parameters), their gradients returned through this
+    Function; or, where modules gather their parameters into other tensors around their own
+    forward (FSDP2), none of what ``run`` reads: then backward accumulates the gradients into
+    what it read, through the modules' hooks (module docstring). ``run_for_graph``: what backward
     recomputes instead of ``run``, when the caller has a cheaper one: the same autograd graph,
     but its output's values may be left unset (backward only differentiates through it)."""
     return _RecomputeOffloaded.apply(run, run_for_graph, offload, x, *params)

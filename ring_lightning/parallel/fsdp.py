@@ -38,9 +38,17 @@ trainer precision the gathered weights are bf16 and gradients are reduced in flo
 float32 shards, as torchtitan does; ``offload_params=True`` keeps the shards, their gradients and
 AdamW's moments on the host (a model larger than the GPU trains on one GPU).
 
+The model's memory options train as under DDP (tests/distributed/test_fsdp.py): activation
+checkpointing (full, k blocks per group, selective), MLP tiles, the chunked loss, and activation
+offload (``checkpointing=offload``). Offload's recomputation
+(``ring_lightning.models.activations.recompute_offloaded``) calls the blocks in backward, where
+FSDP2's hooks gather their parameters into new tensors; it back-propagates through them in place,
+so the gradients accumulate there and FSDP2 reduce-scatters them into the shards. A group of k
+blocks (``model.blocks_per_checkpoint``) keeps its k blocks' parameters gathered from its
+recomputation until each block's backward has run.
+
 Not here yet (issue 22): resuming on another number of processes (resharding) and after a SIGTERM, gradient
-compression (DDP communication hooks: refused, FSDP2 has none), activation offload
-(``checkpointing=offload``: refused, see :func:`check_shardable`).
+compression (DDP communication hooks: refused, FSDP2 has none).
 """
 
 from __future__ import annotations
@@ -117,23 +125,6 @@ def shard_model(module: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool
         if callable(getattr(module, name, None)):
             register_fsdp_forward_method(module, name)
     return len(blocks) + 1
-
-
-def check_shardable(module: nn.Module) -> None:
-    """Refuse what FSDP2 would train on wrong gradients, before anything is sharded.
-
-    Raises:
-        ValueError: a model with ``offload_activations`` (``checkpointing=offload``): its
-            recomputation (``ring_lightning.activations.recompute_offloaded``) takes a block
-            group's parameters as inputs outside the blocks' forward, where FSDP2 holds them
-            sharded, so those parameters would get no gradient from the recomputation.
-    """
-    for m in module.modules():
-        if getattr(getattr(m, "config", None), "offload_activations", False) is True:
-            raise ValueError(
-                "model.offload_activations=True (checkpointing=offload) is not supported by RingFSDPStrategy: "
-                "its recomputation reads each block group's parameters outside the blocks' forward, where FSDP2 "
-                "holds them sharded. Use checkpointing=full or selective, or strategy=ring (DDP).")
 
 
 class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
@@ -257,7 +248,6 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
     def setup(self, trainer: Any) -> None:
         assert self.model is not None and self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
-        check_shardable(self.lightning_module)
         self._sequence.prepare(self.lightning_module, self.sequence_parallel_size)
         self.model = self.precision_plugin.convert_module(self.model)
         if not self.offload_params:  # offloaded: fully_shard moves one unit at a time and keeps its shard on the host

@@ -30,20 +30,7 @@ def check_config(cfg: DictConfig) -> List[str]:
     per_node = machine.devices_per_node(cfg.trainer)
     dims = parallel_dims(cfg, per_node)  # the shape, built once: the later checks ask it
     check_sequence_length(cfg, per_node, dims)
-    check_sharded_strategy(cfg)
     return check_memory(cfg, per_node, dims=dims) + machine.cpu_oversubscription(cfg.trainer, per_node) + clamp_schedule(cfg)
-
-
-def check_sharded_strategy(cfg: DictConfig) -> None:
-    """What ``strategy=ring_fsdp`` refuses at setup (``parallel/fsdp.check_shardable``), said from
-    the config before anything starts: activation offload (its recomputation reads each block
-    group's parameters outside the blocks' forward, where FSDP2 holds them sharded)."""
-    strategy, model = cfg.get("strategy"), cfg.get("model")
-    if not isinstance(strategy, DictConfig) or not str(strategy.get("_target_", "")).endswith("RingFSDPStrategy"):
-        return
-    if isinstance(model, DictConfig) and model.get("offload_activations") is True:
-        raise ConfigError("model.offload_activations=true (checkpointing=offload) does not work with "
-                          "strategy=ring_fsdp yet: set checkpointing=full (or selective), or use strategy=ring")
 
 
 def check_data_source(datamodule: Any) -> None:

@@ -8,7 +8,7 @@ shard (a DTensor), so each is gathered (``full_tensor``, a collective every rank
 from __future__ import annotations
 
 import os
-from typing import Dict
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -61,6 +61,20 @@ class WeightDtypeLM(AdamWMeanLossLM):
         self.record.setdefault("losses", []).append(float(loss.detach() if isinstance(loss, torch.Tensor)
                                                           else loss["loss"].detach()))
         return loss
+
+
+class OptionsDocumentLM(WholeGradDocumentLM):
+    """``WholeGradDocumentLM`` with 3 blocks (a group of 2 and a group of 1 when recomputed in
+    pairs) and the memory options ``options`` (ModelConfig fields) on; ``loss_chunk_tokens``: the
+    module's chunked loss (the final norm inside it, per chunk)."""
+
+    def __init__(self, options: Dict, loss_chunk_tokens: Optional[int] = None) -> None:
+        torch.manual_seed(0)
+        U.LongDocumentLM.__init__(
+            self, model={"preset": "tiny", "vocab_size": W.VOCAB, "n_layers": 3, **options}, warmup_steps=0,
+            lr=1e-2, max_steps=U.STEPS, loss_chunk_tokens=loss_chunk_tokens,
+            attention={"variant": "standard", "segment_lengths": [4, W.SEQ], "dilation_rates": [1, 4]})
+        self.record = {"loss": [], "grads": [], "samples": []}
 
 
 MODELS = {"user": AdamWMeanLossLM, "model": WholeGradDocumentLM, "dtypes": WeightDtypeLM}
@@ -146,4 +160,28 @@ def fit_clipped(rank: int, world_size: int, sp: int, clip: float, ckpt_dir: str)
         out[name] = {"params": {n: _whole(p) for n, p in model.named_parameters()},
                      "grad_norms": [float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in step.values()])))
                                     for step in model.record["grads"]]}
+    return out
+
+
+def fit_memory_options(rank: int, world_size: int, sp: int, option_sets: List[Tuple[Dict, Optional[int]]]
+                       ) -> List[Dict]:
+    """``OptionsDocumentLM(options, loss_chunk_tokens)`` for each of ``option_sets`` under
+    RingFSDPStrategy and RingStrategy (DDP) at the same sp: each step's losses and whole
+    gradients, and the final parameters."""
+    from lightning.pytorch import Trainer
+
+    W._lightning_env(rank, world_size)
+    dp, out = world_size // sp, []
+    for options, loss_chunk_tokens in option_sets:
+        run = {}
+        for name, strategy in (("fsdp", RingFSDPStrategy), ("ddp", RingStrategy)):
+            model = OptionsDocumentLM(options, loss_chunk_tokens)
+            trainer = Trainer(accelerator="cpu", devices=world_size, strategy=strategy(sequence_parallel_size=sp),
+                              max_steps=U.STEPS, logger=False, enable_progress_bar=False,
+                              enable_model_summary=False, enable_checkpointing=False)
+            loader = DataLoader(U.DATA["uneven"](dp * W.BATCH * U.STEPS, seed=1), batch_size=W.BATCH)
+            trainer.fit(model, train_dataloaders=loader)
+            run[name] = {"grads": model.record["grads"], "loss": model.record["loss"],
+                         "params": {n: _whole(p) for n, p in model.named_parameters()}}
+        out.append(run)
     return out

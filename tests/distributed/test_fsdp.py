@@ -146,3 +146,37 @@ def test_host_offload_and_bf16_policies(run_distributed, tmp_path):
         assert bf16["master_dtypes"] == bf16["grad_dtypes"] == {"torch.float32"}
         assert bf16["losses"] != fp32["losses"]  # bf16 weights change the numbers...
         assert bf16["losses"] == pytest.approx(fp32["losses"], rel=2e-2)  # ...by bf16's rounding only
+
+
+FULL = {"checkpointing": "full"}
+OFFLOAD = {"checkpointing": "full", "offload_activations": True}
+MEMORY_OPTIONS = {  # (ModelConfig fields, the module's loss_chunk_tokens); a shard holds 8 tokens
+    "full": (FULL, None),
+    "full-pairs-tiles": ({**FULL, "blocks_per_checkpoint": 2, "mlp_tile_tokens": 3}, None),
+    "selective-chunked_loss": ({"checkpointing": "selective"}, 3),
+    "tiles": ({"mlp_tile_tokens": 3}, None),
+    "offload": (OFFLOAD, None),
+    "offload-pairs-tiles": ({**OFFLOAD, "blocks_per_checkpoint": 2, "mlp_tile_tokens": 3}, 3),
+}
+
+
+@pytest.mark.parametrize("names", [pytest.param(["full", "full-pairs-tiles", "selective-chunked_loss", "tiles"],
+                                                id="recompute"),
+                                   pytest.param(["offload", "offload-pairs-tiles"], id="offload")])
+def test_memory_options_train_as_ddp(run_distributed, names):
+    """Activation checkpointing (full, k blocks per group, selective), MLP tiles, the chunked loss
+    (the final norm inside it) and activation offload read the blocks' parameters in recomputations
+    and in their own autograd Functions: under FSDP2 they must see them gathered and give their
+    gradients back to the shards, training as DDP at the same sp (3 blocks: pairs leave a group of 1)."""
+    results = run_distributed(F.fit_memory_options, 2, 2, [MEMORY_OPTIONS[n] for n in names],
+                              timeout=SPAWN_TIMEOUT_S)
+    for rank, runs in enumerate(results):
+        for name, run in zip(names, runs):
+            fsdp, ddp = run["fsdp"], run["ddp"]
+            assert fsdp["loss"] == pytest.approx(ddp["loss"], rel=SAME_SP_TOL), name
+            assert len(fsdp["grads"]) == len(ddp["grads"]) == U.STEPS
+            for step, grads in enumerate(fsdp["grads"]):
+                for p, g in grads.items():
+                    _close(g, ddp["grads"][step][p], SAME_SP_TOL, f"{name}: rank {rank} step {step} gradient of {p}")
+            for p, value in fsdp["params"].items():
+                _close(value, ddp["params"][p], SAME_SP_TOL, f"{name}: rank {rank} {p} vs DDP")

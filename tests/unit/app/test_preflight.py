@@ -169,9 +169,8 @@ def test_hybrid_groups_are_checked_before_launch_with_the_ring_over_sp_over_u(tm
             r"strategy\.ulysses_size=4 must divide the model's heads \(model\.n_heads=2\).*valid values: \[1, 2\]")
 
 
-def test_ring_fsdp_with_activation_offload_is_refused_before_anything_starts(tmp_path):
-    cfg = compose_cfg(tmp_path, "strategy=ring_fsdp", "checkpointing=offload")
-    with pytest.raises(preflight.ConfigError, match=r"model\.offload_activations=true .* strategy=ring_fsdp .* "
-                                                    r"checkpointing=full"):
-        preflight.check_config(cfg)
-    assert preflight.check_config(compose_cfg(tmp_path, "strategy=ring_fsdp", "checkpointing=full")) is not None
+def test_ring_fsdp_takes_every_checkpointing_option(tmp_path):
+    """Activation offload trains under FSDP2 as under DDP (tests/distributed/test_fsdp.py): the
+    pre-flight lets it through, as full and selective checkpointing."""
+    for option in ("offload", "full", "selective"):
+        assert preflight.check_config(compose_cfg(tmp_path, "strategy=ring_fsdp", f"checkpointing={option}")) is not None

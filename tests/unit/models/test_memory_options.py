@@ -72,6 +72,42 @@ def test_offload_keeps_one_input_per_group_and_nothing_else():
     torch.testing.assert_close(w.grad, expected_w, rtol=TOL, atol=TOL)
 
 
+class GatheredLinear(nn.Module):
+    """A linear layer whose forward reads a fresh leaf copy of its weight, as FSDP2 gathers a
+    block's shards into new tensors around its forward; the copy's gradient, once accumulated,
+    is handed to the weight (FSDP2's reduce-scatter) by a hook on the copy."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, h):
+        gathered = self.w.detach().clone().requires_grad_()
+        gathered.register_post_accumulate_grad_hook(lambda t: setattr(self.w, "grad", t.grad.clone()))
+        return torch.tanh(h @ gathered) @ gathered
+
+
+def test_offload_back_propagates_into_the_tensors_its_recomputation_reads():
+    """Parameters given as the shards and read as other tensors: the recomputation's own backward
+    accumulates into what it read (hooks fire), and the input gets its gradient."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(2, 9, 4, generator=g, requires_grad=True), torch.randn(4, 4, generator=g)
+    layer = GatheredLinear(w)
+    y = recompute_offloaded(layer, x, [layer.w], HostOffload().new_pass())
+    (y * y.detach()).sum().backward()
+    ref = w.clone().requires_grad_()
+    expected_x, expected_w = torch.autograd.grad(((torch.tanh(x @ ref) @ ref) * y.detach()).sum(), (x, ref))
+    torch.testing.assert_close(x.grad, expected_x, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(layer.w.grad, expected_w, rtol=TOL, atol=TOL)
+
+
+def test_offload_refuses_a_recomputation_reading_given_and_other_tensors():
+    x, w, v = (torch.randn(3, 3, requires_grad=True) for _ in range(3))
+    y = recompute_offloaded(lambda h: h @ w @ v, x, [w], HostOffload().new_pass())
+    with pytest.raises(RuntimeError, match="read some of the parameters given to it and other tensors"):
+        y.sum().backward()
+
+
 def test_tiles_cover_every_token_once():
     x = torch.randn(2, 23, 3, requires_grad=True)
     calls = []

@@ -35,15 +35,3 @@ def test_compression_arguments_a_config_merges_in_are_accepted_with_none():
 def test_bad_arguments_name_their_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         RingFSDPStrategy(**kwargs)
-
-
-def test_activation_offload_is_refused_and_full_checkpointing_is_not():
-    """checkpointing=offload recomputes block groups with their parameters as explicit inputs,
-    outside the blocks' forward: under FSDP2 those are the shards (wrong gradients)."""
-    from ring_lightning.models.model import LongDocTransformer
-    from ring_lightning.models.model_config import ModelConfig
-    from ring_lightning.parallel.fsdp import check_shardable
-
-    with pytest.raises(ValueError, match=r"model\.offload_activations=True.*checkpointing=full"):
-        check_shardable(LongDocTransformer(ModelConfig.preset("tiny", checkpointing="full", offload_activations=True)))
-    check_shardable(LongDocTransformer(ModelConfig.preset("tiny", checkpointing="full")))
