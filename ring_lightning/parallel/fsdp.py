@@ -42,7 +42,9 @@ compression (DDP communication hooks: refused, FSDP2 has none), activation offlo
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -60,6 +62,7 @@ from ring_lightning.parallel import loss_contract
 from ring_lightning.constants import IGNORE_INDEX
 from ring_lightning.parallel.shell import SequenceParallelShell
 from ring_lightning.parallel.core import DP_AXIS, SP_AXIS, SequenceParallel
+from ring_lightning.parallel.sharded_checkpoint import META_NAME, publish, staging_path
 from ring_lightning.sequence.dims import ParallelDims, check_layout_policy, check_sp_request, check_ulysses_size
 
 #: The LightningModule's methods that run as FSDP forwards (parameters gathered around them).
@@ -213,6 +216,34 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """A gathered file: Lightning's (through the trainer's checkpoint writer, ``AtomicCheckpointIO``).
+        A folder of shards: the layout Lightning writes and reads (the ``state_dict`` and
+        ``optimizer_<i>`` shards through ``torch.distributed.checkpoint``, the rest in ``meta.pt``,
+        here through the trainer's checkpoint writer as a file is), under a staging name that rank
+        0 renames into place once every rank has written (ring_lightning/parallel/sharded_checkpoint.py):
+        a save killed half-way never leaves a folder that looks complete."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}")
+        from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
+
+        final = self.broadcast(os.path.abspath(os.fspath(filepath)))
+        staged = self.broadcast(staging_path(final, str(os.getpid())))  # rank 0's pid names it
+        os.makedirs(staged, exist_ok=True)
+        shards = {"state_dict": checkpoint.pop("state_dict"),
+                  **{f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))}}
+        _distributed_checkpoint_save(shards, Path(staged))
+        if self.global_rank == 0:
+            self.checkpoint_io.save_checkpoint(checkpoint, os.path.join(staged, META_NAME))
+        self.barrier("ring_fsdp_checkpoint_written")
+        if self.global_rank == 0:
+            publish(staged, final)
+        self.barrier("ring_fsdp_checkpoint_published")
 
 
 if "ring_fsdp" not in StrategyRegistry:
