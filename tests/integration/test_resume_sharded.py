@@ -3,7 +3,8 @@ shards) through train.py on gloo CPU processes: a run stopped by a real SIGTERM 
 `resume=true` step for step as the uninterrupted run; a checkpoint of 4 ranks resumes on 2
 (torch.distributed.checkpoint reshards the weights and AdamW's moments, bit for bit) with the
 data position as ring_lightning/data/resumable.py defines it: kept when the number of
-data-parallel ranks is the same (sp 4 -> 2 at dp 1), the epoch restarted otherwise."""
+data-parallel ranks is the same (sp 4 -> 2 at dp 1), the epoch restarted otherwise. The folder's
+consolidated export (ring_lightning/app/export.py) loads into LongDocumentLM."""
 
 import os
 from pathlib import Path
@@ -13,7 +14,10 @@ import torch
 from test_resume_exact import COMMON, HERE, assert_same_losses, interrupted_and_resumed, logged_losses, uninterrupted
 from train_runner import RUN_TIMEOUT_S, run_train
 
+from ring_lightning.app.export import consolidated_state_dict
 from ring_lightning.parallel.sharded_checkpoint import read_full_state
+from ring_lightning.training.checkpoint_io import checkpoint_metadata
+from ring_lightning.training.module import LongDocumentLM
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(6 * RUN_TIMEOUT_S + 60)]
 SHARDED = ["strategy=ring_fsdp", "strategy.save_distributed_checkpoint=true"]
@@ -34,6 +38,12 @@ def test_sharded_checkpoint_resumes_step_for_step_after_sigterm(tmp_path, data_c
     assert (ckpt_dir / "last.ckpt").is_dir() and (ckpt_dir / "last.ckpt" / ".metadata").is_file()
     no_leftovers(ckpt_dir)
     assert_same_losses(resumed, reference, 8)
+    # The consolidated export of the folder is what LongDocumentLM's load_state_dict reads.
+    folder = str(ckpt_dir / "last.ckpt")
+    module = LongDocumentLM(**checkpoint_metadata(folder)["hyper_parameters"])
+    module.load_state_dict(consolidated_state_dict(folder), strict=True)
+    assert torch.equal(module.state_dict()["model.tok_embeddings.weight"],
+                       read_full_state(folder)["state_dict"]["model.tok_embeddings.weight"])
 
 
 def _assert_equal_state(loaded: dict, saved: dict) -> None:
