@@ -33,11 +33,19 @@ its submodules' methods or weights directly (LongDocumentLM's chunked loss reads
 weight) sees them gathered for the whole step. A module that applied ``fully_shard`` itself in
 ``configure_model`` is left as it is.
 
+Checkpoints (``save_distributed_checkpoint=True``): a folder of shards in Lightning's layout,
+written under a staging name and renamed into place once every rank has written
+(:meth:`RingFSDPStrategy.save_checkpoint`, ring_lightning/parallel/sharded_checkpoint.py), which
+``train.py resume=true`` chooses as it chooses files (ring_lightning/training/checkpoint_io.py).
+Lightning's ``load_checkpoint`` reads it through ``torch.distributed.checkpoint``, which reshards:
+a checkpoint of 4 ranks resumes on 2 with the weights and AdamW's moments bit for bit
+(tests/integration/test_resume_sharded.py). ``python -m ring_lightning.app.export`` writes its
+weights as one plain ``state_dict`` file.
+
 Not here yet (issue 22): FSDP2's mixed-precision policy (Lightning's precision plugin still
 applies: ``bf16-mixed`` autocasts around float32 master weights), host offload of the model
-state, resuming on another number of processes (resharding) and after a SIGTERM, gradient
-compression (DDP communication hooks: refused, FSDP2 has none), activation offload
-(``checkpointing=offload``: refused, see :func:`check_shardable`).
+state, gradient compression (DDP communication hooks: refused, FSDP2 has none), activation
+offload (``checkpointing=offload``: refused, see :func:`check_shardable`).
 """
 
 from __future__ import annotations
@@ -116,10 +124,12 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
         reshard_after_forward: free each block's gathered parameters after its forward and
             gather them again in backward (FSDP2's ZeRO-3; ``False``: keep them, ZeRO-2-like).
         save_distributed_checkpoint: ``False`` (default): checkpoints gather the full state
-            into one file (Lightning's format, loadable anywhere); ``True``: a folder of shards
-            through ``torch.distributed.checkpoint`` (Lightning's). Both resume as DDP does on
-            the same number of processes (tests/distributed/test_fsdp.py); train.py's resume
-            looks for checkpoint files, not folders, and resharding is untested.
+            into one file (Lightning's format, loadable anywhere; rank 0 holds the whole state
+            while writing); ``True``: a folder of shards through ``torch.distributed.checkpoint``
+            (Lightning's layout; no rank holds the whole state), written whole or not at all
+            (:meth:`save_checkpoint`). Both resume as DDP does (tests/distributed/test_fsdp.py),
+            through ``train.py resume=true`` too, and a folder resumes on another number of
+            processes (resharded; tests/integration/test_resume_sharded.py).
         start_method: ``"popen"`` (Lightning re-runs the script per rank) or a multiprocessing
             start method (``spawn``...), as for ``DDPStrategy``.
         process_group_backend, timeout: as for ``ModelParallelStrategy``.

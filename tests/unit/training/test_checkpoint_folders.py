@@ -113,3 +113,16 @@ def test_weights_only_resume_reads_a_folder(tmp_path):
     module.model.w, module.model.b = torch.nn.Parameter(torch.zeros(64)), torch.nn.Parameter(torch.zeros(8))
     load_weights(module, a_folder(tmp_path / "last.ckpt", 3))
     assert torch.equal(module.model.w, weights(3)["model.w"])
+
+
+def test_a_rollback_sets_newer_folders_aside(tmp_path):
+    from ring_lightning.app.run_dir import set_aside_newer
+
+    older = a_folder(tmp_path / "step000004.ckpt", 4)
+    a_folder(tmp_path / "step000006.ckpt", 6)
+    a_folder(tmp_path / "last.ckpt", 7)
+    notes = set_aside_newer(str(tmp_path), older, 4)
+    assert "2 checkpoint(s) of later steps moved" in notes[0]
+    assert newest_checkpoint(str(tmp_path))[:2] == (older, 4)
+    aside = next(p for p in tmp_path.iterdir() if p.name.startswith("abandoned-"))
+    assert sorted(p.name for p in aside.iterdir()) == ["last.ckpt", "step000006.ckpt"]
