@@ -11,7 +11,7 @@
 * **a fresh run** (no ``resume=true`` / ``ckpt_path``) in a directory that already holds
   checkpoints is refused before launch: the files belong to another run, and a resume would
   have mixed the two (Lightning wrote ``last-v1.ckpt`` beside the old ``last.ckpt``).
-* **the resume choice**: the newest checkpoint *by step* that loads (``checkpoint_io``);
+* **the resume choice**: the newest checkpoint *by step* that loads (``checkpoint_io``: files and folders of shards alike);
   leftovers of a killed write are removed; the config recorded in the checkpoint is compared
   with this one (``resume_compat``); ``metrics.jsonl`` keeps the rows up to the resumed step,
   so the steps replayed after it are not in the file twice.
