@@ -21,6 +21,7 @@ read) in the launching process, before any rank starts, and classes every key th
 from __future__ import annotations
 
 import fnmatch
+import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import lightning.pytorch as pl
@@ -146,11 +147,10 @@ def classify(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[List[str],
 
 
 def saved_config(path: str) -> Optional[Dict[str, Any]]:
-    """The config a checkpoint recorded (None for a checkpoint written before it was recorded)."""
-    import torch
+    """The config a checkpoint (file or folder) recorded (None for a checkpoint written before it was recorded)."""
+    from ring_lightning.training.checkpoint_io import checkpoint_metadata
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return checkpoint.get(CONFIG_KEY)
+    return (checkpoint_metadata(path) or {}).get(CONFIG_KEY)
 
 
 def check_resume(path: str, current: Dict[str, Any], weights_only: bool) -> List[str]:
@@ -180,7 +180,8 @@ def check_resume(path: str, current: Dict[str, Any], weights_only: bool) -> List
 
 
 def load_weights(module, path: str) -> None:
-    """The checkpoint's weights into ``module`` (a ``weights_only`` load).
+    """The checkpoint's weights into ``module`` (a ``weights_only`` load; a folder of shards read
+    whole in this process, before any process group).
 
     Raises:
         ConfigError: the shapes or names do not match (they are listed).
@@ -189,7 +190,12 @@ def load_weights(module, path: str) -> None:
 
     from ring_lightning.preflight import ConfigError
 
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    if os.path.isdir(path):
+        from ring_lightning.parallel.sharded_checkpoint import read_full_state
+
+        state = read_full_state(path, {"state_dict"})["state_dict"]
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:

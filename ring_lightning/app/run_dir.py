@@ -11,7 +11,7 @@
 * **a fresh run** (no ``resume=true`` / ``ckpt_path``) in a directory that already holds
   checkpoints is refused before launch: the files belong to another run, and a resume would
   have mixed the two (Lightning wrote ``last-v1.ckpt`` beside the old ``last.ckpt``).
-* **the resume choice**: the newest checkpoint *by step* that loads (``checkpoint_io``);
+* **the resume choice**: the newest checkpoint *by step* that loads (``checkpoint_io``: files and folders of shards alike);
   leftovers of a killed write are removed; the config recorded in the checkpoint is compared
   with this one (``resume_compat``); ``metrics.jsonl`` keeps the rows up to the resumed step,
   so the steps replayed after it are not in the file twice.
@@ -203,14 +203,15 @@ def choose(cfg, ckpt_dir: Optional[str], quiet: bool = False) -> RunStart:
 
     start = RunStart()
     if ckpt_dir and os.path.isdir(ckpt_dir) and not quiet:
-        start.notes += [f"note: removed {p}, the leftover of a checkpoint write that was killed"
+        start.notes += [f"note: cleared {p}, the leftover of a checkpoint write that was killed"
                         for p in clean_leftovers(ckpt_dir)]
     if cfg.get("ckpt_path"):
         path = os.path.expanduser(str(cfg.ckpt_path))
         step = checkpoint_step(path)
         if step is None:
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not load as a checkpoint (missing, damaged, or "
-                              f"not written by Lightning); point ckpt_path at a .ckpt file that does")
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not load as a checkpoint (missing, damaged, not "
+                              f"written by Lightning, or a folder of shards whose save was cut short); point "
+                              f"ckpt_path at a checkpoint (.ckpt file or folder) that does")
         start.ckpt_path, start.step = path, step
     elif cfg.get("resume"):
         path, step, damaged = newest_checkpoint(ckpt_dir) if ckpt_dir else (None, None, [])

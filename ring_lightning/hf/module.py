@@ -24,7 +24,8 @@ What it does for the user:
   ``strategy.reduce_token_loss`` (exact logged loss, one more all-reduce);
 * ``checkpointing``: the model's own activation checkpointing (non-reentrant), with offload;
 * checkpoints are Lightning's; ``export_dir``: ``save_pretrained`` at the end of fit (rank 0),
-  loadable by plain transformers (the attention implementation is not saved in the config).
+  loadable by plain transformers (the attention implementation is not saved in the config); under
+  ``RingFSDPStrategy`` every rank first gathers the sharded weights (``gathered_state_dict``).
 """
 
 from __future__ import annotations
@@ -325,16 +326,35 @@ class HFCausalLM(pl.LightningModule):
         keep_configured_schedule(checkpoint, self.lr)
 
     def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.export(self.export_dir)
+        if not self.export_dir:
+            return
+        state = self.gathered_state_dict()  # every rank: a collective under FSDP2
+        if self.trainer.is_global_zero:
+            self.export(self.export_dir, state)
 
-    def export(self, directory: str) -> str:
-        """``save_pretrained`` the model (and the tokenizer, when ``tokenizer_name`` loads) to ``directory``.
+    def gathered_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The Hugging Face model's whole state dict (its own keys, on the host) when FSDP2 shards
+        it (``RingFSDPStrategy``: the parameters are DTensor shards), or None when every rank holds
+        the whole parameters (DDP, one device). Under FSDP2 every rank must call it (it gathers)."""
+        from torch.distributed.tensor import DTensor
+
+        if not any(isinstance(p, DTensor) for p in self.parameters()):
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # From the root (this LightningModule), which FSDP2 shards with the blocks inside it.
+        full = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {name[len("model."):]: t for name, t in full.items() if name.startswith("model.")}
+
+    def export(self, directory: str, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> str:
+        """``save_pretrained`` the model (and the tokenizer, when ``tokenizer_name`` loads) to ``directory``;
+        ``state_dict``: the whole weights to save instead of the model's own (``gathered_state_dict``
+        under FSDP2, whose parameters are shards).
 
         The saved config names no attention implementation, so plain transformers loads it with its
         default (``sdpa``) and computes the same logits.
         """
-        self.model.save_pretrained(directory)
+        self.model.save_pretrained(directory, state_dict=state_dict)
         if self.tokenizer_name != "byte":
             try:
                 from transformers import AutoTokenizer

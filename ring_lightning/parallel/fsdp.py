@@ -47,14 +47,24 @@ so the gradients accumulate there and FSDP2 reduce-scatters them into the shards
 blocks (``model.blocks_per_checkpoint``) keeps its k blocks' parameters gathered from its
 recomputation until each block's backward has run.
 
-Not here yet (issue 22): resuming on another number of processes (resharding) and after a SIGTERM, gradient
-compression (DDP communication hooks: refused, FSDP2 has none).
+Checkpoints (``save_distributed_checkpoint=True``): a folder of shards in Lightning's layout,
+written under a staging name and renamed into place once every rank has written
+(:meth:`RingFSDPStrategy.save_checkpoint`, ring_lightning/parallel/sharded_checkpoint.py), which
+``train.py resume=true`` chooses as it chooses files (ring_lightning/training/checkpoint_io.py).
+Lightning's ``load_checkpoint`` reads it through ``torch.distributed.checkpoint``, which reshards:
+a checkpoint of 4 ranks resumes on 2 with the weights and AdamW's moments bit for bit
+(tests/integration/test_resume_sharded.py). ``python -m ring_lightning.app.export`` writes its
+weights as one plain ``state_dict`` file.
+
+Refused: gradient compression (DDP communication hooks; FSDP2 has none), in the pre-flight too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -74,6 +84,7 @@ from ring_lightning.parallel import loss_contract
 from ring_lightning.constants import IGNORE_INDEX
 from ring_lightning.parallel.shell import SequenceParallelShell
 from ring_lightning.parallel.core import DP_AXIS, SP_AXIS, SequenceParallel
+from ring_lightning.parallel.sharded_checkpoint import META_NAME, publish, staging_path
 from ring_lightning.sequence.dims import ParallelDims, check_layout_policy, check_sp_request, check_ulysses_size
 
 #: The LightningModule's methods that run as FSDP forwards (parameters gathered around them).
@@ -149,10 +160,12 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
             gathered units of the moment. The process group is ``cuda:nccl,cpu:gloo`` so collectives
             on host tensors (the gradient norm for clipping) have a backend.
         save_distributed_checkpoint: ``False`` (default): checkpoints gather the full state
-            into one file (Lightning's format, loadable anywhere); ``True``: a folder of shards
-            through ``torch.distributed.checkpoint`` (Lightning's). Both resume as DDP does on
-            the same number of processes (tests/distributed/test_fsdp.py); train.py's resume
-            looks for checkpoint files, not folders, and resharding is untested.
+            into one file (Lightning's format, loadable anywhere; rank 0 holds the whole state
+            while writing); ``True``: a folder of shards through ``torch.distributed.checkpoint``
+            (Lightning's layout; no rank holds the whole state), written whole or not at all
+            (:meth:`save_checkpoint`). Both resume as DDP does (tests/distributed/test_fsdp.py),
+            through ``train.py resume=true`` too, and a folder resumes on another number of
+            processes (resharded; tests/integration/test_resume_sharded.py).
         start_method: ``"popen"`` (Lightning re-runs the script per rank) or a multiprocessing
             start method (``spawn``...), as for ``DDPStrategy``.
         process_group_backend, timeout: as for ``ModelParallelStrategy``.
@@ -266,6 +279,34 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING and not self.offload_params:  # offloaded: its state stays on the host
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """A gathered file: Lightning's (through the trainer's checkpoint writer, ``AtomicCheckpointIO``).
+        A folder of shards: the layout Lightning writes and reads (the ``state_dict`` and
+        ``optimizer_<i>`` shards through ``torch.distributed.checkpoint``, the rest in ``meta.pt``,
+        here through the trainer's checkpoint writer as a file is), under a staging name that rank
+        0 renames into place once every rank has written (ring_lightning/parallel/sharded_checkpoint.py):
+        a save killed half-way never leaves a folder that looks complete."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}")
+        from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
+
+        final = self.broadcast(os.path.abspath(os.fspath(filepath)))
+        staged = self.broadcast(staging_path(final, str(os.getpid())))  # rank 0's pid names it
+        os.makedirs(staged, exist_ok=True)
+        shards = {"state_dict": checkpoint.pop("state_dict"),
+                  **{f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))}}
+        _distributed_checkpoint_save(shards, Path(staged))
+        if self.global_rank == 0:
+            self.checkpoint_io.save_checkpoint(checkpoint, os.path.join(staged, META_NAME))
+        self.barrier("ring_fsdp_checkpoint_written")
+        if self.global_rank == 0:
+            publish(staged, final)
+        self.barrier("ring_fsdp_checkpoint_published")
 
 
 if "ring_fsdp" not in StrategyRegistry:

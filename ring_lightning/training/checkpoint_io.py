@@ -16,6 +16,11 @@
   checkpoints that load (never by file name or time), ``last.ckpt`` on a tie, so a crash
   between ``stepN.ckpt`` and ``last.ckpt`` cannot send a resume back.
 * ``clean_leftovers`` removes the temporaries of a write that was killed.
+* A checkpoint may also be a **folder of shards** (``RingFSDPStrategy(save_distributed_checkpoint=True)``,
+  written whole or not at all: ring_lightning/parallel/sharded_checkpoint.py). Everything here
+  takes one where it takes a file: ``checkpoint_step`` reads its ``meta.pt`` once the folder is
+  complete, ``readable`` checks every shard's byte ranges instead of a CRC, ``newest_checkpoint``
+  chooses among files and folders alike, ``clean_leftovers`` removes killed folder writes too.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from typing import Any, List, Optional, Tuple
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-TMP_MARK = ".tmp-"  #: ``.<name>.tmp-<pid>``: a write in progress (or killed)
+from ring_lightning.parallel.sharded_checkpoint import (TMP_MARK, clean_folder_leftovers, folder_complete, folder_meta,
+                                                        fsync_dir)
 
 
 class CheckpointWriteError(OSError):
@@ -78,19 +84,6 @@ def _size_mb(num_bytes: float) -> str:
     return f"{num_bytes / 2**20:.1f} MiB"
 
 
-def _fsync_dir(dirpath: str) -> None:
-    try:
-        fd = os.open(dirpath, os.O_RDONLY)
-    except OSError:
-        return  # not every filesystem lets a directory be opened
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(checkpoint: Any, path: str) -> None:
     """``torch.save`` to ``.<name>.tmp-<pid>`` beside ``path``, fsync, rename into place.
 
@@ -123,7 +116,7 @@ def atomic_save(checkpoint: Any, path: str) -> None:
                 f"space (or lower callbacks.model_checkpoint.save_top_k), then continue with the same "
                 f"command + resume=true") from None
         raise
-    _fsync_dir(dirpath)
+    fsync_dir(dirpath)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -138,18 +131,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 # ---------------------------------------------------------------------- reading back
-def checkpoint_step(path: str) -> Optional[int]:
-    """The checkpoint's ``global_step`` through the real load (``weights_only=True``), or None
-    when it does not load (truncated, not a checkpoint, or holding objects a safe load refuses)."""
+def checkpoint_metadata(path: str) -> Optional[dict]:
+    """Everything a checkpoint holds besides its tensors' contents, through the real load
+    (``weights_only=True``; a file memory-mapped, so no tensor is read; a folder's ``meta.pt``,
+    once the folder is complete), or None when it does not load (truncated, not a checkpoint,
+    holding objects a safe load refuses, a folder whose save was cut short)."""
+    if os.path.isdir(path):
+        return folder_meta(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(checkpoint.get("global_step", 0))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - any failure to load means: not a checkpoint to resume
         return None
 
 
+def checkpoint_step(path: str) -> Optional[int]:
+    """The checkpoint's (file's or folder's) ``global_step``, or None when it does not load."""
+    checkpoint = checkpoint_metadata(path)
+    try:
+        return None if checkpoint is None else int(checkpoint.get("global_step", 0))
+    except (AttributeError, TypeError, ValueError):  # loads, but is no checkpoint
+        return None
+
+
 def readable(path: str) -> bool:
-    """A complete checkpoint: every zip member passes its CRC and it loads with ``weights_only``."""
+    """A complete checkpoint: every zip member passes its CRC (a folder: every shard holds the
+    byte ranges its index names) and it loads with ``weights_only``."""
+    if os.path.isdir(path):
+        return folder_complete(path) and checkpoint_step(path) is not None
     try:
         with zipfile.ZipFile(path) as archive:
             if archive.testzip() is not None:
@@ -161,8 +169,8 @@ def readable(path: str) -> bool:
 
 def newest_checkpoint(dirpath: str) -> Tuple[Optional[str], Optional[int], List[str]]:
     """(checkpoint to resume from or None, its step, the files that do not load) of ``dirpath``:
-    the highest ``global_step`` among the ``*.ckpt`` that load; on a tie ``last.ckpt``, then the
-    newest file."""
+    the highest ``global_step`` among the ``*.ckpt`` (files or folders) that load; on a tie
+    ``last.ckpt``, then the newest."""
     steps, damaged = [], []
     for path in glob.glob(os.path.join(dirpath, "*.ckpt")):
         step = checkpoint_step(path)
@@ -186,11 +194,13 @@ def newest_valid_checkpoint(dirpath: str, preferred: Optional[str] = None) -> tu
 
 def clean_leftovers(dirpath: str) -> List[str]:
     """Remove the temporaries of checkpoint writes that were killed (``.<name>.tmp-<pid>``, and
-    ``<name>.tmp`` of the earlier writer); returns the paths removed. Call it only while no run
-    writes in ``dirpath`` (the run-dir lock)."""
-    removed = []
+    ``<name>.tmp`` of the earlier writer; folders: ``clean_folder_leftovers``); returns the paths
+    removed. Call it only while no run writes in ``dirpath`` (the run-dir lock)."""
+    removed = clean_folder_leftovers(dirpath)
     for pattern in (f".*.ckpt{TMP_MARK}*", "*.ckpt.tmp"):
         for path in glob.glob(os.path.join(dirpath, pattern)):
+            if os.path.isdir(path):
+                continue  # a folder's: clean_folder_leftovers
             try:
                 os.remove(path)
                 removed.append(path)

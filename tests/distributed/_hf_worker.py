@@ -168,3 +168,27 @@ def reference(family: str, dp: int, samples: List[List[List[int]]]) -> Dict:
         grads.append({n: p.grad.detach().clone() for n, p in module.named_parameters()})
         optimizer.step()
     return {"loss": losses, "grads": grads}
+
+
+class PlainHFLM(RecordingHFLM):
+    """RecordingHFLM without the gradient record (under FSDP2 the gradients are DTensor shards)."""
+
+    def on_before_optimizer_step(self, optimizer):
+        pass
+
+
+def fit_fsdp_and_export(rank: int, world_size: int, export_dir: str, ckpt_dir: str) -> Dict:
+    """Llama under RingFSDPStrategy (sp=world_size), exported with save_pretrained at the end of
+    fit; returns the trained parameters, gathered whole, and how many elements this rank held."""
+    from torch.distributed.tensor import DTensor
+
+    from ring_lightning.parallel.fsdp import RingFSDPStrategy
+
+    W._lightning_env(rank, world_size)
+    model = PlainHFLM("llama", export_dir=export_dir)
+    trainer = W._trainer(world_size, RingFSDPStrategy(sequence_parallel_size=world_size), STEPS, ckpt_dir)
+    trainer.fit(model, train_dataloaders=DataLoader(PackedData(BATCH * STEPS), batch_size=BATCH))
+    params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+              for n, p in model.model.named_parameters()}
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.model.parameters())
+    return {"params": params, "local_numel": local}

@@ -64,3 +64,20 @@ def test_hf_families_at_dp2_sp2_and_ulysses_x_ring_equal_sdpa(run_distributed, t
         _assert_matches_sdpa([r[family]["dp2_sp2"] for r in results], family, 2, f"{family} dp=2 x sp=2")
         _assert_matches_sdpa([r[family]["ulysses2_ring2"] for r in results], family, 4,
                              f"{family} sp=4 (ulysses 2 x ring 2)")
+
+
+def test_hf_model_under_fsdp_exports_whole_weights_that_from_pretrained_reads(run_distributed, tmp_path):
+    """RingFSDPStrategy shards the parameters (DTensors): the end-of-fit export gathers them on
+    every rank and rank 0 saves them; plain transformers reads back the trained weights exactly."""
+    from transformers import AutoModelForCausalLM
+
+    export_dir = tmp_path / "export"
+    results = run_distributed(H.fit_fsdp_and_export, 2, str(export_dir), str(tmp_path / "ckpt"),
+                              timeout=SPAWN_TIMEOUT_S)
+    trained = results[0]["params"]
+    assert all(r["local_numel"] < sum(p.numel() for p in trained.values()) for r in results), "sharded"
+    loaded = dict(AutoModelForCausalLM.from_pretrained(str(export_dir)).named_parameters())
+    assert set(loaded) == set(trained)
+    for name, p in trained.items():
+        assert torch.equal(loaded[name].detach(), p), name
+        assert torch.equal(results[1]["params"][name], p)

@@ -1,0 +1,146 @@
+"""Checkpoint folders of shards (``RingFSDPStrategy(save_distributed_checkpoint=True)``): written
+whole or not at all, recognised as complete only when they are, read back without a process group.
+
+A folder checkpoint is Lightning's (``ModelParallelStrategy.save_checkpoint``): the model and
+optimizer shards written by ``torch.distributed.checkpoint`` (DCP: one ``__<rank>_0.distcp`` per
+rank, then ``.metadata``, which names every tensor's byte range, written by the coordinator once
+every rank has written), then ``meta.pt`` (``META_NAME``: everything else, the step, loops,
+callbacks, the recorded config) from rank 0.
+
+* **Whole or not at all.** Written in place, a save killed half-way over an earlier ``last.ckpt``
+  would leave the earlier ``.metadata`` and ``meta.pt`` beside half the new shards: a folder that
+  looks complete and holds two steps. The strategy writes into ``staging_path`` (``.<name>.tmp-<token>``
+  beside it, the files' ``atomic_save`` mark) and ``publish`` renames it into place: an earlier
+  folder first moves to ``.<name>.old-<pid>``, the new one takes its name, the old one is removed.
+  A kill between the two renames leaves no ``<name>`` and a complete ``.old-`` folder:
+  ``clean_folder_leftovers`` puts it back.
+* **Complete.** ``folder_complete``: ``meta.pt`` and ``.metadata`` are there and every byte range
+  ``.metadata`` names lies inside its shard file (a truncated shard fails it).
+* **Read back anywhere.** ``read_full_state`` reads the whole tensors of a folder in one process
+  (no process group; DCP reassembles the shards of any number of ranks), for the weights-only
+  resume and the consolidated export (``ring_lightning.app.export``).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import warnings
+from typing import Any, Dict, List, Optional, Set
+
+TMP_MARK = ".tmp-"  #: ``.<name>.tmp-<token>``: a write in progress (or killed), file or folder
+OLD_MARK = ".old-"  #: ``.<name>.old-<pid>``: the checkpoint a finished folder write replaces
+META_NAME = "meta.pt"  #: Lightning's metadata file in a folder (lightning.fabric.utilities.load)
+DCP_METADATA = ".metadata"  #: torch.distributed.checkpoint's index of the shards
+
+
+def fsync_dir(dirpath: str) -> None:
+    """Make a rename in ``dirpath`` durable (where the filesystem lets a directory be opened)."""
+    try:
+        fd = os.open(dirpath, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def staging_path(path: str, token: str) -> str:
+    """Where a folder checkpoint for ``path`` is written before ``publish``: ``.<name>.tmp-<token>``
+    beside it (hidden: the ``*.ckpt`` a resume looks at never match it)."""
+    path = os.path.abspath(os.fspath(path))
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_MARK}{token}")
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def publish(staged: str, path: str) -> None:
+    """Rename the finished ``staged`` folder to ``path``; a checkpoint already there (folder or
+    file) moves aside first and is removed once the new one has its name (module docstring)."""
+    path = os.path.abspath(os.fspath(path))
+    dirpath = os.path.dirname(path)
+    old = None
+    if os.path.lexists(path):
+        old = os.path.join(dirpath, f".{os.path.basename(path)}{OLD_MARK}{os.getpid()}")
+        _remove(old)
+        os.replace(path, old)
+    os.replace(staged, path)
+    fsync_dir(dirpath)
+    if old is not None:
+        _remove(old)
+
+
+def clean_folder_leftovers(dirpath: str) -> List[str]:
+    """Remove the staging folders of killed writes and the replaced checkpoints of finished ones;
+    a replaced checkpoint whose successor never got its name is renamed back. Returns the paths
+    removed (or restored). Call it only while no run writes in ``dirpath`` (the run-dir lock)."""
+    touched = []
+    for path in sorted(glob.glob(os.path.join(dirpath, f".*.ckpt{OLD_MARK}*"))):
+        name = os.path.basename(path)[1:].split(OLD_MARK)[0]
+        target = os.path.join(dirpath, name)
+        if not os.path.lexists(target) and os.path.isdir(path) and folder_complete(path):
+            os.replace(path, target)
+        else:
+            _remove(path)
+        touched.append(path)
+    for path in glob.glob(os.path.join(dirpath, f".*.ckpt{TMP_MARK}*")):
+        if os.path.isdir(path):
+            _remove(path)
+            touched.append(path)
+    return sorted(touched)
+
+
+def folder_complete(path: str) -> bool:
+    """A whole folder checkpoint: ``meta.pt`` and ``.metadata`` present, every byte range the
+    shards' index names inside its file."""
+    if not (os.path.isfile(os.path.join(path, META_NAME)) and os.path.isfile(os.path.join(path, DCP_METADATA))):
+        return False
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception:  # noqa: BLE001 - an index that does not read means: not complete
+        return False
+    sizes: Dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        shard = os.path.join(path, info.relative_path)
+        if shard not in sizes:
+            sizes[shard] = os.path.getsize(shard) if os.path.isfile(shard) else -1
+        if sizes[shard] < info.offset + info.length:
+            return False
+    return True
+
+
+def folder_meta(path: str) -> Optional[Dict[str, Any]]:
+    """``meta.pt`` of a complete folder (``weights_only``), or None."""
+    import torch
+
+    if not folder_complete(path):
+        return None
+    try:
+        return torch.load(os.path.join(path, META_NAME), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any failure to load means: not a checkpoint to resume
+        return None
+
+
+def read_full_state(path: str, keys: Optional[Set[str]] = None) -> Dict[str, Any]:
+    """The whole tensors of a folder checkpoint in this process: ``{"state_dict": {name: tensor},
+    "optimizer_0": {"state": {name: {...}}, "param_groups": [...]}, ...}`` (``keys``: only these
+    top-level entries). The shards of any number of ranks are reassembled; no process group."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        return _load_state_dict_from_keys(keys, checkpoint_id=os.fspath(path))
