@@ -13,6 +13,7 @@
 #   fsdp_3b         recipes/fsdp_3b_offload_1gpu.yaml through train.py (3.6B model, 163,840 tokens, model
 #                   state on the host; 3 steps, no checkpoint written: 43 GiB each)
 #   ddp_3b          the same under strategy=ring (DDP): the pre-flight's verdict, then the run with it off
+#   fsdp_3b_offload the 3b recipe with checkpointing=offload too (one saved input per 4 blocks on the host), 2 steps
 # Usage: OUT=results PARTS="longest_2m bench_hf" bash benchmarks/gpu_session.sh
 #        (hydra-core/omegaconf/datasets installed; logger=csv: the device image has no wandb)
 set -u
@@ -79,6 +80,11 @@ for p in ${PARTS:-longest_2m cost_128k bench_hf train_hf longest_recipe train_de
     kill $SAMPLER; cp /tmp/fsdp_3b/metrics.jsonl "$R/fsdp_3b_metrics.jsonl" 2>/dev/null
     echo "host used MiB (max of 5 s samples): $(sort -n "$R/fsdp_3b_host_used_mb.log" | tail -1)"
     grep -E "memory estimate|step [0-9]+/|val/loss|final|Error|error" "$R/fsdp_3b.log" | tail -12 ;;
+  fsdp_3b_offload)
+    part fsdp_3b_offload 300 $F3B checkpointing=offload model.blocks_per_checkpoint=4 trainer.max_steps=2 \
+      trainer.val_check_interval=2 hydra.run.dir=/tmp/fsdp_3b_offload
+    cp /tmp/fsdp_3b_offload/metrics.jsonl "$R/fsdp_3b_offload_metrics.jsonl" 2>/dev/null
+    grep -E "memory estimate|step [0-9]+/|val/loss|final|Error|error" "$R/fsdp_3b_offload.log" | tail -8 ;;
   ddp_3b)
     part ddp_3b_preflight 60 $F3B $DDP3B trainer.max_steps=1 hydra.run.dir=/tmp/ddp_3b_preflight
     grep -E "memory|ConfigError" "$R/ddp_3b_preflight.log" | tail -3

@@ -32,6 +32,11 @@ GiB = 2**30
 BYTES: Dict[str, float] = {
     # -- model state, per parameter
     "model_state_per_param": 16,      # fp32 weight 4 + gradient 4 + AdamW exp_avg 4 + exp_avg_sq 4
+    # the same on the host (strategy.offload_params): fitted to recipes/fsdp_3b_offload_1gpu on one
+    # H200, 80.3 GiB peak RSS for 3.61B parameters less the process's 4 GiB (16 derived; the pinned
+    # shards and gradients come from the caching host allocator, which rounds blocks up to powers of
+    # two, and AdamW's foreach step makes whole-model temporaries on the host)
+    "offloaded_state_per_param": 22.7,
     "ddp_buckets_per_param": 4,       # DDP's flat gradient buckets: a second fp32 copy of the gradients
     "autocast_weights_per_param": 2,  # bf16 copies of the weights autocast caches for one forward
     # -- one block without checkpointing, per token (elem = 2 bytes under bf16/fp16 autocast, 4 in fp32)
@@ -43,6 +48,7 @@ BYTES: Dict[str, float] = {
     "lse_fp32_per_head": 4,           # the core's float32 log-sum-exp per query head
     "swiglu_per_hidden": 4,           # x elem: w1 out, w3 out, silu, their product (the MLP's bulk)
     "block_input_fp32_per_dim": 4,    # a checkpointed block's (group's) input: the float32 residual stream
+    # (under FSDP2 with bf16 gathered weights the residual stream is the bf16 embedding's: 2 bytes)
     # ring / dilated patterns: float32 (out, dq, dk, dv) accumulators and the dilated copies of one
     # block; fitted (4 derived) on one H200 to recipes/longest_bytes_1gpu: 106.5 GiB allocated at
     # 2M tokens against 108 estimated (benchmarks/results/2026-12-02-h200x1-reach/); 10.5 before
@@ -194,7 +200,8 @@ def estimate_memory(model: Any, seq_len: int, batch_size: int = 1, sp: int = 1, 
                       + b["rotary_fp32_per_head_dim"] * (H + K) * D + core)
     mlp_half = b["norm_fp32_per_dim"] * C + elem * b["casts_mlp_per_dim"] * C + elem * b["swiglu_per_hidden"] * F
     block = attention_half + mlp_half
-    block_input = b["block_input_fp32_per_dim"] * C
+    bf16_residual = shard_ranks > 0 and gathered_param_bytes == 2  # fsdp.shard_model: blocks take it uncast
+    block_input = (2 if bf16_residual else b["block_input_fp32_per_dim"]) * C
     pieces = block - core  # what the pieces around a core keep: norms, casts, rotary, SwiGLU
     kept_core = block_input + core  # a block whose pieces are recomputed keeps its input and its core's
     # mlp_tile_tokens: the pieces run over tiles and keep only their inputs (model.Block.forward), so
@@ -271,7 +278,10 @@ def _model_state(s: Shapes, P: int, mixed: bool, shard_ranks: int, offload_param
                 "autocast weights": b["autocast_weights_per_param"] * P if mixed else 0.0}, {}
     block = s.block_params()
     root = P - s.n_layers * block  # embedding, head, final norm: gathered for the whole step
-    gathered = root + 2 * block    # and the block in use with the next one (prefetched)
+    # and the block in use with the next one (prefetched); a recomputed group of k blocks keeps its
+    # k blocks gathered until each block's backward has run
+    k = s.blocks_per_checkpoint if s.checkpointing == "full" else 1
+    gathered = root + (k + 1) * block
     # each gathered weight and its gradient in the gathered dtype, the float32 reduce-scatter input
     # of one block, autocast's bf16 copies when the gathered weights are float32
     unit_bytes = 2 * gathered_param_bytes * gathered + 4 * block
@@ -281,7 +291,8 @@ def _model_state(s: Shapes, P: int, mixed: bool, shard_ranks: int, offload_param
         unit_bytes += 4 * block  # the float32 shard copied to the device before its all-gather
     sharded = b["model_state_per_param"] * P / shard_ranks
     # each rank builds the whole float32 model on the host before it is sharded
-    host = {"model state": max(sharded, 4 * P * (1 + 1 / shard_ranks))} if offload_params else {}
+    offloaded = b["offloaded_state_per_param"] * P / shard_ranks
+    host = {"model state": max(offloaded, 4 * P * (1 + 1 / shard_ranks))} if offload_params else {}
     device = {"gathered weights": unit_bytes}
     if not offload_params:
         device["model state (sharded)"] = sharded
