@@ -13,6 +13,10 @@
 #   fsdp_3b         recipes/fsdp_3b_offload_1gpu.yaml through train.py (3.6B model, 163,840 tokens, model
 #                   state on the host; 3 steps, no checkpoint written: 43 GiB each)
 #   ddp_3b          the same under strategy=ring (DDP): the pre-flight's verdict, then the run with it off
+#   hf_fsdp         a Hugging Face Llama of LLaMA-3.2-3B's shapes through `train.py model=hf strategy=ring_fsdp`
+#                   with the model state on the host, 65,536 tokens, 2 steps
+#   fsdp_resume     the 350m preset (V = 128256) under ring_fsdp (state on the host): 2 steps and a folder of shards, then
+#                   `resume=true` to step 3 (the GPU's NCCL path of the sharded save and load)
 #   fsdp_3b_offload the 3b recipe with checkpointing=offload too (one saved input per 4 blocks on the host), 2 steps
 # Usage: OUT=results PARTS="longest_2m bench_hf" bash benchmarks/gpu_session.sh
 #        (hydra-core/omegaconf/datasets installed; logger=csv: the device image has no wandb)
@@ -33,6 +37,7 @@ B="python benchmarks/bench_memory.py --out $R"
 F3B="python train.py -cd recipes -cn fsdp_3b_offload_1gpu logger=csv callbacks.model_checkpoint=null \
   callbacks.final_checkpoint=null +trainer.enable_checkpointing=false"
 DDP3B="strategy=ring ~strategy.offload_params ~strategy.save_distributed_checkpoint"
+HF3B='{model_type: llama, vocab_size: 128256, hidden_size: 3072, intermediate_size: 8192, num_hidden_layers: 28, num_attention_heads: 24, num_key_value_heads: 8, head_dim: 128, rope_theta: 500000.0, rms_norm_eps: 1e-05, max_position_embeddings: 131072, tie_word_embeddings: true}'
 HF350='{model_type: llama, vocab_size: 259, hidden_size: 1024, intermediate_size: 3584, num_hidden_layers: 24, num_attention_heads: 16, num_key_value_heads: 8, head_dim: 64, rope_theta: 500000.0, rms_norm_eps: 1e-05, max_position_embeddings: 131072, tie_word_embeddings: false}'
 
 for p in ${PARTS:-longest_2m cost_128k bench_hf train_hf longest_recipe train_default recipe_mfu estimate}; do case $p in
@@ -85,6 +90,24 @@ for p in ${PARTS:-longest_2m cost_128k bench_hf train_hf longest_recipe train_de
       trainer.val_check_interval=2 hydra.run.dir=/tmp/fsdp_3b_offload
     cp /tmp/fsdp_3b_offload/metrics.jsonl "$R/fsdp_3b_offload_metrics.jsonl" 2>/dev/null
     grep -E "memory estimate|step [0-9]+/|val/loss|final|Error|error" "$R/fsdp_3b_offload.log" | tail -8 ;;
+  hf_fsdp)
+    part hf_fsdp 240 python train.py experiment=base_gpu model=hf "model.config=$HF3B" model.checkpointing=full \
+      strategy=ring_fsdp strategy.offload_params=true data.seq_len=65536 data.max_tokens=400000 \
+      data.return_document_ids=false logger=csv trainer.max_steps=2 trainer.val_check_interval=2 \
+      trainer.limit_val_batches=1 trainer.log_every_n_steps=1 model.export_dir=null callbacks.model_checkpoint=null \
+      callbacks.final_checkpoint=null +trainer.enable_checkpointing=false hydra.run.dir=/tmp/hf_fsdp
+    cp /tmp/hf_fsdp/metrics.jsonl "$R/hf_fsdp_metrics.jsonl" 2>/dev/null
+    grep -E "step [0-9]+/|val/loss|final|Error|error" "$R/hf_fsdp.log" | tail -6 ;;
+  fsdp_resume)
+    FR="python train.py experiment=base_gpu model=350m model.vocab_size=128256 checkpointing=full strategy=ring_fsdp
+      strategy.offload_params=true strategy.save_distributed_checkpoint=true data.seq_len=65536 data.max_tokens=600000
+      logger=csv trainer.val_check_interval=2 trainer.limit_val_batches=1 trainer.log_every_n_steps=1
+      callbacks.model_checkpoint.every_n_train_steps=2 hydra.run.dir=/tmp/fsdp_resume"
+    part fsdp_resume_a 150 $FR trainer.max_steps=2
+    ls -la /tmp/fsdp_resume/checkpoints/ /tmp/fsdp_resume/checkpoints/last.ckpt >> "$R/fsdp_resume_a.log" 2>&1
+    part fsdp_resume_b 150 $FR trainer.max_steps=3 resume=true
+    cp /tmp/fsdp_resume/metrics.jsonl "$R/fsdp_resume_metrics.jsonl" 2>/dev/null
+    grep -E "resumed|step [0-9]+/|final|Error|error" "$R/fsdp_resume_a.log" "$R/fsdp_resume_b.log" | tail -10 ;;
   ddp_3b)
     part ddp_3b_preflight 60 $F3B $DDP3B trainer.max_steps=1 hydra.run.dir=/tmp/ddp_3b_preflight
     grep -E "memory|ConfigError" "$R/ddp_3b_preflight.log" | tail -3
