@@ -185,3 +185,33 @@ def fit_memory_options(rank: int, world_size: int, sp: int, option_sets: List[Tu
                          "params": {n: _whole(p) for n, p in model.named_parameters()}}
         out.append(run)
     return out
+
+
+class NaNGradientLM(AdamWMeanLossLM):
+    """The user's module whose second step has a NaN in rank 0's shard of one gradient only."""
+
+    def on_after_backward(self):
+        if self.global_step == 1 and self.global_rank == 0:
+            grad = next(iter(self.parameters())).grad
+            (grad.to_local() if isinstance(grad, DTensor) else grad).view(-1)[0] = float("nan")
+
+    def on_before_optimizer_step(self, optimizer):
+        pass  # a skipped step has no gradients to record
+
+
+def fit_non_finite_skip(rank: int, world_size: int, sp: int, ckpt_dir: str) -> Dict:
+    """``NonFiniteGuard(policy="skip")`` under RingFSDPStrategy: every rank must skip the step
+    whose NaN sits in one rank's gradient shard, or the shards would step apart."""
+    from lightning.pytorch import Trainer
+
+    from ring_lightning.training.callbacks import NonFiniteGuard
+
+    W._lightning_env(rank, world_size)
+    torch.manual_seed(0)
+    model, guard = NaNGradientLM(), NonFiniteGuard(policy="skip", max_skips=3, check_every_n_steps=1)
+    trainer = Trainer(accelerator="cpu", devices=world_size, strategy=RingFSDPStrategy(sequence_parallel_size=sp),
+                      max_steps=U.STEPS, callbacks=[guard], logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False)
+    loader = DataLoader(U.DATA["uneven"](world_size // sp * W.BATCH * U.STEPS, seed=1), batch_size=W.BATCH)
+    trainer.fit(model, train_dataloaders=loader)
+    return {"skipped": guard.skipped, "params": {n: _whole(p) for n, p in model.named_parameters()}}

@@ -180,3 +180,13 @@ def test_memory_options_train_as_ddp(run_distributed, names):
                     _close(g, ddp["grads"][step][p], SAME_SP_TOL, f"{name}: rank {rank} step {step} gradient of {p}")
             for p, value in fsdp["params"].items():
                 _close(value, ddp["params"][p], SAME_SP_TOL, f"{name}: rank {rank} {p} vs DDP")
+
+
+def test_non_finite_skip_agrees_across_gradient_shards(run_distributed, tmp_path):
+    """A NaN in one rank's gradient shard: the guard reads the whole norm, so every rank skips that
+    step (one rank skipping alone would step the shards apart) and training goes on finite."""
+    results = run_distributed(F.fit_non_finite_skip, 2, 2, str(tmp_path), timeout=SPAWN_TIMEOUT_S)
+    assert [r["skipped"] for r in results] == [1, 1]
+    for name, p in results[0]["params"].items():
+        assert torch.isfinite(p).all(), name
+        assert torch.equal(p, results[1]["params"][name]), name
