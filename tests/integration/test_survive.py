@@ -88,11 +88,15 @@ def test_a_config_that_differs_on_one_rank_fails_at_start_up_naming_the_key(tmp_
 INTERRUPT_ENV = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")])}
 
 
-def test_a_killed_rank_ends_the_job_naming_it_and_the_run_resumes(tmp_path, data_cache):
+@pytest.mark.parametrize("strategy", [pytest.param([], id="ddp"),
+                                      pytest.param(["strategy=ring_fsdp", "strategy.save_distributed_checkpoint=true"],
+                                                   id="fsdp_sharded")])
+def test_a_killed_rank_ends_the_job_naming_it_and_the_run_resumes(tmp_path, data_cache, strategy):
     """Rank 1 is SIGKILLed after step 3: rank 0 names it and how it ended, the job ends well
-    within the timeout, and resume=true continues from the step-2 checkpoint to the end."""
+    within the timeout, and resume=true continues from the step-2 checkpoint to the end (under
+    ring_fsdp: a folder of shards)."""
     common = [f"hydra.run.dir={tmp_path}", *SMALL, "trainer.max_steps=6", "trainer.val_check_interval=6",
-              "callbacks.model_checkpoint.every_n_train_steps=2"]
+              "callbacks.model_checkpoint.every_n_train_steps=2", *strategy]
     start = time.monotonic()
     out = run_train([*common, "+callbacks.kill._target_=_interrupt.KillRankAtStep", "+callbacks.kill.step=3"],
                     data_cache, expect_failure=True, env=INTERRUPT_ENV)
@@ -100,6 +104,7 @@ def test_a_killed_rank_ends_the_job_naming_it_and_the_run_resumes(tmp_path, data
     assert time.monotonic() - start < RUN_TIMEOUT_S
     out = run_train([*common, "resume=true"], data_cache)
     assert f"resumed from {tmp_path / 'checkpoints' / 'last.ckpt'}" in out
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_dir() == bool(strategy)
     assert final_metrics(out)["step"] == 6
 
 
