@@ -124,8 +124,8 @@ def shard_model(module: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool
               if any(p.requires_grad for p in b.parameters())]
     mp_policy = mp_policy or MixedPrecisionPolicy()
     options = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload or OffloadPolicy())
-    # A block takes its inputs as given, uncast: FSDP2 before torch 2.12 does not cast the inputs of a
-    # checkpoint's recomputation, so a block whose forward saw bf16 rotary tables would recompute
+    # A block takes its inputs as given, uncast: torch 2.11's FSDP2 does not cast the inputs of a
+    # checkpoint's recomputation (2.13's does), so a block whose forward saw bf16 rotary tables would recompute
     # from float32 ones (torch.utils.checkpoint refuses: seen on torch 2.11, one H200). The root
     # casts its own (integer) inputs as the policy says; the residual stream is the bf16 embedding's.
     block_policy = dataclasses.replace(mp_policy, cast_forward_inputs=False)
