@@ -280,6 +280,19 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING and not self.offload_params:  # offloaded: its state stays on the host
             _optimizers_to_device(self.optimizers, self.root_device)
 
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.reshard_after_forward:
+            # A forward without backward (validation, the sanity check) leaves the blocks gathered
+            # under reshard_after_forward=False. Sharded again here, so a step starts from the shards:
+            # recompute_offloaded (checkpointing=offload) is given the blocks' parameters at forward and
+            # must see other tensors read in its recomputation to back-propagate into FSDP2's gathered
+            # ones; given the gathered ones themselves, their gradients would reach them after FSDP2's
+            # reduce-scatter and the shards would get none.
+            for module in self.model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+        return super().training_step(*args, **kwargs)
+
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:

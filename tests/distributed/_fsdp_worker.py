@@ -215,3 +215,31 @@ def fit_non_finite_skip(rank: int, world_size: int, sp: int, ckpt_dir: str) -> D
     loader = DataLoader(U.DATA["uneven"](world_size // sp * W.BATCH * U.STEPS, seed=1), batch_size=W.BATCH)
     trainer.fit(model, train_dataloaders=loader)
     return {"skipped": guard.skipped, "params": {n: _whole(p) for n, p in model.named_parameters()}}
+
+
+class GradPresenceLM(OptionsDocumentLM):
+    """``OptionsDocumentLM`` recording, per step, the parameters that reach the optimizer without a gradient."""
+
+    def on_before_optimizer_step(self, optimizer):
+        self.record.setdefault("no_grad", []).append(sorted(n for n, p in self.named_parameters() if p.grad is None))
+        self.record["grads"].append({n: _whole(p.grad) for n, p in self.named_parameters() if p.grad is not None})
+
+
+def fit_validated(rank: int, world_size: int, sp: int, options: Dict, reshard_after_forward: bool) -> Dict:
+    """``GradPresenceLM(options)`` under RingFSDPStrategy and RingStrategy (DDP) with a validation
+    before the first step (the sanity check) and after every step."""
+    from lightning.pytorch import Trainer
+
+    W._lightning_env(rank, world_size)
+    dp, run = world_size // sp, {}
+    for name, strategy in (("fsdp", RingFSDPStrategy(sequence_parallel_size=sp,
+                                                     reshard_after_forward=reshard_after_forward)),
+                           ("ddp", RingStrategy(sequence_parallel_size=sp))):
+        model = GradPresenceLM(options)
+        trainer = Trainer(accelerator="cpu", devices=world_size, strategy=strategy, max_steps=U.STEPS,
+                          num_sanity_val_steps=1, val_check_interval=1, limit_val_batches=1, logger=False,
+                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        loader = DataLoader(U.DATA["uneven"](dp * W.BATCH * U.STEPS, seed=1), batch_size=W.BATCH)
+        trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader)
+        run[name] = {"grads": model.record["grads"], "no_grad": model.record["no_grad"]}
+    return run

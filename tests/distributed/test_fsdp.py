@@ -190,3 +190,17 @@ def test_non_finite_skip_agrees_across_gradient_shards(run_distributed, tmp_path
     for name, p in results[0]["params"].items():
         assert torch.isfinite(p).all(), name
         assert torch.equal(p, results[1]["params"][name]), name
+
+
+@pytest.mark.parametrize("reshard_after_forward", [True, False])
+def test_offload_after_validation_trains_as_ddp(run_distributed, reshard_after_forward):
+    """A validation forward (no backward) before a step: under reshard_after_forward=False it leaves
+    the blocks gathered; activation offload's recomputation must still give every block its gradient
+    (without the reshard at the step's start, step 0's blocks reached AdamW with none)."""
+    results = run_distributed(F.fit_validated, 2, 2, OFFLOAD, reshard_after_forward, timeout=SPAWN_TIMEOUT_S)
+    for rank, run in enumerate(results):
+        fsdp, ddp = run["fsdp"], run["ddp"]
+        assert fsdp["no_grad"] == [[]] * U.STEPS, fsdp["no_grad"]
+        for step, grads in enumerate(fsdp["grads"]):
+            for p, g in grads.items():
+                _close(g, ddp["grads"][step][p], SAME_SP_TOL, f"rank {rank} step {step} gradient of {p}")
