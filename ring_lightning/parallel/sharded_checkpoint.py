@@ -90,7 +90,9 @@ def clean_folder_leftovers(dirpath: str) -> List[str]:
     for path in sorted(glob.glob(os.path.join(dirpath, f".*.ckpt{OLD_MARK}*"))):
         name = os.path.basename(path)[1:].split(OLD_MARK)[0]
         target = os.path.join(dirpath, name)
-        if not os.path.lexists(target) and os.path.isdir(path) and folder_complete(path):
+        # what publish moved aside was a published checkpoint: a folder (complete unless its removal
+        # had begun) or a file (atomic_save's, whole); a file removed here would lose the only copy
+        if not os.path.lexists(target) and (folder_complete(path) if os.path.isdir(path) else os.path.isfile(path)):
             os.replace(path, target)
         else:
             _remove(path)

@@ -129,3 +129,12 @@ def test_a_rollback_sets_newer_folders_aside(tmp_path):
     assert newest_checkpoint(str(tmp_path))[:2] == (older, 4)
     aside = next(p for p in tmp_path.iterdir() if p.name.startswith("abandoned-"))
     assert sorted(p.name for p in aside.iterdir()) == ["last.ckpt", "step000006.ckpt"]
+
+
+def test_a_file_moved_aside_by_a_killed_folder_publish_is_put_back(tmp_path):
+    """last.ckpt a file (save_distributed_checkpoint was false), the new folder's publish killed
+    between its two renames: the file is the only whole checkpoint left and must come back."""
+    AtomicCheckpointIO().save_checkpoint({"global_step": 5, "state_dict": weights(5)}, str(tmp_path / ".last.ckpt.old-42"))
+    a_folder(staging_path(str(tmp_path / "last.ckpt"), "42"), 7)
+    clean_leftovers(str(tmp_path))
+    assert newest_checkpoint(str(tmp_path))[:2] == (str(tmp_path / "last.ckpt"), 5)
