@@ -84,7 +84,7 @@ from ring_lightning.parallel import loss_contract
 from ring_lightning.constants import IGNORE_INDEX
 from ring_lightning.parallel.shell import SequenceParallelShell
 from ring_lightning.parallel.core import DP_AXIS, SP_AXIS, SequenceParallel
-from ring_lightning.parallel.sharded_checkpoint import META_NAME, publish, staging_path
+from ring_lightning.parallel.sharded_checkpoint import META_NAME, folder_complete, publish, staging_path
 from ring_lightning.sequence.dims import ParallelDims, check_layout_policy, check_sp_request, check_ulysses_size
 
 #: The LightningModule's methods that run as FSDP forwards (parameters gathered around them).
@@ -317,6 +317,14 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
         if self.global_rank == 0:
             self.checkpoint_io.save_checkpoint(checkpoint, os.path.join(staged, META_NAME))
         self.barrier("ring_fsdp_checkpoint_written")
+        # Rank 0 sees every rank's shard only on a filesystem all ranks share (node-local disks: the
+        # folder would never count as complete, and each node would keep its own staging folder).
+        complete = self.broadcast(folder_complete(staged) if self.global_rank == 0 else None)
+        if not complete:
+            raise RuntimeError(
+                f"save_distributed_checkpoint=true: {staged} is incomplete as rank 0 sees it after every rank "
+                f"wrote its shard; the checkpoint directory must be on a filesystem every node shares "
+                f"(callbacks.model_checkpoint.dirpath), or set strategy.save_distributed_checkpoint=false")
         if self.global_rank == 0:
             publish(staged, final)
         self.barrier("ring_fsdp_checkpoint_published")
