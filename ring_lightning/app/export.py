@@ -22,7 +22,6 @@ format ``from_pretrained`` reads comes from ``HFCausalLM(export_dir=...)`` at th
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Dict, List, Optional
 
@@ -37,16 +36,12 @@ def consolidated_state_dict(checkpoint: str, prefix: str = "") -> Dict[str, torc
         ValueError: ``checkpoint`` is not a complete checkpoint, or no key starts with ``prefix``
             (the message lists the first keys there are).
     """
-    from ring_lightning.parallel.sharded_checkpoint import read_full_state
-    from ring_lightning.training.checkpoint_io import readable
+    from ring_lightning.training.checkpoint_io import checkpoint_weights, readable
 
     if not readable(checkpoint):
         raise ValueError(f"checkpoint={checkpoint} is not a complete checkpoint (missing, damaged, or a folder "
                          f"of shards whose save was cut short); give a .ckpt file or folder that resume=true would take")
-    if os.path.isdir(checkpoint):
-        state = read_full_state(checkpoint, {"state_dict"})["state_dict"]
-    else:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    state = checkpoint_weights(checkpoint)
     out = {k[len(prefix):]: v.detach().clone() for k, v in state.items()
            if isinstance(v, torch.Tensor) and k.startswith(prefix)}
     if not out:

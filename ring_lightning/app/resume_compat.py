@@ -21,7 +21,6 @@ read) in the launching process, before any rank starts, and classes every key th
 from __future__ import annotations
 
 import fnmatch
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import lightning.pytorch as pl
@@ -186,16 +185,10 @@ def load_weights(module, path: str) -> None:
     Raises:
         ConfigError: the shapes or names do not match (they are listed).
     """
-    import torch
-
     from ring_lightning.preflight import ConfigError
+    from ring_lightning.training.checkpoint_io import checkpoint_weights
 
-    if os.path.isdir(path):
-        from ring_lightning.parallel.sharded_checkpoint import read_full_state
-
-        state = read_full_state(path, {"state_dict"})["state_dict"]
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    state = checkpoint_weights(path)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:

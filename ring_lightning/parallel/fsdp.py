@@ -94,13 +94,19 @@ START_METHODS = ("popen", "spawn", "fork", "forkserver")
 MIXED_PRECISION = ("auto", "bf16", "none")
 
 
-def mixed_precision_policy(mixed_precision: str, trainer_precision: str) -> MixedPrecisionPolicy:
-    """FSDP2's mixed precision: bf16 gathered weights (the compute), float32 gradient reduction
-    into float32 sharded weights (the master copy AdamW steps). ``"none"``: the weights' dtype."""
+def gathers_bf16(mixed_precision: str, trainer_precision: str) -> bool:
+    """Whether FSDP2 gathers the weights in bf16: the one decision the strategy and the pre-flight's
+    memory estimate both read."""
     if mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"strategy.mixed_precision={mixed_precision!r} is not valid; valid values: {MIXED_PRECISION}")
-    bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and str(trainer_precision).startswith("bf16"))
-    if not bf16:
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and str(trainer_precision).startswith("bf16"))
+
+
+def mixed_precision_policy(mixed_precision: str, trainer_precision: str) -> MixedPrecisionPolicy:
+    """FSDP2's mixed precision: bf16 gathered weights (the compute), float32 gradient reduction
+    into the sharded weights AdamW steps (float32 unless ``trainer.precision=bf16-true`` made the
+    module bf16). ``"none"``: the weights' dtype."""
+    if not gathers_bf16(mixed_precision, trainer_precision):
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 

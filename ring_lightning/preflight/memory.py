@@ -8,6 +8,7 @@ from typing import List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from ring_lightning.parallel.fsdp import gathers_bf16
 from ring_lightning.preflight import machine
 from ring_lightning.preflight.errors import ConfigError
 from ring_lightning.preflight.shape import attention_rules, parallel_dims
@@ -45,8 +46,7 @@ def _model_state_inputs(cfg: DictConfig, dims: ParallelDims, precision: str) -> 
     strategy = cfg.get("strategy") or {}
     if not str(strategy.get("_target_", "")).endswith("RingFSDPStrategy"):
         return dict(shard_ranks=0, offload_params=False, gathered_param_bytes=4)
-    policy = strategy.get("mixed_precision", "auto")
-    bf16 = policy == "bf16" or (policy == "auto" and precision.startswith("bf16"))
+    bf16 = gathers_bf16(strategy.get("mixed_precision", "auto"), precision)
     return dict(shard_ranks=dims.world, offload_params=bool(strategy.get("offload_params", False)),
                 gathered_param_bytes=2 if bf16 else 4)
 
@@ -134,7 +134,7 @@ def check_memory(cfg: DictConfig, per_node: int, device_bytes: Optional[int] = N
     if sp and inputs["on_gpu"]:
         fixes.append(f"strategy.sequence_parallel_size={sp} ({sp} GPUs: trainer.devices / trainer.num_nodes)")
     if not inputs["shard_ranks"] and inputs["on_gpu"] and "device" in where:  # DDP: the model state is sharded
-        world, bf16 = dims.world, 2 if str(inputs["precision"]).startswith("bf16") else 4
+        world, bf16 = dims.world, 2 if gathers_bf16("auto", inputs["precision"]) else 4  # the default policy
         if fits(shard_ranks=world, gathered_param_bytes=bf16) and world > 1:
             fixes.append("strategy=ring_fsdp (the model state sharded over the GPUs)")
         elif fits(shard_ranks=world, gathered_param_bytes=bf16, offload_params=True):

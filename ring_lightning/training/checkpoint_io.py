@@ -38,7 +38,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ring_lightning.parallel.sharded_checkpoint import (TMP_MARK, clean_folder_leftovers, folder_complete, folder_meta,
-                                                        fsync_dir)
+                                                        fsync_dir, read_full_state)
 
 
 class CheckpointWriteError(OSError):
@@ -142,6 +142,14 @@ def checkpoint_metadata(path: str) -> Optional[dict]:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - any failure to load means: not a checkpoint to resume
         return None
+
+
+def checkpoint_weights(path: str) -> dict:
+    """The checkpoint's ``state_dict`` (the LightningModule's keys), read whole in this process: a
+    file memory-mapped with ``weights_only``, a folder of shards through its index (no process group)."""
+    if os.path.isdir(path):
+        return read_full_state(path, {"state_dict"})["state_dict"]
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
 
 
 def checkpoint_step(path: str) -> Optional[int]:
