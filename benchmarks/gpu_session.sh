@@ -18,6 +18,10 @@
 #   fsdp_resume     the 350m preset (V = 128256) under ring_fsdp (state on the host): 2 steps and a folder of shards, then
 #                   `resume=true` to step 3 (the GPU's NCCL path of the sharded save and load)
 #   fsdp_3b_offload the 3b recipe with checkpointing=offload too (one saved input per 4 blocks on the host), 2 steps
+#   fsdp_offload_parity  the 350m preset at 32,768 tokens, 6 steps, under strategy=ring (DDP), ring_fsdp and
+#                   ring_fsdp with the model state on the host: the per-step losses side by side
+#   fsdp_3b_resume  the 3b recipe: 2 steps and a folder of shards (one, ~40 GiB), then resume=true to step 3
+#                   (the step-3 loss of the uninterrupted run: call2_a644dc6 in results/2026-12-02-h200x1-fsdp)
 # Usage: OUT=results PARTS="longest_2m bench_hf" bash benchmarks/gpu_session.sh
 #        (hydra-core/omegaconf/datasets installed; logger=csv: the device image has no wandb)
 set -u
@@ -108,6 +112,26 @@ for p in ${PARTS:-longest_2m cost_128k bench_hf train_hf longest_recipe train_de
     part fsdp_resume_b 150 $FR trainer.max_steps=3 resume=true
     cp /tmp/fsdp_resume/metrics.jsonl "$R/fsdp_resume_metrics.jsonl" 2>/dev/null
     grep -E "resumed|step [0-9]+/|final|Error|error" "$R/fsdp_resume_a.log" "$R/fsdp_resume_b.log" | tail -10 ;;
+  fsdp_offload_parity)
+    PP="python train.py experiment=base_gpu model=350m checkpointing=full data.seq_len=32768 data.max_tokens=600000
+      logger=csv trainer.max_steps=6 trainer.val_check_interval=6 trainer.limit_val_batches=1 trainer.log_every_n_steps=1
+      callbacks.model_checkpoint=null callbacks.final_checkpoint=null +trainer.enable_checkpointing=false"
+    part parity_ddp 120 $PP strategy=ring hydra.run.dir=/tmp/parity_ddp
+    part parity_fsdp 120 $PP strategy=ring_fsdp hydra.run.dir=/tmp/parity_fsdp
+    part parity_offload 120 $PP strategy=ring_fsdp strategy.offload_params=true hydra.run.dir=/tmp/parity_offload
+    python benchmarks/compare_losses.py /tmp/parity_{ddp,fsdp,offload}/metrics.jsonl | tee "$R/parity.txt"
+    for r in ddp fsdp offload; do cp /tmp/parity_$r/metrics.jsonl "$R/parity_${r}_metrics.jsonl" 2>/dev/null; done ;;
+  fsdp_3b_resume)
+    (while sleep 5; do free -m | awk '/Mem:/{print $3}'; done) > "$R/fsdp_3b_resume_host_used_mb.log" 2>&1 & SAMPLER=$!
+    FR="python train.py -cd recipes -cn fsdp_3b_offload_1gpu logger=csv trainer.val_check_interval=2
+      trainer.limit_val_batches=1 callbacks.model_checkpoint.every_n_train_steps=2 callbacks.model_checkpoint.save_top_k=0
+      hydra.run.dir=/tmp/fsdp_3b_resume"
+    part fsdp_3b_resume_a 300 $FR trainer.max_steps=2
+    { du -sh /tmp/fsdp_3b_resume/checkpoints/*; ls -la --time-style=+%T /tmp/fsdp_3b_resume/checkpoints/*; } >> "$R/fsdp_3b_resume_a.log" 2>&1
+    part fsdp_3b_resume_b 260 $FR trainer.max_steps=3 resume=true
+    kill $SAMPLER; cp /tmp/fsdp_3b_resume/metrics.jsonl "$R/fsdp_3b_resume_metrics.jsonl" 2>/dev/null
+    echo "host used MiB (max of 5 s samples): $(sort -n "$R/fsdp_3b_resume_host_used_mb.log" | tail -1)"
+    grep -E "resumed|step [0-9]+/|final|Error|error|G .*last" "$R/fsdp_3b_resume_a.log" "$R/fsdp_3b_resume_b.log" | tail -12 ;;
   ddp_3b)
     part ddp_3b_preflight 60 $F3B $DDP3B trainer.max_steps=1 hydra.run.dir=/tmp/ddp_3b_preflight
     grep -E "memory|ConfigError" "$R/ddp_3b_preflight.log" | tail -3

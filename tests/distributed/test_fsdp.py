@@ -134,7 +134,12 @@ def test_gradient_clipping_clips_by_the_whole_norm_as_ddp(run_distributed, tmp_p
 def test_host_offload_and_bf16_policies(run_distributed, tmp_path):
     """``offload_params=True`` (FSDP2's CPUOffloadPolicy: shards, gradients and AdamW's moments on
     the host) trains LongDocumentLM to the same parameters as without it; ``mixed_precision="bf16"``
-    computes with bf16 weights while the shards, their gradients and so AdamW stay float32."""
+    computes with bf16 weights while the shards, their gradients and so AdamW stay float32.
+
+    On CPU the policy itself moves nothing (the device is the host): what this checks is the
+    strategy's offload path around it (no model_to_device, the optimizer built on the shards, the
+    module's device). The device-vs-host comparison on a GPU is benchmarks/gpu_session.sh's part
+    ``fsdp_offload_parity``."""
     results = run_distributed(F.fit_policies, 2, 2, str(tmp_path), timeout=SPAWN_TIMEOUT_S)
     for rank, res in enumerate(results):
         plain, offload = res["plain"], res["offload"]

@@ -178,3 +178,24 @@ def test_ddp_over_the_gpu_names_ring_fsdp_with_offload_which_then_fits(tmp_path,
     assert any("memory estimate per GPU" in n and "model state 76.3" in n for n in notes), notes
     with pytest.raises(preflight.ConfigError, match=r"host .* \(model state 76\.3.* of 40\.0 GiB available"):
         preflight.memory.check_memory(compose_cfg(tmp_path, fsdp), 1, host_bytes=40 * mem.GiB)
+
+
+def test_the_fsdp_recipes_fit_an_h200_where_ddp_does_not(tmp_path):
+    """The figures the FSDP recipes' headers state, from the recipes as composed (no GPU needed):
+    recipes/fsdp_8b_8gpu.yaml estimates 62.1 GiB per GPU on a node of eight H200s, where DDP
+    (strategy=ring) needs more than the card; recipes/fsdp_3b_offload_1gpu.yaml 63.5 GiB on the
+    device and 80.3 GiB of host (the measured run: 54.8 GiB device, 80.3 GiB host RSS)."""
+    from test_configs import compose_cfg as compose_recipe
+
+    def estimate(recipe, per_node, *overrides):
+        cfg = compose_recipe(tmp_path, list(overrides), recipe=recipe)
+        return preflight.memory.check_memory(cfg, per_node, device_bytes=H200, host_bytes=128 * mem.GiB)
+
+    note = estimate("fsdp_8b_8gpu", 8)
+    assert len(note) == 1 and "memory estimate per GPU 62.1 GiB" in note[0] and "model state (sharded) 15.0" in note[0]
+    with pytest.raises(preflight.ConfigError, match=r"It fits with .*strategy=ring_fsdp \(the model state sharded"):
+        estimate("fsdp_8b_8gpu", 8, "strategy=ring")
+    note = estimate("fsdp_3b_offload_1gpu", 1)
+    assert "memory estimate per GPU 63.5 GiB" in note[0] and "host 80.3 GiB" in note[0], note
+    with pytest.raises(preflight.ConfigError, match=r"strategy=ring_fsdp strategy\.offload_params=true"):
+        estimate("fsdp_3b_offload_1gpu", 1, "strategy=ring")
