@@ -29,7 +29,7 @@ OUT=${OUT:?set OUT to a results folder}
 R=/tmp/gpu_session; rm -rf "$R"; mkdir -p "$R"
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$R/gpu.txt"
-(git rev-parse --short HEAD 2>/dev/null || cat COMMIT.txt) > "$R/commit.txt" 2>/dev/null
+(cat COMMIT.txt 2>/dev/null || git rev-parse --short HEAD) > "$R/commit.txt"  # the device copy's git HEAD can be stale
 DEADLINE=$((SECONDS + ${BUDGET_S:-550}))  # the device call's limit is 600 s: results must be packed before
 pack() { tar czf "$OUT/results.tgz" --exclude="*.ckpt" --exclude="checkpoints" --exclude="wandb" -C "$R" . ; }
 part() { local name=$1 limit=$2; shift 2; local t0=$SECONDS left=$((DEADLINE - SECONDS))
