@@ -35,7 +35,7 @@ weight) sees them gathered for the whole step. A module that applied ``fully_sha
 
 Precision and host memory (:func:`mixed_precision_policy`, :func:`offload_policy`): under a bf16
 trainer precision the gathered weights are bf16 and gradients are reduced in float32 into the
-float32 shards, as torchtitan does; ``offload_params=True`` keeps the shards, their gradients and
+shards (float32 ones unless ``bf16-true`` made the module bf16), as torchtitan does; ``offload_params=True`` keeps the shards, their gradients and
 AdamW's moments on the host (a model larger than the GPU trains on one GPU).
 
 The model's memory options train as under DDP (tests/distributed/test_fsdp.py): activation
@@ -158,7 +158,8 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
             gather them again in backward (FSDP2's ZeRO-3; ``False``: keep them, ZeRO-2-like).
         mixed_precision: ``"auto"`` (default): bf16 when ``trainer.precision`` is bf16 (``bf16-mixed``
             or ``bf16-true``), else none; ``"bf16"``: gathered weights in bf16 (the compute), gradients
-            reduced in float32 into float32 sharded weights (the master copy); ``"none"``: the
+            reduced in float32 into the sharded weights (float32 unless ``trainer.precision=bf16-true``
+            made the module bf16); ``"none"``: the
             weights' own dtype throughout. Lightning's autocast still applies under ``bf16-mixed``.
         offload_params: keep the sharded model state (float32 weights, gradients, AdamW's moments)
             in pinned host memory and step the optimizer there (FSDP2's ``CPUOffloadPolicy``): about
