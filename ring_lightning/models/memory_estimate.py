@@ -135,10 +135,17 @@ class MemoryEstimate:
     host: Dict[str, float] = field(default_factory=dict)
     ranks_per_node: int = 1
     on_gpu: bool = True
+    #: host bytes of one rank at start on GPU runs: the float32 model every rank builds before
+    #: moving or sharding it (freed then; under offload_params the "model state" term holds it)
+    host_build: float = 0.0
 
     @property
     def device_total(self) -> float:
         return sum(self.device.values())
+
+    @property
+    def host_build_per_node(self) -> float:
+        return self.ranks_per_node * self.host_build
 
     @property
     def host_per_node(self) -> float:
@@ -259,13 +266,16 @@ def estimate_memory(model: Any, seq_len: int, batch_size: int = 1, sp: int = 1, 
     host = dict(host_state)
     if s.checkpointing == "full" and s.offload_activations:
         host["offloaded inputs"] = tokens * math.ceil(L / s.blocks_per_checkpoint) * block_input
+    build = 0.0
     if on_gpu:
         device["CUDA context"] = b["cuda_context"]
         host["process"] = b["host_process_gpu"]
+        build = 0.0 if offload_params else 4 * P
     else:  # a CPU run: everything is host memory
         host = {**device, **host, "process": b["host_process_cpu"]}
         device = {}
-    return MemoryEstimate(device=device, host=host, ranks_per_node=ranks_per_node, on_gpu=on_gpu)
+    return MemoryEstimate(device=device, host=host, ranks_per_node=ranks_per_node, on_gpu=on_gpu,
+                          host_build=build)
 
 
 def _model_state(s: Shapes, P: int, mixed: bool, shard_ranks: int, offload_params: bool,

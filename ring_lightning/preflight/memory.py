@@ -98,6 +98,9 @@ def check_memory(cfg: DictConfig, per_node: int, device_bytes: Optional[int] = N
         binding = not est.on_gpu or est.host.get("offloaded inputs", 0) > 0 or est.host.get("model state", 0) > 0
         if host_cap and binding and est.host_per_node > limit * host_cap:
             where.append("host")
+        # every rank builds the float32 model on the host at once before it moves or is sharded
+        if host_cap and est.host_build_per_node > limit * host_cap:
+            where.append("host at start")
         return where
 
     def fits(**changes) -> bool:
@@ -148,6 +151,13 @@ def check_memory(cfg: DictConfig, per_node: int, device_bytes: Optional[int] = N
                      f"has {device_cap / gib:.1f} GiB")
     if "host" in where:
         needs.append(host_text)
+    if "host at start" in where:
+        needs.append(f"host {est.host_build_per_node / gib:.1f} GiB at start (each of the node's {est.ranks_per_node} "
+                     f"rank(s) builds the float32 model, {est.host_build / gib:.1f} GiB, before moving or sharding "
+                     f"it) of {host_cap / gib:.1f} GiB available")
+        if where == ["host at start"]:  # no override of this config lowers it
+            fixes.append(f"a node with about {(est.host_build_per_node + est.ranks_per_node * est.host['process']) / gib:.0f} "
+                         f"GiB of host memory available (no override of this run lowers it)")
     raise ConfigError(
         f"memory: this run needs {' and '.join(needs)}. "
         + (f"It fits with {', or '.join(fixes)}. " if fixes else "No single override fits; lower model size or batch. ")

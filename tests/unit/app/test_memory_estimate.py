@@ -183,18 +183,22 @@ def test_ddp_over_the_gpu_names_ring_fsdp_with_offload_which_then_fits(tmp_path,
 def test_the_fsdp_recipes_fit_an_h200_where_ddp_does_not(tmp_path):
     """The figures the FSDP recipes' headers state, from the recipes as composed (no GPU needed):
     recipes/fsdp_8b_8gpu.yaml estimates 62.1 GiB per GPU on a node of eight H200s, where DDP
-    (strategy=ring) needs more than the card; recipes/fsdp_3b_offload_1gpu.yaml 63.5 GiB on the
+    (strategy=ring) needs more than the card, and 239 GiB of host while the ranks build the model; recipes/fsdp_3b_offload_1gpu.yaml 63.5 GiB on the
     device and 80.3 GiB of host (the measured run: 54.8 GiB device, 80.3 GiB host RSS)."""
     from test_configs import compose_cfg as compose_recipe
 
-    def estimate(recipe, per_node, *overrides):
+    def estimate(recipe, per_node, *overrides, host=128 * mem.GiB):
         cfg = compose_recipe(tmp_path, list(overrides), recipe=recipe)
-        return preflight.memory.check_memory(cfg, per_node, device_bytes=H200, host_bytes=128 * mem.GiB)
+        return preflight.memory.check_memory(cfg, per_node, device_bytes=H200, host_bytes=host)
 
-    note = estimate("fsdp_8b_8gpu", 8)
+    note = estimate("fsdp_8b_8gpu", 8, host=560 * mem.GiB)  # the lent 8-GPU machine's host
+    # every rank builds the float32 model (32 GB) at once before sharding it: 239 GiB for 8 ranks
+    with pytest.raises(preflight.ConfigError, match=r"host 239\.3 GiB at start .* of 128\.0 GiB available. "
+                                                   r"It fits with a node with about 271 GiB of host memory available"):
+        estimate("fsdp_8b_8gpu", 8)
     assert len(note) == 1 and "memory estimate per GPU 62.1 GiB" in note[0] and "model state (sharded) 15.0" in note[0]
     with pytest.raises(preflight.ConfigError, match=r"It fits with .*strategy=ring_fsdp \(the model state sharded"):
-        estimate("fsdp_8b_8gpu", 8, "strategy=ring")
+        estimate("fsdp_8b_8gpu", 8, "strategy=ring", host=560 * mem.GiB)
     note = estimate("fsdp_3b_offload_1gpu", 1)
     assert "memory estimate per GPU 63.5 GiB" in note[0] and "host 80.3 GiB" in note[0], note
     with pytest.raises(preflight.ConfigError, match=r"strategy=ring_fsdp strategy\.offload_params=true"):
