@@ -128,7 +128,13 @@ for p in ${PARTS:-longest_2m cost_128k bench_hf train_hf longest_recipe train_de
       hydra.run.dir=/tmp/fsdp_3b_resume"
     part fsdp_3b_resume_a 300 $FR trainer.max_steps=2
     { du -sh /tmp/fsdp_3b_resume/checkpoints/*; ls -la --time-style=+%T /tmp/fsdp_3b_resume/checkpoints/*; } >> "$R/fsdp_3b_resume_a.log" 2>&1
+    df -h /tmp >> "$R/fsdp_3b_resume_a.log" 2>&1
     part fsdp_3b_resume_b 260 $FR trainer.max_steps=3 resume=true
+    # the final save of step 3 needs a second ~40 GiB folder beside the first: on a small disk it
+    # meets a full disk, and the step-2 folder must still be the complete checkpoint resume takes
+    { df -h /tmp; ls -la /tmp/fsdp_3b_resume/checkpoints/; python -c "from ring_lightning.training.checkpoint_io import \
+      newest_checkpoint as n; print('newest complete checkpoint:', n('/tmp/fsdp_3b_resume/checkpoints')[:2])"; } \
+      >> "$R/fsdp_3b_resume_b.log" 2>&1
     kill $SAMPLER; cp /tmp/fsdp_3b_resume/metrics.jsonl "$R/fsdp_3b_resume_metrics.jsonl" 2>/dev/null
     echo "host used MiB (max of 5 s samples): $(sort -n "$R/fsdp_3b_resume_host_used_mb.log" | tail -1)"
     grep -E "resumed|step [0-9]+/|final|Error|error|G .*last" "$R/fsdp_3b_resume_a.log" "$R/fsdp_3b_resume_b.log" | tail -12 ;;
