@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -321,9 +322,12 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
         # folder would never count as complete, and each node would keep its own staging folder).
         complete = self.broadcast(folder_complete(staged) if self.global_rank == 0 else None)
         if not complete:
+            if self.local_rank == 0:  # its node's staging folder (the one folder on a shared filesystem)
+                shutil.rmtree(staged, ignore_errors=True)
             raise RuntimeError(
                 f"save_distributed_checkpoint=true: {staged} is incomplete as rank 0 sees it after every rank "
-                f"wrote its shard; the checkpoint directory must be on a filesystem every node shares "
+                f"wrote its shard (removed; the earlier checkpoints are intact); the checkpoint directory "
+                f"must be on a filesystem every node shares "
                 f"(callbacks.model_checkpoint.dirpath), or set strategy.save_distributed_checkpoint=false")
         if self.global_rank == 0:
             publish(staged, final)

@@ -118,6 +118,20 @@ def test_checkpoint_resumes_as_ddp(run_distributed, tmp_path, sharded):
             _close(p, ddp["params"][name], SAME_SP_TOL, f"rank {rank} {name}: resumed under FSDP vs DDP")
 
 
+def test_sharded_save_seen_incomplete_by_rank_0_raises_on_every_rank_and_publishes_nothing(run_distributed, tmp_path):
+    """Rank 0 judges the staged folder after every rank wrote its shard and broadcasts the verdict: seen
+    incomplete (node-local disks), every rank raises the same error naming the shared filesystem (no
+    rank waits in a collective the others left), nothing is published, the staging folder is removed
+    and the earlier last.ckpt (step 2) stays whole."""
+    results = run_distributed(F.fit_and_fail_to_publish, 2, 2, str(tmp_path), timeout=SPAWN_TIMEOUT_S)
+    assert results[0]["error"] == results[1]["error"]
+    assert "is incomplete as rank 0 sees it" in results[0]["error"]
+    assert "filesystem every node shares" in results[0]["error"]
+    for res in results:
+        assert res["entries"] == ["epoch=0-step=2.ckpt", "last.ckpt"], res["entries"]
+        assert res["last_is_folder"] and res["last_step"] == 2 and res["last_readable"]
+
+
 def test_gradient_clipping_clips_by_the_whole_norm_as_ddp(run_distributed, tmp_path):
     """Lightning's ``gradient_clip_val`` over FSDP2's gradient shards (DTensors): the same norm
     and the same clipped training as DDP. The clip is below every step's norm, so it acts."""
