@@ -273,3 +273,37 @@ def fit_and_fail_to_publish(rank: int, world_size: int, sp: int, ckpt_dir: str) 
     return {"error": error, "entries": sorted(os.listdir(ckpt_dir)), "last_is_folder": os.path.isdir(last),
             "last_step": checkpoint_step(last), "last_readable": readable(last)}
 
+
+class TwoForwardLM(GradPresenceLM):
+    """``GradPresenceLM`` whose training step runs the model twice with gradient (a user's module
+    adding a second loss): ``loss + 0.5 * loss again``, two graphs through the same blocks."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 0.5 * super().training_step(batch, batch_idx)
+
+
+def fit_two_forwards(rank: int, world_size: int, sp: int, option_sets: List[Tuple[Dict, bool]]) -> List[Dict]:
+    """``TwoForwardLM(options)`` under RingFSDPStrategy(reshard_after_forward=...) and RingStrategy (DDP),
+    for each ``(options, reshard_after_forward)`` of ``option_sets``: each step's whole gradients, or
+    the error the fit raised."""
+    from lightning.pytorch import Trainer
+
+    W._lightning_env(rank, world_size)
+    dp, out = world_size // sp, []
+    for options, reshard_after_forward in option_sets:
+        run = {}
+        for name, strategy in (("fsdp", RingFSDPStrategy(sequence_parallel_size=sp,
+                                                         reshard_after_forward=reshard_after_forward)),
+                               ("ddp", RingStrategy(sequence_parallel_size=sp))):
+            model = TwoForwardLM(options)
+            trainer = Trainer(accelerator="cpu", devices=world_size, strategy=strategy, max_steps=U.STEPS,
+                              logger=False, enable_progress_bar=False, enable_model_summary=False,
+                              enable_checkpointing=False)
+            loader = DataLoader(U.DATA["uneven"](dp * W.BATCH * U.STEPS, seed=1), batch_size=W.BATCH)
+            try:
+                trainer.fit(model, train_dataloaders=loader)
+                run[name] = {"grads": model.record["grads"], "no_grad": model.record["no_grad"]}
+            except RuntimeError as exc:
+                run[name] = {"error": str(exc)}
+        out.append(run)
+    return out

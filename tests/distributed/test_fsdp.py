@@ -21,6 +21,7 @@ import torch
 import _fsdp_worker as F
 import _strategy_worker as W
 import _user_module_worker as U
+from ring_lightning.models.activations import INTERLEAVED_IN_PLACE
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-5  # float32 against sp=1, as test_user_module.py
@@ -218,3 +219,23 @@ def test_offload_after_validation_trains_as_ddp(run_distributed, reshard_after_f
         for step, grads in enumerate(fsdp["grads"]):
             for p, g in grads.items():
                 _close(g, ddp["grads"][step][p], SAME_SP_TOL, f"rank {rank} step {step} gradient of {p}")
+
+
+def test_two_forwards_before_one_backward_under_offload_are_refused_not_wrong(run_distributed):
+    """A training step that runs the model twice with gradient (loss + 0.5 * loss again) under
+    activation offload: FSDP2 takes a block's second recomputation within one backward for a replay
+    whose gradients it has reduced already and drops them (seen: every block's gradient wrong at
+    step 0, with reshard_after_forward true or false). It is refused on every rank, naming the
+    options that train it; checkpointing=full trains it as DDP, and DDP trains it under offload too."""
+    runs = [(OFFLOAD, False), (OFFLOAD, True), (FULL, False)]
+    results = run_distributed(F.fit_two_forwards, 2, 2, runs, timeout=SPAWN_TIMEOUT_S)
+    for rank, (offload_kept, offload_resharded, full) in enumerate(results):
+        for run in (offload_kept, offload_resharded):
+            assert run["fsdp"].get("error") == INTERLEAVED_IN_PLACE, run["fsdp"]
+            assert "checkpointing=full" in INTERLEAVED_IN_PLACE and "strategy=ring" in INTERLEAVED_IN_PLACE
+        assert full["fsdp"]["no_grad"] == [[]] * U.STEPS
+        for step in range(U.STEPS):
+            for p, g in full["ddp"]["grads"][step].items():
+                _close(full["fsdp"]["grads"][step][p], g, SAME_SP_TOL, f"full: rank {rank} step {step} gradient of {p}")
+                _close(offload_kept["ddp"]["grads"][step][p], g, SAME_SP_TOL,
+                       f"DDP offload vs full: rank {rank} step {step} gradient of {p}")
