@@ -131,10 +131,29 @@ def test_a_rollback_sets_newer_folders_aside(tmp_path):
     assert sorted(p.name for p in aside.iterdir()) == ["last.ckpt", "step000006.ckpt"]
 
 
-def test_a_file_moved_aside_by_a_killed_folder_publish_is_put_back(tmp_path):
+@pytest.mark.parametrize("staged_complete", [pytest.param(False, id="staged_cut_short"),
+                                             pytest.param(True, id="staged_whole")])
+def test_a_publish_killed_between_its_renames_keeps_the_newest_whole_checkpoint(tmp_path, staged_complete):
     """last.ckpt a file (save_distributed_checkpoint was false), the new folder's publish killed
-    between its two renames: the file is the only whole checkpoint left and must come back."""
+    between its two renames: no last.ckpt, the file aside, the staged folder. The staged folder
+    whole (its step 7 is the newest) takes the name; cut short, the file is the only whole
+    checkpoint left and comes back."""
     AtomicCheckpointIO().save_checkpoint({"global_step": 5, "state_dict": weights(5)}, str(tmp_path / ".last.ckpt.old-42"))
-    a_folder(staging_path(str(tmp_path / "last.ckpt"), "42"), 7)
-    clean_leftovers(str(tmp_path))
-    assert newest_checkpoint(str(tmp_path))[:2] == (str(tmp_path / "last.ckpt"), 5)
+    a_folder(staging_path(str(tmp_path / "last.ckpt"), "42"), 7, meta=staged_complete)
+    assert len(clean_leftovers(str(tmp_path))) == 2
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+    assert newest_checkpoint(str(tmp_path))[:2] == (str(tmp_path / "last.ckpt"), 7 if staged_complete else 5)
+    assert os.path.isdir(tmp_path / "last.ckpt") is staged_complete
+
+
+def test_a_whole_staged_folder_whose_name_is_free_is_promoted_the_newest_first(tmp_path):
+    """Killed after every rank wrote (the folder complete) and before its publish: the first save of
+    the run (no last.ckpt yet) is kept; of two whole staged folders for one name, the newer step wins."""
+    a_folder(staging_path(str(tmp_path / "step000003.ckpt"), "7"), 3)
+    a_folder(staging_path(str(tmp_path / "last.ckpt"), "7"), 9)
+    a_folder(staging_path(str(tmp_path / "last.ckpt"), "8"), 6)
+    a_folder(staging_path(str(tmp_path / "last.ckpt"), "9"), 12, meta=False)  # cut short: removed
+    assert len(clean_leftovers(str(tmp_path))) == 4
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt", "step000003.ckpt"]
+    assert checkpoint_step(str(tmp_path / "last.ckpt")) == 9 and checkpoint_step(str(tmp_path / "step000003.ckpt")) == 3
+    assert newest_checkpoint(str(tmp_path))[:2] == (str(tmp_path / "last.ckpt"), 9)
