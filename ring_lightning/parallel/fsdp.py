@@ -73,7 +73,7 @@ import torch.distributed as dist
 from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from lightning.fabric.utilities.device_dtype_mixin import _DeviceDtypeModuleMixin
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.strategies import ModelParallelStrategy, ParallelStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
@@ -304,7 +304,10 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
         0 renames into place once every rank has written (ring_lightning/parallel/sharded_checkpoint.py):
         a save killed half-way never leaves a folder that looks complete."""
         if not self._save_distributed_checkpoint:
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
+            # Not ModelParallelStrategy's: it removes a folder checkpoint at the path (a run that switched
+            # from folders) before the file is written. The trainer's writer (AtomicCheckpointIO) replaces
+            # the folder once the file is whole.
+            return ParallelStrategy.save_checkpoint(self, checkpoint, self.broadcast(filepath), storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}")
         from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save

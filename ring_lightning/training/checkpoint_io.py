@@ -37,8 +37,8 @@ from typing import Any, List, Optional, Tuple
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ring_lightning.parallel.sharded_checkpoint import (TMP_MARK, clean_folder_leftovers, folder_complete, folder_meta,
-                                                        fsync_dir)
+from ring_lightning.parallel.sharded_checkpoint import (META_NAME, TMP_MARK, clean_folder_leftovers, folder_complete,
+                                                        folder_meta, fsync_dir, publish)
 
 
 class CheckpointWriteError(OSError):
@@ -85,21 +85,31 @@ def _size_mb(num_bytes: float) -> str:
 
 
 def atomic_save(checkpoint: Any, path: str) -> None:
-    """``torch.save`` to ``.<name>.tmp-<pid>`` beside ``path``, fsync, rename into place.
+    """``torch.save`` to ``.<name>.tmp-<pid>`` beside ``path``, fsync, rename into place. A folder
+    checkpoint at ``path`` (a run that switched from ``save_distributed_checkpoint=true``) is
+    replaced only once the file is whole: moved aside, then removed (``publish``).
 
     Raises:
         CheckpointWriteError: the disk is full (or over quota); the partial file is removed.
+        IsADirectoryError: ``path`` is a folder that is not a checkpoint (no ``meta.pt``).
     """
     path = os.fspath(path)
     dirpath = os.path.dirname(os.path.abspath(path))
     os.makedirs(dirpath, exist_ok=True)
+    folder = os.path.isdir(path) and not os.path.islink(path)
+    if folder and not os.path.isfile(os.path.join(path, META_NAME)):
+        raise IsADirectoryError(f"checkpoint path {path} is a folder that holds no checkpoint ({META_NAME}); "
+                                f"move it away or choose another callbacks.model_checkpoint.dirpath")
     tmp = os.path.join(dirpath, f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on one filesystem: readers see the old file or the new one
+        if folder:
+            publish(tmp, path)  # a kill between its renames: clean_leftovers puts a whole file or folder back
+        else:
+            os.replace(tmp, path)  # atomic on one filesystem: readers see the old file or the new one
     except BaseException as exc:
         try:
             os.remove(tmp)

@@ -157,3 +157,35 @@ def test_a_whole_staged_folder_whose_name_is_free_is_promoted_the_newest_first(t
     assert sorted(os.listdir(tmp_path)) == ["last.ckpt", "step000003.ckpt"]
     assert checkpoint_step(str(tmp_path / "last.ckpt")) == 9 and checkpoint_step(str(tmp_path / "step000003.ckpt")) == 3
     assert newest_checkpoint(str(tmp_path))[:2] == (str(tmp_path / "last.ckpt"), 9)
+
+
+def _failing_save(*args, **kwargs):
+    raise RuntimeError("simulated write failure")
+
+
+@pytest.mark.parametrize("writer", [pytest.param("ring", id="strategy_ring"),
+                                    pytest.param("ring_fsdp_file", id="strategy_ring_fsdp_gathered_file")])
+def test_a_file_written_over_a_folder_replaces_it_only_once_whole(tmp_path, monkeypatch, writer):
+    """A run that switched from folder checkpoints to files (strategy=ring, or ring_fsdp with
+    save_distributed_checkpoint=false) over the same run dir: a failed write of last.ckpt leaves the
+    folder whole (Lightning's ModelParallelStrategy removed it first); a whole one replaces it."""
+    from ring_lightning.parallel.fsdp import RingFSDPStrategy
+
+    final = str(tmp_path / "last.ckpt")
+    a_folder(final, 3)
+    if writer == "ring":  # RingStrategy (DDP): rank 0 hands the file to the trainer's writer
+        save = AtomicCheckpointIO().save_checkpoint
+    else:
+        strategy = RingFSDPStrategy(save_distributed_checkpoint=False)
+        strategy.checkpoint_io = AtomicCheckpointIO()
+        save = strategy.save_checkpoint
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", _failing_save)
+        with pytest.raises(RuntimeError, match="simulated write failure"):
+            save({"global_step": 5, "state_dict": weights(5)}, final)
+    assert os.path.isdir(final) and checkpoint_step(final) == 3 and sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+    save({"global_step": 5, "state_dict": weights(5)}, final)
+    assert os.path.isfile(final) and checkpoint_step(final) == 5 and sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+    os.makedirs(tmp_path / "notes.ckpt")  # a folder that is no checkpoint is never replaced
+    with pytest.raises(IsADirectoryError, match="holds no checkpoint"):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 6}, str(tmp_path / "notes.ckpt"))
