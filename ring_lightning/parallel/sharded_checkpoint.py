@@ -96,7 +96,8 @@ def clean_folder_leftovers(dirpath: str) -> List[str]:
     folder whose ``<name>`` is missing takes it (the newest of them, by step, when there are several);
     every other staged folder is removed; a replaced checkpoint whose name is still free after that
     is renamed back, the others removed. Returns the paths touched. Call it only while no run writes
-    in ``dirpath`` (the run-dir lock), on one process per filesystem."""
+    in ``dirpath`` (the run-dir lock), in one process
+    (rank 0; the other ranks wait for it before they choose: ring_lightning/app/run_dir.py)."""
     touched = []
     staged = [p for p in glob.glob(os.path.join(dirpath, f".*.ckpt{TMP_MARK}*")) if os.path.isdir(p)]
     meta = {p: folder_meta(p) for p in staged}

@@ -37,8 +37,8 @@ from typing import Any, List, Optional, Tuple
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ring_lightning.parallel.sharded_checkpoint import (META_NAME, TMP_MARK, clean_folder_leftovers, folder_complete,
-                                                        folder_meta, fsync_dir, publish)
+from ring_lightning.parallel.sharded_checkpoint import (META_NAME, OLD_MARK, TMP_MARK, clean_folder_leftovers,
+                                                        folder_complete, folder_meta, fsync_dir, publish)
 
 
 class CheckpointWriteError(OSError):
@@ -202,10 +202,19 @@ def newest_valid_checkpoint(dirpath: str, preferred: Optional[str] = None) -> tu
     return path, damaged
 
 
+LEFTOVER_PATTERNS = (f".*.ckpt{TMP_MARK}*", f".*.ckpt{OLD_MARK}*", "*.ckpt.tmp")
+
+
+def leftovers(dirpath: str) -> List[str]:
+    """What ``clean_leftovers`` would clear in ``dirpath`` (killed writes, files and folders)."""
+    return sorted(p for pattern in LEFTOVER_PATTERNS for p in glob.glob(os.path.join(dirpath, pattern)))
+
+
 def clean_leftovers(dirpath: str) -> List[str]:
     """Remove the temporaries of checkpoint writes that were killed (``.<name>.tmp-<pid>``, and
     ``<name>.tmp`` of the earlier writer; folders: ``clean_folder_leftovers``); returns the paths
-    removed. Call it only while no run writes in ``dirpath`` (the run-dir lock)."""
+    removed. Call it only while no run writes in ``dirpath`` (the run-dir lock), in one process (rank 0:
+    ``run_dir.wait_for_cleanup``)."""
     removed = clean_folder_leftovers(dirpath)
     for pattern in (f".*.ckpt{TMP_MARK}*", "*.ckpt.tmp"):
         for path in glob.glob(os.path.join(dirpath, pattern)):
