@@ -297,7 +297,8 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
-        """A gathered file: Lightning's (through the trainer's checkpoint writer, ``AtomicCheckpointIO``).
+        """A gathered file: rank 0 hands it to the trainer's checkpoint writer (``AtomicCheckpointIO``,
+        which replaces a folder checkpoint at the path only once the file is whole).
         A folder of shards: the layout Lightning writes and reads (the ``state_dict`` and
         ``optimizer_<i>`` shards through ``torch.distributed.checkpoint``, the rest in ``meta.pt``,
         here through the trainer's checkpoint writer as a file is), under a staging name that rank
