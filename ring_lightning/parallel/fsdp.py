@@ -45,7 +45,10 @@ offload (``checkpointing=offload``). Offload's recomputation
 FSDP2's hooks gather their parameters into new tensors; it back-propagates through them in place,
 so the gradients accumulate there and FSDP2 reduce-scatters them into the shards. A group of k
 blocks (``model.blocks_per_checkpoint``) keeps its k blocks' parameters gathered from its
-recomputation until each block's backward has run.
+recomputation until each block's backward has run. Offload takes one forward per backward here:
+a training step that runs the model twice with gradient is refused at its backward, naming the
+options that train it (``INTERLEAVED_IN_PLACE``; FSDP2 would drop a block's second recomputation's
+gradients).
 
 Checkpoints (``save_distributed_checkpoint=True``): a folder of shards in Lightning's layout,
 written under a staging name and renamed into place once every rank has written
