@@ -12,7 +12,8 @@
   checkpoints is refused before launch: the files belong to another run, and a resume would
   have mixed the two (Lightning wrote ``last-v1.ckpt`` beside the old ``last.ckpt``).
 * **the resume choice**: the newest checkpoint *by step* that loads (``checkpoint_io``: files and folders of shards alike);
-  leftovers of a killed write are removed; the config recorded in the checkpoint is compared
+  leftovers of a killed write are cleared by the launching process, the ranks that choose for
+  themselves waiting until it has (``wait_for_cleanup``); the config recorded in the checkpoint is compared
   with this one (``resume_compat``); ``metrics.jsonl`` keeps the rows up to the resumed step,
   so the steps replayed after it are not in the file twice.
 
@@ -38,6 +39,9 @@ LOCK_DIR, LOCK_NAME = ".ring_lightning", "run.lock"
 HEARTBEAT_S, STALE_AFTER_S = 30.0, 180.0
 ENV_RESUME = "RING_LIGHTNING_RESUME"  # "<resume path>|<weights path>" decided by the launching process
 METRICS_NAME = "metrics.jsonl"
+#: How long a rank that chooses for itself waits for rank 0 to clear leftovers (a folder's removal
+#: can take a while on a network filesystem), and how often it looks.
+CLEANUP_WAIT_S, CLEANUP_POLL_S = 600.0, 0.2
 
 _OWNED: Dict[str, Any] = {}  # the lock this process holds: {"path", "token", "stop"}
 
@@ -196,6 +200,29 @@ def refuse_fresh_run_over_checkpoints(ckpt_dir: str, run_dir: str) -> None:
         f"{ckpt_dir} away first).")
 
 
+def wait_for_cleanup(ckpt_dir: str) -> None:
+    """A rank that chooses for itself (started by torchrun or SLURM) waits until the launching
+    process (global rank 0) has cleared the leftovers of killed writes: clearing them may give a
+    checkpoint its name back (``clean_folder_leftovers``), and a rank choosing before that would
+    resume from another step. One process clears, on the filesystem every rank shares.
+
+    Raises:
+        ConfigError: leftovers still there after ``CLEANUP_WAIT_S``.
+    """
+    from ring_lightning.training.checkpoint_io import leftovers
+    from ring_lightning.preflight import ConfigError
+
+    deadline = time.monotonic() + CLEANUP_WAIT_S
+    while leftovers(ckpt_dir):
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"{ckpt_dir} still holds leftovers of a killed checkpoint write ({', '.join(leftovers(ckpt_dir))}) "
+                f"after {CLEANUP_WAIT_S:.0f} s: rank 0 clears them before the ranks choose what to resume, on a "
+                f"filesystem every node shares (callbacks.model_checkpoint.dirpath); remove them by hand if "
+                f"rank 0 cannot")
+        time.sleep(CLEANUP_POLL_S)
+
+
 def choose(cfg, ckpt_dir: Optional[str], quiet: bool = False) -> RunStart:
     """The checkpoint to continue from (see the module docstring); notes unless ``quiet``."""
     from ring_lightning.training.checkpoint_io import checkpoint_step, clean_leftovers, newest_checkpoint
@@ -205,6 +232,8 @@ def choose(cfg, ckpt_dir: Optional[str], quiet: bool = False) -> RunStart:
     if ckpt_dir and os.path.isdir(ckpt_dir) and not quiet:
         start.notes += [f"note: cleared {p}, the leftover of a checkpoint write that was killed"
                         for p in clean_leftovers(ckpt_dir)]
+    elif ckpt_dir and os.path.isdir(ckpt_dir):
+        wait_for_cleanup(ckpt_dir)
     if cfg.get("ckpt_path"):
         path = os.path.expanduser(str(cfg.ckpt_path))
         step = checkpoint_step(path)

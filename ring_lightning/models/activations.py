@@ -12,6 +12,9 @@ Two autograd Functions, both exact (the same arithmetic as the plain path, recom
   around the block's forward), backward back-propagates through it in place instead, as an
   ordinary backward: the gradients accumulate into what was read and its hooks (FSDP2's
   reduce-scatter into the shards) fire, as for the reentrant form of ``torch.utils.checkpoint``.
+  That path takes one forward per backward: after a second forward with gradient through the
+  same blocks, FSDP2 sees a block's second recomputation within one backward as a replay whose
+  gradients it has reduced already, and drops them; such a backward raises ``INTERLEAVED_IN_PLACE``.
 * ``tiled(fn, x, params, tile)``: ``fn`` applied to sequence tiles of ``x`` (dim 1), in
   forward and in backward, so only one tile's intermediates are ever alive (the SwiGLU's
   (T, hidden_dim) tensors are the largest of a block).
@@ -66,6 +69,7 @@ class HostOffload:
         self._free: List[torch.Tensor] = []  # pinned buffers no live pass holds
         self._allocated_bytes = 0
         self._stream: Optional[torch.cuda.Stream] = None
+        self.backwards_begun = 0  # passes whose backward has begun (what _OffloadPass.interleaved reads)
 
     @property
     def host_bytes(self) -> int:
@@ -98,6 +102,10 @@ class _OffloadPass:
         self._slots: list = []  # per slot: (host tensor, shape, dtype, device)
         self._buffers: List[torch.Tensor] = []
         self._ready: dict = {}  # slot -> (device tensor, event) of a prefetch in flight
+        self._backwards_at_forward = owner.backwards_begun
+        #: another pass's backward began between this pass's forward and its backward: two forwards
+        #: ran before one backward (set when this pass's backward begins)
+        self.interleaved: Optional[bool] = None
 
     def __del__(self) -> None:
         # Copies still queued on the side stream are ordered before any later use of these
@@ -133,6 +141,9 @@ class _OffloadPass:
         return out, done
 
     def get(self, slot: int) -> torch.Tensor:
+        if self.interleaved is None:  # this pass's backward begins
+            self.interleaved = self._owner.backwards_begun != self._backwards_at_forward
+            self._owner.backwards_begun += 1
         host, shape, dtype, device = self._slots[slot]
         if device.type != "cuda":
             return host
@@ -165,6 +176,8 @@ class _RecomputeOffloaded(torch.autograd.Function):
         read = [t for t in _leaves(y) if t is not x]
         others = [t for t in read if id(t) not in given_ids]
         if others:  # the recomputation read other tensors than those given: accumulate in place
+            if ctx.offload.interleaved:
+                raise RuntimeError(INTERLEAVED_IN_PLACE)
             _accumulate(y, grad_y, x, read_given=len(others) < len(read), others=others)
             return (None, None, None, x.grad if x.requires_grad else None, *[None] * len(ctx.params))
         wanted = ([x] if x.requires_grad else []) + given
@@ -172,6 +185,15 @@ class _RecomputeOffloaded(torch.autograd.Function):
         grad_x = next(grads) if x.requires_grad else None
         grad_params = [next(grads) if need else None for need in ctx.needs_input_grad[4:]]
         return (None, None, None, grad_x, *grad_params)
+
+
+#: Raised where the in-place backward would give wrong gradients (tests/distributed/test_fsdp.py).
+INTERLEAVED_IN_PLACE = (
+    "checkpointing=offload: the training step ran the model twice (or more) with gradient before one backward, "
+    "and its blocks gather their parameters around their own forward (FSDP2, strategy=ring_fsdp). FSDP2 takes "
+    "a block's second recomputation within one backward for a replay whose gradients it has already reduced "
+    "and drops them: the gradients would be wrong. Run one forward per backward, or set checkpointing=full "
+    "(or selective / none) instead of checkpointing=offload, or strategy=ring (DDP)")
 
 
 def _leaves(y: torch.Tensor) -> List[torch.Tensor]:

@@ -45,7 +45,10 @@ offload (``checkpointing=offload``). Offload's recomputation
 FSDP2's hooks gather their parameters into new tensors; it back-propagates through them in place,
 so the gradients accumulate there and FSDP2 reduce-scatters them into the shards. A group of k
 blocks (``model.blocks_per_checkpoint``) keeps its k blocks' parameters gathered from its
-recomputation until each block's backward has run.
+recomputation until each block's backward has run. Offload takes one forward per backward here:
+a training step that runs the model twice with gradient is refused at its backward, naming the
+options that train it (``INTERLEAVED_IN_PLACE``; FSDP2 would drop a block's second recomputation's
+gradients).
 
 Checkpoints (``save_distributed_checkpoint=True``): a folder of shards in Lightning's layout,
 written under a staging name and renamed into place once every rank has written
@@ -63,6 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -72,7 +76,7 @@ import torch.distributed as dist
 from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from lightning.fabric.utilities.device_dtype_mixin import _DeviceDtypeModuleMixin
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.strategies import ModelParallelStrategy, ParallelStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
@@ -303,14 +307,18 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
-        """A gathered file: Lightning's (through the trainer's checkpoint writer, ``AtomicCheckpointIO``).
+        """A gathered file: rank 0 hands it to the trainer's checkpoint writer (``AtomicCheckpointIO``,
+        which replaces a folder checkpoint at the path only once the file is whole).
         A folder of shards: the layout Lightning writes and reads (the ``state_dict`` and
         ``optimizer_<i>`` shards through ``torch.distributed.checkpoint``, the rest in ``meta.pt``,
         here through the trainer's checkpoint writer as a file is), under a staging name that rank
         0 renames into place once every rank has written (ring_lightning/parallel/sharded_checkpoint.py):
         a save killed half-way never leaves a folder that looks complete."""
         if not self._save_distributed_checkpoint:
-            return super().save_checkpoint(checkpoint, filepath, storage_options)
+            # Not ModelParallelStrategy's: it removes a folder checkpoint at the path (a run that switched
+            # from folders) before the file is written. The trainer's writer (AtomicCheckpointIO) replaces
+            # the folder once the file is whole.
+            return ParallelStrategy.save_checkpoint(self, checkpoint, self.broadcast(filepath), storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}")
         from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
@@ -328,9 +336,12 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
         # folder would never count as complete, and each node would keep its own staging folder).
         complete = self.broadcast(folder_complete(staged) if self.global_rank == 0 else None)
         if not complete:
+            if self.local_rank == 0:  # its node's staging folder (the one folder on a shared filesystem)
+                shutil.rmtree(staged, ignore_errors=True)
             raise RuntimeError(
                 f"save_distributed_checkpoint=true: {staged} is incomplete as rank 0 sees it after every rank "
-                f"wrote its shard; the checkpoint directory must be on a filesystem every node shares "
+                f"wrote its shard (removed; the earlier checkpoints are intact); the checkpoint directory "
+                f"must be on a filesystem every node shares "
                 f"(callbacks.model_checkpoint.dirpath), or set strategy.save_distributed_checkpoint=false")
         if self.global_rank == 0:
             publish(staged, final)

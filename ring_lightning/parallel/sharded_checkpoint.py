@@ -12,8 +12,11 @@ callbacks, the recorded config) from rank 0.
   looks complete and holds two steps. The strategy writes into ``staging_path`` (``.<name>.tmp-<token>``
   beside it, the files' ``atomic_save`` mark) and ``publish`` renames it into place: an earlier
   folder first moves to ``.<name>.old-<pid>``, the new one takes its name, the old one is removed.
-  A kill between the two renames leaves no ``<name>`` and a complete ``.old-`` folder:
-  ``clean_folder_leftovers`` puts it back.
+  A kill between the two renames leaves no ``<name>``, a complete staged folder (the newer step)
+  and the ``.old-`` one: ``clean_folder_leftovers`` promotes the staged folder to ``<name>`` (a
+  staged folder that is incomplete is removed and the ``.old-`` one put back instead). A file
+  written over a folder (``atomic_save``, a run that switched to file checkpoints) moves the folder
+  aside the same way, once the file is whole.
 * **Complete.** ``folder_complete``: ``meta.pt`` and ``.metadata`` are there and every byte range
   ``.metadata`` names lies inside its shard file (a truncated shard fails it).
 * **Read back anywhere.** ``read_full_state`` reads the whole tensors of a folder in one process
@@ -67,8 +70,9 @@ def _remove(path: str) -> None:
 
 
 def publish(staged: str, path: str) -> None:
-    """Rename the finished ``staged`` folder to ``path``; a checkpoint already there (folder or
-    file) moves aside first and is removed once the new one has its name (module docstring)."""
+    """Rename the finished ``staged`` folder (or file) to ``path``; a checkpoint already there
+    (folder or file) moves aside first and is removed once the new one has its name (module
+    docstring)."""
     path = os.path.abspath(os.fspath(path))
     dirpath = os.path.dirname(path)
     old = None
@@ -82,14 +86,33 @@ def publish(staged: str, path: str) -> None:
         _remove(old)
 
 
+def _target(leftover: str, mark: str) -> str:
+    """``<dir>/<name>`` of a leftover ``<dir>/.<name><mark><token>``."""
+    return os.path.join(os.path.dirname(leftover), os.path.basename(leftover)[1:].split(mark)[0])
+
+
 def clean_folder_leftovers(dirpath: str) -> List[str]:
-    """Remove the staging folders of killed writes and the replaced checkpoints of finished ones;
-    a replaced checkpoint whose successor never got its name is renamed back. Returns the paths
-    removed (or restored). Call it only while no run writes in ``dirpath`` (the run-dir lock)."""
+    """Finish or undo the folder publishes of a killed run (module docstring): a complete staged
+    folder whose ``<name>`` is missing takes it (the newest of them, by step, when there are several);
+    every other staged folder is removed; a replaced checkpoint whose name is still free after that
+    is renamed back, the others removed. Returns the paths touched. Call it only while no run writes
+    in ``dirpath`` (the run-dir lock), in one process
+    (rank 0; the other ranks wait for it before they choose: ring_lightning/app/run_dir.py)."""
     touched = []
+    staged = [p for p in glob.glob(os.path.join(dirpath, f".*.ckpt{TMP_MARK}*")) if os.path.isdir(p)]
+    meta = {p: folder_meta(p) for p in staged}
+    # the newest complete candidate first: it takes a free name, the rest find it taken
+    for path in sorted(staged, key=lambda p: (meta[p] is not None, (meta[p] or {}).get("global_step", -1)),
+                       reverse=True):
+        target = _target(path, TMP_MARK)
+        if meta[path] is not None and not os.path.lexists(target):
+            os.replace(path, target)
+            fsync_dir(dirpath)
+        else:
+            _remove(path)
+        touched.append(path)
     for path in sorted(glob.glob(os.path.join(dirpath, f".*.ckpt{OLD_MARK}*"))):
-        name = os.path.basename(path)[1:].split(OLD_MARK)[0]
-        target = os.path.join(dirpath, name)
+        target = _target(path, OLD_MARK)
         # what publish moved aside was a published checkpoint: a folder (complete unless its removal
         # had begun) or a file (atomic_save's, whole); a file removed here would lose the only copy
         if not os.path.lexists(target) and (folder_complete(path) if os.path.isdir(path) else os.path.isfile(path)):
@@ -97,10 +120,6 @@ def clean_folder_leftovers(dirpath: str) -> List[str]:
         else:
             _remove(path)
         touched.append(path)
-    for path in glob.glob(os.path.join(dirpath, f".*.ckpt{TMP_MARK}*")):
-        if os.path.isdir(path):
-            _remove(path)
-            touched.append(path)
     return sorted(touched)
 
 

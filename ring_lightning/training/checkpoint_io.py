@@ -37,8 +37,9 @@ from typing import Any, List, Optional, Tuple
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ring_lightning.parallel.sharded_checkpoint import (TMP_MARK, clean_folder_leftovers, folder_complete, folder_meta,
-                                                        fsync_dir, read_full_state)
+from ring_lightning.parallel.sharded_checkpoint import (META_NAME, OLD_MARK, TMP_MARK, clean_folder_leftovers,
+                                                        folder_complete, folder_meta, fsync_dir, publish,
+                                                        read_full_state)
 
 
 class CheckpointWriteError(OSError):
@@ -85,21 +86,31 @@ def _size_mb(num_bytes: float) -> str:
 
 
 def atomic_save(checkpoint: Any, path: str) -> None:
-    """``torch.save`` to ``.<name>.tmp-<pid>`` beside ``path``, fsync, rename into place.
+    """``torch.save`` to ``.<name>.tmp-<pid>`` beside ``path``, fsync, rename into place. A folder
+    checkpoint at ``path`` (a run that switched from ``save_distributed_checkpoint=true``) is
+    replaced only once the file is whole: moved aside, then removed (``publish``).
 
     Raises:
         CheckpointWriteError: the disk is full (or over quota); the partial file is removed.
+        IsADirectoryError: ``path`` is a folder that is not a checkpoint (no ``meta.pt``).
     """
     path = os.fspath(path)
     dirpath = os.path.dirname(os.path.abspath(path))
     os.makedirs(dirpath, exist_ok=True)
+    folder = os.path.isdir(path) and not os.path.islink(path)
+    if folder and not os.path.isfile(os.path.join(path, META_NAME)):
+        raise IsADirectoryError(f"checkpoint path {path} is a folder that holds no checkpoint ({META_NAME}); "
+                                f"move it away or choose another callbacks.model_checkpoint.dirpath")
     tmp = os.path.join(dirpath, f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on one filesystem: readers see the old file or the new one
+        if folder:
+            publish(tmp, path)  # a kill between its renames: clean_leftovers puts a whole file or folder back
+        else:
+            os.replace(tmp, path)  # atomic on one filesystem: readers see the old file or the new one
     except BaseException as exc:
         try:
             os.remove(tmp)
@@ -200,10 +211,19 @@ def newest_valid_checkpoint(dirpath: str, preferred: Optional[str] = None) -> tu
     return path, damaged
 
 
+LEFTOVER_PATTERNS = (f".*.ckpt{TMP_MARK}*", f".*.ckpt{OLD_MARK}*", "*.ckpt.tmp")
+
+
+def leftovers(dirpath: str) -> List[str]:
+    """What ``clean_leftovers`` would clear in ``dirpath`` (killed writes, files and folders)."""
+    return sorted(p for pattern in LEFTOVER_PATTERNS for p in glob.glob(os.path.join(dirpath, pattern)))
+
+
 def clean_leftovers(dirpath: str) -> List[str]:
     """Remove the temporaries of checkpoint writes that were killed (``.<name>.tmp-<pid>``, and
     ``<name>.tmp`` of the earlier writer; folders: ``clean_folder_leftovers``); returns the paths
-    removed. Call it only while no run writes in ``dirpath`` (the run-dir lock)."""
+    removed. Call it only while no run writes in ``dirpath`` (the run-dir lock), in one process (rank 0:
+    ``run_dir.wait_for_cleanup``)."""
     removed = clean_folder_leftovers(dirpath)
     for pattern in (f".*.ckpt{TMP_MARK}*", "*.ckpt.tmp"):
         for path in glob.glob(os.path.join(dirpath, pattern)):

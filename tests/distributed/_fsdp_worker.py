@@ -243,3 +243,67 @@ def fit_validated(rank: int, world_size: int, sp: int, options: Dict, reshard_af
         trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader)
         run[name] = {"grads": model.record["grads"], "no_grad": model.record["no_grad"]}
     return run
+
+
+def fit_and_fail_to_publish(rank: int, world_size: int, sp: int, ckpt_dir: str) -> Dict:
+    """The user's module under ``save_distributed_checkpoint=True``: 2 steps (a folder ``last.ckpt``),
+    then a run resumed to step 4 whose rank 0 alone sees the staged folder incomplete (as on node-local
+    disks: the other node's shards are not there). Returns the error each rank raised and what the
+    checkpoint directory holds afterwards."""
+    import torch.distributed as dist
+
+    import ring_lightning.parallel.fsdp as fsdp_module
+    from ring_lightning.training.checkpoint_io import checkpoint_step, readable
+
+    W._lightning_env(rank, world_size)
+    dp, error = world_size // sp, None
+    for max_steps, resume in ((2, None), (4, os.path.join(ckpt_dir, "last.ckpt"))):
+        if resume and rank == 0:
+            fsdp_module.folder_complete = lambda path: False
+        torch.manual_seed(0)
+        strategy = RingFSDPStrategy(sequence_parallel_size=sp, save_distributed_checkpoint=True)
+        trainer = W._trainer(world_size, strategy, max_steps, ckpt_dir)
+        loader = DataLoader(U.DATA["uneven"](dp * W.BATCH * 2, seed=1), batch_size=W.BATCH)
+        try:
+            trainer.fit(AdamWMeanLossLM(), train_dataloaders=loader, ckpt_path=resume)
+        except RuntimeError as exc:
+            error = str(exc)
+    dist.barrier()  # every rank has raised: rank 0 has removed the staging folder
+    last = os.path.join(ckpt_dir, "last.ckpt")
+    return {"error": error, "entries": sorted(os.listdir(ckpt_dir)), "last_is_folder": os.path.isdir(last),
+            "last_step": checkpoint_step(last), "last_readable": readable(last)}
+
+
+class TwoForwardLM(GradPresenceLM):
+    """``GradPresenceLM`` whose training step runs the model twice with gradient (a user's module
+    adding a second loss): ``loss + 0.5 * loss again``, two graphs through the same blocks."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 0.5 * super().training_step(batch, batch_idx)
+
+
+def fit_two_forwards(rank: int, world_size: int, sp: int, option_sets: List[Tuple[Dict, bool]]) -> List[Dict]:
+    """``TwoForwardLM(options)`` under RingFSDPStrategy(reshard_after_forward=...) and RingStrategy (DDP),
+    for each ``(options, reshard_after_forward)`` of ``option_sets``: each step's whole gradients, or
+    the error the fit raised."""
+    from lightning.pytorch import Trainer
+
+    W._lightning_env(rank, world_size)
+    dp, out = world_size // sp, []
+    for options, reshard_after_forward in option_sets:
+        run = {}
+        for name, strategy in (("fsdp", RingFSDPStrategy(sequence_parallel_size=sp,
+                                                         reshard_after_forward=reshard_after_forward)),
+                               ("ddp", RingStrategy(sequence_parallel_size=sp))):
+            model = TwoForwardLM(options)
+            trainer = Trainer(accelerator="cpu", devices=world_size, strategy=strategy, max_steps=U.STEPS,
+                              logger=False, enable_progress_bar=False, enable_model_summary=False,
+                              enable_checkpointing=False)
+            loader = DataLoader(U.DATA["uneven"](dp * W.BATCH * U.STEPS, seed=1), batch_size=W.BATCH)
+            try:
+                trainer.fit(model, train_dataloaders=loader)
+                run[name] = {"grads": model.record["grads"], "no_grad": model.record["no_grad"]}
+            except RuntimeError as exc:
+                run[name] = {"error": str(exc)}
+        out.append(run)
+    return out

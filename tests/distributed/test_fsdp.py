@@ -21,6 +21,7 @@ import torch
 import _fsdp_worker as F
 import _strategy_worker as W
 import _user_module_worker as U
+from ring_lightning.models.activations import INTERLEAVED_IN_PLACE
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-5  # float32 against sp=1, as test_user_module.py
@@ -118,6 +119,20 @@ def test_checkpoint_resumes_as_ddp(run_distributed, tmp_path, sharded):
             _close(p, ddp["params"][name], SAME_SP_TOL, f"rank {rank} {name}: resumed under FSDP vs DDP")
 
 
+def test_sharded_save_seen_incomplete_by_rank_0_raises_on_every_rank_and_publishes_nothing(run_distributed, tmp_path):
+    """Rank 0 judges the staged folder after every rank wrote its shard and broadcasts the verdict: seen
+    incomplete (node-local disks), every rank raises the same error naming the shared filesystem (no
+    rank waits in a collective the others left), nothing is published, the staging folder is removed
+    and the earlier last.ckpt (step 2) stays whole."""
+    results = run_distributed(F.fit_and_fail_to_publish, 2, 2, str(tmp_path), timeout=SPAWN_TIMEOUT_S)
+    assert results[0]["error"] == results[1]["error"]
+    assert "is incomplete as rank 0 sees it" in results[0]["error"]
+    assert "filesystem every node shares" in results[0]["error"]
+    for res in results:
+        assert res["entries"] == ["epoch=0-step=2.ckpt", "last.ckpt"], res["entries"]
+        assert res["last_is_folder"] and res["last_step"] == 2 and res["last_readable"]
+
+
 def test_gradient_clipping_clips_by_the_whole_norm_as_ddp(run_distributed, tmp_path):
     """Lightning's ``gradient_clip_val`` over FSDP2's gradient shards (DTensors): the same norm
     and the same clipped training as DDP. The clip is below every step's norm, so it acts."""
@@ -209,3 +224,23 @@ def test_offload_after_validation_trains_as_ddp(run_distributed, reshard_after_f
         for step, grads in enumerate(fsdp["grads"]):
             for p, g in grads.items():
                 _close(g, ddp["grads"][step][p], SAME_SP_TOL, f"rank {rank} step {step} gradient of {p}")
+
+
+def test_two_forwards_before_one_backward_under_offload_are_refused_not_wrong(run_distributed):
+    """A training step that runs the model twice with gradient (loss + 0.5 * loss again) under
+    activation offload: FSDP2 takes a block's second recomputation within one backward for a replay
+    whose gradients it has reduced already and drops them (seen: every block's gradient wrong at
+    step 0, with reshard_after_forward true or false). It is refused on every rank, naming the
+    options that train it; checkpointing=full trains it as DDP, and DDP trains it under offload too."""
+    runs = [(OFFLOAD, False), (OFFLOAD, True), (FULL, False)]
+    results = run_distributed(F.fit_two_forwards, 2, 2, runs, timeout=SPAWN_TIMEOUT_S)
+    for rank, (offload_kept, offload_resharded, full) in enumerate(results):
+        for run in (offload_kept, offload_resharded):
+            assert run["fsdp"].get("error") == INTERLEAVED_IN_PLACE, run["fsdp"]
+            assert "checkpointing=full" in INTERLEAVED_IN_PLACE and "strategy=ring" in INTERLEAVED_IN_PLACE
+        assert full["fsdp"]["no_grad"] == [[]] * U.STEPS
+        for step in range(U.STEPS):
+            for p, g in full["ddp"]["grads"][step].items():
+                _close(full["fsdp"]["grads"][step][p], g, SAME_SP_TOL, f"full: rank {rank} step {step} gradient of {p}")
+                _close(offload_kept["ddp"]["grads"][step][p], g, SAME_SP_TOL,
+                       f"DDP offload vs full: rank {rank} step {step} gradient of {p}")

@@ -2,6 +2,8 @@
 (ring_lightning/sequence/lengths.py): bad inputs are refused from the composed config alone, with a
 message naming the override and a value that works, and no process group exists yet."""
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,6 +15,7 @@ from ring_lightning import preflight
 from ring_lightning.attention import create_ring_attention
 from ring_lightning.data import LongDocumentDataModule
 from ring_lightning.sequence.lengths import LengthRules, check_length, length_multiple
+from test_memory_estimate import one_h200  # noqa: F401 (a fixture: one simulated H200)
 from test_configs import CONF, RECIPE_NAMES, TRAIN, compose_cfg as compose_recipe  # noqa: F401 (TRAIN: resolvers)
 
 
@@ -169,8 +172,42 @@ def test_hybrid_groups_are_checked_before_launch_with_the_ring_over_sp_over_u(tm
             r"strategy\.ulysses_size=4 must divide the model's heads \(model\.n_heads=2\).*valid values: \[1, 2\]")
 
 
-def test_ring_fsdp_takes_every_checkpointing_option(tmp_path):
+RING_FSDP_3B = ["trainer=gpu", "trainer.devices=1", "model=3b", "model.vocab_size=128256", "data.seq_len=32768",
+                "data.batch_size=1", "strategy=ring_fsdp"]
+
+
+def _kept_activations_gib(note):
+    return float(re.search(r"kept activations ([0-9.]+)", note).group(1))
+
+
+def test_ring_fsdp_takes_every_checkpointing_option(tmp_path, one_h200):
     """Activation offload trains under FSDP2 as under DDP (tests/distributed/test_fsdp.py): the
-    pre-flight lets it through, as full and selective checkpointing."""
-    for option in ("offload", "full", "selective"):
-        assert preflight.check_config(compose_cfg(tmp_path, "strategy=ring_fsdp", f"checkpointing={option}")) is not None
+    pre-flight lets it through, as full and selective checkpointing, and estimates each with the
+    model state sharded (one simulated H200, the 3b model at 32K tokens); checkpointing=none over
+    the GPU is refused naming the option that fits."""
+    notes = {}
+    for option in ("selective", "full", "offload"):
+        cfg = compose_recipe(tmp_path, [*RING_FSDP_3B, f"checkpointing={option}"])
+        [notes[option]] = preflight.check_config(cfg)  # one note: the memory estimate, no refusal
+        assert cfg.strategy._target_.endswith("RingFSDPStrategy") and "model state (sharded)" in notes[option]
+        assert ("offloaded inputs" in notes[option]) is (option == "offload"), notes[option]
+    kept = [_kept_activations_gib(notes[option]) for option in ("selective", "full", "offload")]
+    assert kept == sorted(kept, reverse=True) and kept[-1] < kept[0], notes
+    refused(compose_recipe(tmp_path, [*RING_FSDP_3B, "checkpointing=none"]),
+            r"memory: .*model state \(sharded\).*It fits with checkpointing=full")
+
+
+def test_ring_fsdp_refuses_gradient_compression_before_anything_starts(tmp_path, capsys, monkeypatch):
+    """Gradient compression is a DDP communication hook (FSDP2 has none): refused as train.py's
+    pre-flight builds the strategy, one message naming strategy.compression, exit 2."""
+    from hydra.utils import instantiate
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    cfg = compose_cfg(tmp_path, "strategy=ring_fsdp", "compression=topk")
+    assert preflight.check_config(cfg) == []  # the config's shape is valid: the strategy's own check refuses
+    with pytest.raises(SystemExit) as exit_info, preflight.user_errors(cfg, "strategy"):
+        instantiate(cfg.strategy)
+    assert exit_info.value.code == preflight.EXIT_CONFIG_ERROR and not dist.is_initialized()
+    err = capsys.readouterr().err
+    assert err.count("strategy.compression='topk' is not supported by RingFSDPStrategy") == 1, err
+    assert "Use compression=none, or strategy=ring (DDP)" in err and "Traceback" not in err

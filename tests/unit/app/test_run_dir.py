@@ -240,3 +240,35 @@ def test_ctrl_c_waits_for_the_end_of_a_gradient_accumulation(capfd):
     accumulating[0] = False
     callback.on_train_batch_end(trainer, module, None, None, 1)
     assert trainer._signal_connector.received_sigterm and callback.stopped_by == "SIGINT"
+
+
+def test_a_rank_choosing_for_itself_waits_for_rank_0_to_clear_the_leftovers(tmp_path, monkeypatch):
+    """torchrun / SLURM: every rank chooses what to resume, rank 0 (the launching process) alone
+    clears the leftovers of a killed write, and clearing may give a checkpoint its name back (last.ckpt
+    at step 6, moved aside by a publish killed between its renames). A rank choosing before rank 0
+    has cleared would resume from step000004.ckpt: it waits, and both resume from step 6."""
+    import threading
+
+    monkeypatch.delenv(run_dir.ENV_RESUME, raising=False)
+    ckpt_dir = tmp_path / "checkpoints"
+    os.makedirs(ckpt_dir)
+    save(ckpt_dir / "step000004.ckpt", 4)
+    save(ckpt_dir / ".last.ckpt.old-9", 6)
+    other = {}
+    rank_1 = threading.Thread(target=lambda: other.update(
+        start=run_dir.start_run(cfg_for(tmp_path, resume=True), FLAT, launching=False)))
+    rank_1.start()
+    rank_1.join(0.5)  # rank 0 starts later (its own pre-flight)
+    start = run_dir.start_run(cfg_for(tmp_path, resume=True), FLAT, launching=True)
+    rank_1.join(10)
+    assert (start.ckpt_path, start.step) == (str(ckpt_dir / "last.ckpt"), 6)
+    assert (other["start"].ckpt_path, other["start"].step) == (str(ckpt_dir / "last.ckpt"), 6)
+
+
+def test_leftovers_no_rank_0_clears_are_named_after_the_wait(tmp_path, monkeypatch):
+    monkeypatch.delenv(run_dir.ENV_RESUME, raising=False)
+    monkeypatch.setattr(run_dir, "CLEANUP_WAIT_S", 0.3)
+    os.makedirs(tmp_path / "checkpoints")
+    save(tmp_path / "checkpoints" / ".last.ckpt.tmp-9", 6)
+    with pytest.raises(ConfigError, match=r"still holds leftovers .*\.last\.ckpt\.tmp-9.* every node shares"):
+        run_dir.start_run(cfg_for(tmp_path, resume=True), FLAT, launching=False)

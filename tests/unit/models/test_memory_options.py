@@ -205,3 +205,19 @@ def test_a_tiled_output_whose_values_are_not_needed_still_gives_every_gradient()
     got = torch.autograd.grad(y, (x, w), grad_y)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=TOL, atol=TOL)
+
+
+def test_offload_refuses_two_forwards_before_one_backward_through_gathering_modules():
+    """The in-place backward (modules gathering their parameters, as FSDP2's) after two forwards:
+    FSDP2 would drop a block's second recomputation's gradients, so it raises naming the options;
+    one forward per backward, twice, is accepted."""
+    g = torch.Generator().manual_seed(5)
+    layer = GatheredLinear(torch.randn(4, 4, generator=g))
+    x = torch.randn(2, 9, 4, generator=g, requires_grad=True)
+    offload = HostOffload()
+    y1 = recompute_offloaded(layer, x, [layer.w], offload.new_pass())
+    y2 = recompute_offloaded(layer, x, [layer.w], offload.new_pass())
+    with pytest.raises(RuntimeError, match=r"ran the model twice .*checkpointing=full .*strategy=ring \(DDP\)"):
+        (y1.sum() + 0.5 * y2.sum()).backward()
+    for _ in range(2):
+        recompute_offloaded(layer, x, [layer.w], offload.new_pass()).sum().backward()

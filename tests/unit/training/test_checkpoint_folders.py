@@ -131,10 +131,61 @@ def test_a_rollback_sets_newer_folders_aside(tmp_path):
     assert sorted(p.name for p in aside.iterdir()) == ["last.ckpt", "step000006.ckpt"]
 
 
-def test_a_file_moved_aside_by_a_killed_folder_publish_is_put_back(tmp_path):
+@pytest.mark.parametrize("staged_complete", [pytest.param(False, id="staged_cut_short"),
+                                             pytest.param(True, id="staged_whole")])
+def test_a_publish_killed_between_its_renames_keeps_the_newest_whole_checkpoint(tmp_path, staged_complete):
     """last.ckpt a file (save_distributed_checkpoint was false), the new folder's publish killed
-    between its two renames: the file is the only whole checkpoint left and must come back."""
+    between its two renames: no last.ckpt, the file aside, the staged folder. The staged folder
+    whole (its step 7 is the newest) takes the name; cut short, the file is the only whole
+    checkpoint left and comes back."""
     AtomicCheckpointIO().save_checkpoint({"global_step": 5, "state_dict": weights(5)}, str(tmp_path / ".last.ckpt.old-42"))
-    a_folder(staging_path(str(tmp_path / "last.ckpt"), "42"), 7)
-    clean_leftovers(str(tmp_path))
-    assert newest_checkpoint(str(tmp_path))[:2] == (str(tmp_path / "last.ckpt"), 5)
+    a_folder(staging_path(str(tmp_path / "last.ckpt"), "42"), 7, meta=staged_complete)
+    assert len(clean_leftovers(str(tmp_path))) == 2
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+    assert newest_checkpoint(str(tmp_path))[:2] == (str(tmp_path / "last.ckpt"), 7 if staged_complete else 5)
+    assert os.path.isdir(tmp_path / "last.ckpt") is staged_complete
+
+
+def test_a_whole_staged_folder_whose_name_is_free_is_promoted_the_newest_first(tmp_path):
+    """Killed after every rank wrote (the folder complete) and before its publish: the first save of
+    the run (no last.ckpt yet) is kept; of two whole staged folders for one name, the newer step wins."""
+    a_folder(staging_path(str(tmp_path / "step000003.ckpt"), "7"), 3)
+    a_folder(staging_path(str(tmp_path / "last.ckpt"), "7"), 9)
+    a_folder(staging_path(str(tmp_path / "last.ckpt"), "8"), 6)
+    a_folder(staging_path(str(tmp_path / "last.ckpt"), "9"), 12, meta=False)  # cut short: removed
+    assert len(clean_leftovers(str(tmp_path))) == 4
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt", "step000003.ckpt"]
+    assert checkpoint_step(str(tmp_path / "last.ckpt")) == 9 and checkpoint_step(str(tmp_path / "step000003.ckpt")) == 3
+    assert newest_checkpoint(str(tmp_path))[:2] == (str(tmp_path / "last.ckpt"), 9)
+
+
+def _failing_save(*args, **kwargs):
+    raise RuntimeError("simulated write failure")
+
+
+@pytest.mark.parametrize("writer", [pytest.param("ring", id="strategy_ring"),
+                                    pytest.param("ring_fsdp_file", id="strategy_ring_fsdp_gathered_file")])
+def test_a_file_written_over_a_folder_replaces_it_only_once_whole(tmp_path, monkeypatch, writer):
+    """A run that switched from folder checkpoints to files (strategy=ring, or ring_fsdp with
+    save_distributed_checkpoint=false) over the same run dir: a failed write of last.ckpt leaves the
+    folder whole (Lightning's ModelParallelStrategy removed it first); a whole one replaces it."""
+    from ring_lightning.parallel.fsdp import RingFSDPStrategy
+
+    final = str(tmp_path / "last.ckpt")
+    a_folder(final, 3)
+    if writer == "ring":  # RingStrategy (DDP): rank 0 hands the file to the trainer's writer
+        save = AtomicCheckpointIO().save_checkpoint
+    else:
+        strategy = RingFSDPStrategy(save_distributed_checkpoint=False)
+        strategy.checkpoint_io = AtomicCheckpointIO()
+        save = strategy.save_checkpoint
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", _failing_save)
+        with pytest.raises(RuntimeError, match="simulated write failure"):
+            save({"global_step": 5, "state_dict": weights(5)}, final)
+    assert os.path.isdir(final) and checkpoint_step(final) == 3 and sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+    save({"global_step": 5, "state_dict": weights(5)}, final)
+    assert os.path.isfile(final) and checkpoint_step(final) == 5 and sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+    os.makedirs(tmp_path / "notes.ckpt")  # a folder that is no checkpoint is never replaced
+    with pytest.raises(IsADirectoryError, match="holds no checkpoint"):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 6}, str(tmp_path / "notes.ckpt"))
