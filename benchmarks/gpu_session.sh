@@ -22,6 +22,8 @@
 #                   ring_fsdp with the model state on the host: the per-step losses side by side
 #   fsdp_3b_resume  the 3b recipe: 2 steps and a folder of shards (one, ~40 GiB), then resume=true to step 3
 #                   (the step-3 loss of the uninterrupted run: call2_a644dc6 in results/2026-12-02-h200x1-fsdp)
+#   fsdp_no_room    fsdp_resume's run on a disk filled to leave ~10 GiB: the step-2 folder (7 GiB) fits, the final
+#                   save of step 3 does not: the refusal, what the folder holds after, the newest complete checkpoint
 # Usage: OUT=results PARTS="longest_2m bench_hf" bash benchmarks/gpu_session.sh
 #        (hydra-core/omegaconf/datasets installed; logger=csv: the device image has no wandb)
 set -u
@@ -138,6 +140,20 @@ for p in ${PARTS:-longest_2m cost_128k bench_hf train_hf longest_recipe train_de
     kill $SAMPLER; cp /tmp/fsdp_3b_resume/metrics.jsonl "$R/fsdp_3b_resume_metrics.jsonl" 2>/dev/null
     echo "host used MiB (max of 5 s samples): $(sort -n "$R/fsdp_3b_resume_host_used_mb.log" | tail -1)"
     grep -E "resumed|step [0-9]+/|final|Error|error|G .*last" "$R/fsdp_3b_resume_a.log" "$R/fsdp_3b_resume_b.log" | tail -12 ;;
+  fsdp_no_room)
+    FN="python train.py experiment=base_gpu model=350m model.vocab_size=128256 checkpointing=full strategy=ring_fsdp
+      strategy.offload_params=true strategy.save_distributed_checkpoint=true data.seq_len=65536 data.max_tokens=600000
+      logger=csv trainer.val_check_interval=2 trainer.limit_val_batches=1 trainer.log_every_n_steps=1
+      callbacks.model_checkpoint.every_n_train_steps=2 callbacks.model_checkpoint.save_top_k=0 hydra.run.dir=/tmp/fsdp_no_room"
+    AVAIL=$(df --output=avail -B1 /tmp | tail -1); fallocate -l $((AVAIL - 10 * 2**30)) /tmp/disk_filler
+    df -h /tmp > "$R/fsdp_no_room_df.txt"
+    part fsdp_no_room_a 150 $FN trainer.max_steps=2
+    part fsdp_no_room_b 150 $FN trainer.max_steps=3 resume=true
+    { df -h /tmp; ls -la /tmp/fsdp_no_room/checkpoints/; python -c "from ring_lightning.training.checkpoint_io import \
+      newest_checkpoint as n; print('newest complete checkpoint:', n('/tmp/fsdp_no_room/checkpoints')[:2])"; } \
+      >> "$R/fsdp_no_room_df.txt" 2>&1
+    rm -f /tmp/disk_filler
+    grep -E "resumed|step [0-9]+/|final|Error|error|no space" "$R/fsdp_no_room_b.log" | tail -6; tail -8 "$R/fsdp_no_room_df.txt" ;;
   ddp_3b)
     part ddp_3b_preflight 60 $F3B $DDP3B trainer.max_steps=1 hydra.run.dir=/tmp/ddp_3b_preflight
     grep -E "memory|ConfigError" "$R/ddp_3b_preflight.log" | tail -3

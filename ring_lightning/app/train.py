@@ -30,7 +30,7 @@ from ring_lightning.app import run_dir
 from ring_lightning.training import run_log
 from ring_lightning.app.summary import continue_command, summarize
 from ring_lightning.training.callbacks import ConfigAgreement, FailureRecord, config_fingerprint, interrupted_by
-from ring_lightning.training.checkpoint_io import CheckpointWriteError
+from ring_lightning.parallel.sharded_checkpoint import CheckpointWriteError
 from ring_lightning.training.console import quiet_wandb
 from ring_lightning.sequence.faults import (clear_failures, failed_peers, first_line, lost_rank_message,
                                    peer_failed_message, peer_failure, same_error_elsewhere, stop_local_ranks)
@@ -135,7 +135,8 @@ def train(cfg: DictConfig) -> dict:
     except Exception as exc:
         write_error = next((e for e in _chain(exc) if isinstance(e, CheckpointWriteError)), None)
         if write_error is not None and os.environ.get("HYDRA_FULL_ERROR") != "1":
-            print(f"\nring_lightning: {write_error.strerror}", file=sys.stderr, flush=True)  # once: rank 0 writes
+            if trainer.global_rank == 0:  # once: rank 0 writes a file; every rank refuses a folder alike
+                print(f"\nring_lightning: {write_error.strerror}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
         kind = peer_failure(exc)
         if kind is None:  # this rank's own error: reported as itself (FailureRecord tells the peers), once

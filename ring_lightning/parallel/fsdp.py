@@ -88,12 +88,16 @@ from ring_lightning.parallel import loss_contract
 from ring_lightning.constants import IGNORE_INDEX
 from ring_lightning.parallel.shell import SequenceParallelShell
 from ring_lightning.parallel.core import DP_AXIS, SP_AXIS, SequenceParallel
-from ring_lightning.parallel.sharded_checkpoint import META_NAME, folder_complete, publish, staging_path
+from ring_lightning.parallel.sharded_checkpoint import (META_NAME, folder_complete, no_space_error, publish,
+                                                        staging_path, state_bytes)
 from ring_lightning.sequence.dims import ParallelDims, check_layout_policy, check_sp_request, check_ulysses_size
 
 #: The LightningModule's methods that run as FSDP forwards (parameters gathered around them).
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 START_METHODS = ("popen", "spawn", "fork", "forkserver")
+#: Bytes a folder of shards takes beyond its tensors (DCP's index, meta.pt; 0.4 MiB for the 3b
+#: model) with room to spare: the space check's margin, and "full" when a write fails.
+META_ALLOWANCE = 64 * 2**20
 #: ``mixed_precision``: "auto" follows ``trainer.precision`` (bf16 for ``bf16-mixed`` / ``bf16-true``).
 MIXED_PRECISION = ("auto", "bf16", "none")
 
@@ -325,12 +329,27 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
 
         final = self.broadcast(os.path.abspath(os.fspath(filepath)))
         staged = self.broadcast(staging_path(final, str(os.getpid())))  # rank 0's pid names it
-        os.makedirs(staged, exist_ok=True)
         shards = {"state_dict": checkpoint.pop("state_dict"),
                   **{f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))}}
-        _distributed_checkpoint_save(shards, Path(staged))
-        if self.global_rank == 0:
-            self.checkpoint_io.save_checkpoint(checkpoint, os.path.join(staged, META_NAME))
+        # Room first: the folder is written beside the checkpoints it replaces (whole or not at all),
+        # and a disk filled half-way would fail every rank with DCP's own error and no space left.
+        needed = float(self.reduce(torch.tensor(float(state_bytes(shards)), device=self.root_device),
+                                   reduce_op="sum")) + META_ALLOWANCE
+        free = self.broadcast(shutil.disk_usage(os.path.dirname(final)).free if self.global_rank == 0 else None)
+        if free < needed:
+            raise no_space_error(final, needed, free, "the folder of shards needs")
+        os.makedirs(staged, exist_ok=True)
+        try:
+            _distributed_checkpoint_save(shards, Path(staged))
+            if self.global_rank == 0:
+                self.checkpoint_io.save_checkpoint(checkpoint, os.path.join(staged, META_NAME))
+        except Exception as exc:
+            free = shutil.disk_usage(os.path.dirname(final)).free
+            if self.local_rank == 0:  # its node's staging folder: a failed write takes no space
+                shutil.rmtree(staged, ignore_errors=True)
+            if free < META_ALLOWANCE:  # DCP's error on a full disk names no errno ("unexpected pos ...")
+                raise no_space_error(final, needed, free, "the folder of shards needs") from exc
+            raise
         self.barrier("ring_fsdp_checkpoint_written")
         # Rank 0 sees every rank's shard only on a filesystem all ranks share (node-local disks: the
         # folder would never count as complete, and each node would keep its own staging folder).

@@ -19,6 +19,10 @@ callbacks, the recorded config) from rank 0.
   aside the same way, once the file is whole.
 * **Complete.** ``folder_complete``: ``meta.pt`` and ``.metadata`` are there and every byte range
   ``.metadata`` names lies inside its shard file (a truncated shard fails it).
+* **Room first.** ``no_space_error``: a folder is written beside the checkpoints it replaces, so
+  the strategy compares the bytes of every rank's shards with the free space before it writes
+  (one verdict, rank 0's) and refuses with the sizes and the overrides; a write that still fails
+  removes its staged folder (a full disk is left as it was found).
 * **Read back anywhere.** ``read_full_state`` reads the whole tensors of a folder in one process
   (no process group; DCP reassembles the shards of any number of ranks), for the weights-only
   resume and the consolidated export (``ring_lightning.app.export``).
@@ -36,6 +40,37 @@ TMP_MARK = ".tmp-"  #: ``.<name>.tmp-<token>``: a write in progress (or killed),
 OLD_MARK = ".old-"  #: ``.<name>.old-<pid>``: the checkpoint a finished folder write replaces
 META_NAME = "meta.pt"  #: Lightning's metadata file in a folder (lightning.fabric.utilities.load)
 DCP_METADATA = ".metadata"  #: torch.distributed.checkpoint's index of the shards
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (the message names the checkpoint, the size and the space)."""
+
+
+def _size(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+
+
+def no_space_error(path: str, needed: float, free: float, what: str = "it needs") -> CheckpointWriteError:
+    """The one message of a checkpoint that does not fit on its disk: the sizes, that nothing of
+    the earlier checkpoints was lost, the overrides that make room, and how to continue."""
+    dirpath = os.path.dirname(os.path.abspath(path))
+    return CheckpointWriteError(
+        28,  # errno.ENOSPC
+        f"no space left to write checkpoint {path}: {what} {_size(needed)}, {_size(free)} are free in "
+        f"{dirpath}. The earlier checkpoints there are intact. Free space (or lower "
+        f"callbacks.model_checkpoint.save_top_k, or set callbacks.model_checkpoint.dirpath to a disk with "
+        f"room), then continue with the same command + resume=true")
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors this process writes of a (nested) state: a DTensor's local shard."""
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    local = getattr(state, "to_local", None)
+    tensor = local() if callable(local) else state
+    return tensor.numel() * tensor.element_size() if hasattr(tensor, "element_size") else 0
 
 
 def fsync_dir(dirpath: str) -> None:

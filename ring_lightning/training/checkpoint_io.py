@@ -38,12 +38,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ring_lightning.parallel.sharded_checkpoint import (META_NAME, OLD_MARK, TMP_MARK, clean_folder_leftovers,
-                                                        folder_complete, folder_meta, fsync_dir, publish,
-                                                        read_full_state)
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (the message names the file, the size and the space)."""
+                                                        folder_complete, folder_meta, fsync_dir, no_space_error,
+                                                        publish, read_full_state)
 
 
 def plain(value: Any) -> Any:
@@ -81,10 +77,6 @@ class _ByteCounter:
         pass
 
 
-def _size_mb(num_bytes: float) -> str:
-    return f"{num_bytes / 2**20:.1f} MiB"
-
-
 def atomic_save(checkpoint: Any, path: str) -> None:
     """``torch.save`` to ``.<name>.tmp-<pid>`` beside ``path``, fsync, rename into place. A folder
     checkpoint at ``path`` (a run that switched from ``save_distributed_checkpoint=true``) is
@@ -119,13 +111,7 @@ def atomic_save(checkpoint: Any, path: str) -> None:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             counter = _ByteCounter()
             torch.save(checkpoint, counter)
-            free = shutil.disk_usage(dirpath).free
-            raise CheckpointWriteError(
-                exc.errno,
-                f"no space left to write checkpoint {path}: it needs {_size_mb(counter.size)}, "
-                f"{_size_mb(free)} are free in {dirpath}. The earlier checkpoints there are intact. Free "
-                f"space (or lower callbacks.model_checkpoint.save_top_k), then continue with the same "
-                f"command + resume=true") from None
+            raise no_space_error(path, counter.size, shutil.disk_usage(dirpath).free) from None
         raise
     fsync_dir(dirpath)
 

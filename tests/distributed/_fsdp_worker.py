@@ -245,11 +245,16 @@ def fit_validated(rank: int, world_size: int, sp: int, options: Dict, reshard_af
     return run
 
 
-def fit_and_fail_to_publish(rank: int, world_size: int, sp: int, ckpt_dir: str) -> Dict:
+def fit_and_fail_to_publish(rank: int, world_size: int, sp: int, ckpt_dir: str, failure: str = "incomplete") -> Dict:
     """The user's module under ``save_distributed_checkpoint=True``: 2 steps (a folder ``last.ckpt``),
-    then a run resumed to step 4 whose rank 0 alone sees the staged folder incomplete (as on node-local
-    disks: the other node's shards are not there). Returns the error each rank raised and what the
-    checkpoint directory holds afterwards."""
+    then a run resumed to step 4 whose folder save fails: ``"incomplete"``: rank 0 alone sees the
+    staged folder incomplete (as on node-local disks: the other node's shards are not there);
+    ``"no_room"``: rank 0's disk has less free space than the shards; ``"full_mid_write"``: the
+    disk fills while DCP writes (DCP's own error, which names no errno, as seen on an H200).
+    Returns the error each rank raised and what the checkpoint directory holds afterwards."""
+    import shutil
+
+    import lightning.fabric.strategies.fsdp as fabric_fsdp
     import torch.distributed as dist
 
     import ring_lightning.parallel.fsdp as fsdp_module
@@ -257,17 +262,28 @@ def fit_and_fail_to_publish(rank: int, world_size: int, sp: int, ckpt_dir: str) 
 
     W._lightning_env(rank, world_size)
     dp, error = world_size // sp, None
+    real_usage, full = shutil.disk_usage, []
     for max_steps, resume in ((2, None), (4, os.path.join(ckpt_dir, "last.ckpt"))):
-        if resume and rank == 0:
+        if resume and failure == "incomplete" and rank == 0:
             fsdp_module.folder_complete = lambda path: False
+        if resume and failure == "no_room" and rank == 0:
+            shutil.disk_usage = lambda path: real_usage(path)._replace(free=1000)
+        if resume and failure == "full_mid_write":
+            def fill_then_fail(state, path, real=fabric_fsdp._distributed_checkpoint_save):
+                (path / "__partial.distcp").write_bytes(b"x" * 100)
+                full.append(True)
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            fabric_fsdp._distributed_checkpoint_save = fill_then_fail
+            shutil.disk_usage = lambda path: real_usage(path)._replace(free=0) if full else real_usage(path)
         torch.manual_seed(0)
         strategy = RingFSDPStrategy(sequence_parallel_size=sp, save_distributed_checkpoint=True)
         trainer = W._trainer(world_size, strategy, max_steps, ckpt_dir)
         loader = DataLoader(U.DATA["uneven"](dp * W.BATCH * 2, seed=1), batch_size=W.BATCH)
         try:
             trainer.fit(AdamWMeanLossLM(), train_dataloaders=loader, ckpt_path=resume)
-        except RuntimeError as exc:
-            error = str(exc)
+        except (RuntimeError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    shutil.disk_usage = real_usage
     dist.barrier()  # every rank has raised: rank 0 has removed the staging folder
     last = os.path.join(ckpt_dir, "last.ckpt")
     return {"error": error, "entries": sorted(os.listdir(ckpt_dir)), "last_is_folder": os.path.isdir(last),

@@ -133,6 +133,26 @@ def test_sharded_save_seen_incomplete_by_rank_0_raises_on_every_rank_and_publish
         assert res["last_is_folder"] and res["last_step"] == 2 and res["last_readable"]
 
 
+@pytest.mark.parametrize("failure", ["no_room", "full_mid_write"])
+def test_a_folder_save_without_room_names_the_space_on_every_rank_and_leaves_no_staged_folder(
+        run_distributed, tmp_path, failure):
+    """A disk without room for the folder of shards (seen on an H200: the 3b model's second 40 GiB
+    folder beside the first, DCP failing with "unexpected pos" and the half-written staging folder
+    left on a full disk). ``no_room``: rank 0's free space is below the shards' bytes, so every rank
+    refuses before writing; ``full_mid_write``: the disk fills during DCP's write. Either way every
+    rank raises the same CheckpointWriteError naming the size, the space and the overrides, the
+    staging folder is gone and last.ckpt (step 2) stays whole."""
+    results = run_distributed(F.fit_and_fail_to_publish, 2, 2, str(tmp_path), failure, timeout=SPAWN_TIMEOUT_S)
+    assert results[0]["error"] == results[1]["error"]
+    error = results[0]["error"]
+    assert error.startswith("CheckpointWriteError: ") and "no space left to write checkpoint" in error, error
+    assert "the folder of shards needs" in error and "callbacks.model_checkpoint.save_top_k" in error
+    assert "0.0 MiB are free" in error, error
+    for res in results:
+        assert res["entries"] == ["epoch=0-step=2.ckpt", "last.ckpt"], res["entries"]
+        assert res["last_is_folder"] and res["last_step"] == 2 and res["last_readable"]
+
+
 def test_gradient_clipping_clips_by_the_whole_norm_as_ddp(run_distributed, tmp_path):
     """Lightning's ``gradient_clip_val`` over FSDP2's gradient shards (DTensors): the same norm
     and the same clipped training as DDP. The clip is below every step's norm, so it acts."""

@@ -11,8 +11,9 @@ import torch
 from omegaconf import OmegaConf
 
 from ring_lightning.training import checkpoint_io
-from ring_lightning.training.checkpoint_io import (AtomicCheckpointIO, CheckpointWriteError, checkpoint_step, clean_leftovers,
-                                          newest_checkpoint)
+from ring_lightning.parallel.sharded_checkpoint import CheckpointWriteError
+from ring_lightning.training.checkpoint_io import (AtomicCheckpointIO, checkpoint_step, clean_leftovers,
+                                                   newest_checkpoint)
 
 
 def a_checkpoint(step: int, **extra) -> dict:
