@@ -335,6 +335,7 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
         # and a disk filled half-way would fail every rank with DCP's own error and no space left.
         needed = float(self.reduce(torch.tensor(float(state_bytes(shards)), device=self.root_device),
                                    reduce_op="sum")) + META_ALLOWANCE
+        os.makedirs(os.path.dirname(final), exist_ok=True)  # a run's first save: the directory may not exist yet
         free = self.broadcast(shutil.disk_usage(os.path.dirname(final)).free if self.global_rank == 0 else None)
         if free < needed:
             raise no_space_error(final, needed, free, "the folder of shards needs")
