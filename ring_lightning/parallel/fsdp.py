@@ -335,24 +335,32 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
         # and a disk filled half-way would fail every rank with DCP's own error and no space left.
         needed = float(self.reduce(torch.tensor(float(state_bytes(shards)), device=self.root_device),
                                    reduce_op="sum")) + META_ALLOWANCE
-        if self.global_rank == 0:  # the first save of a run creates the checkpoint directory
-            os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.makedirs(os.path.dirname(final), exist_ok=True)  # a run's first save: the directory may not exist yet
         free = self.broadcast(shutil.disk_usage(os.path.dirname(final)).free if self.global_rank == 0 else None)
         if free < needed:
             raise no_space_error(final, needed, free, "the folder of shards needs")
         os.makedirs(staged, exist_ok=True)
+        error: Optional[Exception] = None
         try:
             _distributed_checkpoint_save(shards, Path(staged))
             if self.global_rank == 0:
                 self.checkpoint_io.save_checkpoint(checkpoint, os.path.join(staged, META_NAME))
-        except Exception as exc:
-            free = shutil.disk_usage(os.path.dirname(final)).free
+        except Exception as exc:  # noqa: BLE001 - judged below, by every rank alike
+            error = exc
+        # One verdict once every rank has written (this reduce waits for all): a rank failing alone
+        # (rank 0's meta.pt) must not leave the others waiting in a collective it never reaches.
+        if float(self.reduce(torch.tensor(float(error is not None), device=self.root_device), reduce_op="sum")):
+            # rank 0's free space, measured before any staging folder is removed: one message everywhere
+            free = self.broadcast(shutil.disk_usage(os.path.dirname(final)).free if self.global_rank == 0 else None)
             if self.local_rank == 0:  # its node's staging folder: a failed write takes no space
                 shutil.rmtree(staged, ignore_errors=True)
             if free < META_ALLOWANCE:  # DCP's error on a full disk names no errno ("unexpected pos ...")
-                raise no_space_error(final, needed, free, "the folder of shards needs") from exc
-            raise
-        self.barrier("ring_fsdp_checkpoint_written")
+                raise no_space_error(final, needed, free, "the folder of shards needs") from error
+            if error is not None:
+                raise error
+            raise RuntimeError(
+                f"save_distributed_checkpoint=true: another rank failed to write its part of {staged} (its error "
+                f"is reported there); removed, the earlier checkpoints are intact")
         # Rank 0 sees every rank's shard only on a filesystem all ranks share (node-local disks: the
         # folder would never count as complete, and each node would keep its own staging folder).
         complete = self.broadcast(folder_complete(staged) if self.global_rank == 0 else None)

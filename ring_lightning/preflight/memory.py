@@ -4,6 +4,7 @@ GPU and the host, with the overrides that fit when it does not."""
 from __future__ import annotations
 
 import math
+import os
 from typing import List, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -85,7 +86,12 @@ def check_memory(cfg: DictConfig, per_node: int, device_bytes: Optional[int] = N
         return []
     dims = inputs.pop("dims")
     device_cap = device_bytes if device_bytes is not None else (machine.gpu_memory_bytes() if inputs["on_gpu"] else None)
-    host_cap = host_bytes if host_bytes is not None else machine.host_available_bytes()
+    # The host is measured by a node's first process only (LOCAL_RANK unset or 0), before any of its
+    # ranks has built the model: a rank that Lightning's launcher starts re-runs this pre-flight with
+    # rank 0's float32 model already on the host, and would refuse, silently (only the launching
+    # process prints), a run that rank 0 let through.
+    first_of_node = os.environ.get("LOCAL_RANK", "0") in ("", "0")
+    host_cap = host_bytes if host_bytes is not None else (machine.host_available_bytes() if first_of_node else None)
     if not inputs["on_gpu"]:
         device_cap = None
 

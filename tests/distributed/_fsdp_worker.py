@@ -8,9 +8,11 @@ shard (a DTensor), so each is gathered (``full_tensor``, a collective every rank
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
@@ -245,12 +247,20 @@ def fit_validated(rank: int, world_size: int, sp: int, options: Dict, reshard_af
     return run
 
 
+class _FailingWriter(TorchCheckpointIO):
+    """A checkpoint writer whose every write fails (``meta.pt``, the one file rank 0 alone writes)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        raise OSError(f"simulated failure writing {os.path.basename(path)}")
+
+
 def fit_and_fail_to_publish(rank: int, world_size: int, sp: int, ckpt_dir: str, failure: str = "incomplete") -> Dict:
     """The user's module under ``save_distributed_checkpoint=True``: 2 steps (a folder ``last.ckpt``),
     then a run resumed to step 4 whose folder save fails: ``"incomplete"``: rank 0 alone sees the
     staged folder incomplete (as on node-local disks: the other node's shards are not there);
     ``"no_room"``: rank 0's disk has less free space than the shards; ``"full_mid_write"``: the
-    disk fills while DCP writes (DCP's own error, which names no errno, as seen on an H200).
+    disk fills while DCP writes (DCP's own error, which names no errno, as seen on an H200);
+    ``"meta_write"``: rank 0 alone fails, writing ``meta.pt`` after every rank wrote its shard.
     Returns the error each rank raised and what the checkpoint directory holds afterwards."""
     import shutil
 
@@ -276,7 +286,11 @@ def fit_and_fail_to_publish(rank: int, world_size: int, sp: int, ckpt_dir: str, 
             fabric_fsdp._distributed_checkpoint_save = fill_then_fail
             shutil.disk_usage = lambda path: real_usage(path)._replace(free=0) if full else real_usage(path)
         torch.manual_seed(0)
-        strategy = RingFSDPStrategy(sequence_parallel_size=sp, save_distributed_checkpoint=True)
+        # a short timeout: a rank left waiting in a collective fails the test in seconds, not 30 minutes
+        strategy = RingFSDPStrategy(sequence_parallel_size=sp, save_distributed_checkpoint=True,
+                                    timeout=timedelta(seconds=30))
+        if resume and failure == "meta_write" and rank == 0:
+            strategy.checkpoint_io = _FailingWriter()
         trainer = W._trainer(world_size, strategy, max_steps, ckpt_dir)
         loader = DataLoader(U.DATA["uneven"](dp * W.BATCH * 2, seed=1), batch_size=W.BATCH)
         try:

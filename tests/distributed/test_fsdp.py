@@ -264,3 +264,18 @@ def test_two_forwards_before_one_backward_under_offload_are_refused_not_wrong(ru
                 _close(full["fsdp"]["grads"][step][p], g, SAME_SP_TOL, f"full: rank {rank} step {step} gradient of {p}")
                 _close(offload_kept["ddp"]["grads"][step][p], g, SAME_SP_TOL,
                        f"DDP offload vs full: rank {rank} step {step} gradient of {p}")
+
+
+def test_a_folder_save_that_fails_on_rank_0_alone_raises_on_every_rank_without_waiting(run_distributed, tmp_path):
+    """Rank 0 alone fails after every rank wrote its shard (its meta.pt write): the ranks agree on the
+    write's verdict before anything else, so rank 1 raises at once naming another rank's failure
+    instead of waiting in the next collective until the timeout; the staging folder is removed and
+    last.ckpt (step 2) stays whole (without the shared verdict: rank 1 is left in a barrier rank 0
+    never reaches, and fails only when rank 0's process ends or the timeout passes)."""
+    results = run_distributed(F.fit_and_fail_to_publish, 2, 2, str(tmp_path), "meta_write", timeout=SPAWN_TIMEOUT_S)
+    assert results[0]["error"] == "OSError: simulated failure writing meta.pt", results[0]["error"]
+    assert results[1]["error"].startswith("RuntimeError: save_distributed_checkpoint=true: another rank failed "
+                                          "to write its part"), results[1]["error"]
+    for res in results:
+        assert res["entries"] == ["epoch=0-step=2.ckpt", "last.ckpt"], res["entries"]
+        assert res["last_is_folder"] and res["last_step"] == 2 and res["last_readable"]

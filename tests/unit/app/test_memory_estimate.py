@@ -203,3 +203,24 @@ def test_the_fsdp_recipes_fit_an_h200_where_ddp_does_not(tmp_path):
     assert "memory estimate per GPU 63.5 GiB" in note[0] and "host 80.3 GiB" in note[0], note
     with pytest.raises(preflight.ConfigError, match=r"strategy=ring_fsdp strategy\.offload_params=true"):
         estimate("fsdp_3b_offload_1gpu", 1, "strategy=ring")
+
+
+def test_the_host_is_judged_by_a_nodes_first_process_only(tmp_path, monkeypatch):
+    """A rank that Lightning's launcher starts (LOCAL_RANK=1..) re-runs the pre-flight once rank 0
+    has built its float32 model on the same host (29.9 GiB of the 8b recipe): measuring then, it
+    refused silently (only the launching process prints) a node that rank 0 let through. The first
+    process of a node judges the host; the later ranks check the GPU alone."""
+    from test_configs import compose_cfg as compose_recipe
+
+    host = {"available": 240 * mem.GiB}  # rank 0's view: 8 x 29.9 GiB builds fit (with the 1.10 margin)
+    monkeypatch.setattr(preflight.machine, "host_available_bytes", lambda: host["available"])
+    cfg = compose_recipe(tmp_path, [], recipe="fsdp_8b_8gpu")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    [note] = preflight.memory.check_memory(cfg, 8, device_bytes=H200)
+    assert "memory estimate per GPU 62.1 GiB" in note and "of 240.0 GiB available" in note, note
+    host["available"] -= 30 * mem.GiB  # what rank 1 sees: rank 0's model built
+    with pytest.raises(preflight.ConfigError, match=r"host 239\.3 GiB at start"):  # the first process would refuse
+        preflight.memory.check_memory(cfg, 8, device_bytes=H200)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    [note] = preflight.memory.check_memory(cfg, 8, device_bytes=H200)
+    assert "memory estimate per GPU 62.1 GiB" in note, note

@@ -259,6 +259,7 @@ def test_a_rank_choosing_for_itself_waits_for_rank_0_to_clear_the_leftovers(tmp_
         start=run_dir.start_run(cfg_for(tmp_path, resume=True), FLAT, launching=False)))
     rank_1.start()
     rank_1.join(0.5)  # rank 0 starts later (its own pre-flight)
+    assert rank_1.is_alive(), other  # waiting for the leftovers to go (without the wait: chose step 4 already)
     start = run_dir.start_run(cfg_for(tmp_path, resume=True), FLAT, launching=True)
     rank_1.join(10)
     assert (start.ckpt_path, start.step) == (str(ckpt_dir / "last.ckpt"), 6)
