@@ -65,10 +65,7 @@ Refused: gradient compression (DDP communication hooks; FSDP2 has none), in the 
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -88,16 +85,12 @@ from ring_lightning.parallel import loss_contract
 from ring_lightning.constants import IGNORE_INDEX
 from ring_lightning.parallel.shell import SequenceParallelShell
 from ring_lightning.parallel.core import DP_AXIS, SP_AXIS, SequenceParallel
-from ring_lightning.parallel.sharded_checkpoint import (META_NAME, folder_complete, no_space_error, publish,
-                                                        staging_path, state_bytes)
+from ring_lightning.parallel.sharded_checkpoint import save_folder
 from ring_lightning.sequence.dims import ParallelDims, check_layout_policy, check_sp_request, check_ulysses_size
 
 #: The LightningModule's methods that run as FSDP forwards (parameters gathered around them).
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 START_METHODS = ("popen", "spawn", "fork", "forkserver")
-#: Bytes a folder of shards takes beyond its tensors (DCP's index, meta.pt; 0.4 MiB for the 3b
-#: model) with room to spare: the space check's margin, and "full" when a write fails.
-META_ALLOWANCE = 64 * 2**20
 #: ``mixed_precision``: "auto" follows ``trainer.precision`` (bf16 for ``bf16-mixed`` / ``bf16-true``).
 MIXED_PRECISION = ("auto", "bf16", "none")
 
@@ -325,56 +318,7 @@ class RingFSDPStrategy(SequenceParallelShell, ModelParallelStrategy):
             return ParallelStrategy.save_checkpoint(self, checkpoint, self.broadcast(filepath), storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}")
-        from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
-
-        final = self.broadcast(os.path.abspath(os.fspath(filepath)))
-        staged = self.broadcast(staging_path(final, str(os.getpid())))  # rank 0's pid names it
-        shards = {"state_dict": checkpoint.pop("state_dict"),
-                  **{f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))}}
-        # Room first: the folder is written beside the checkpoints it replaces (whole or not at all),
-        # and a disk filled half-way would fail every rank with DCP's own error and no space left.
-        needed = float(self.reduce(torch.tensor(float(state_bytes(shards)), device=self.root_device),
-                                   reduce_op="sum")) + META_ALLOWANCE
-        os.makedirs(os.path.dirname(final), exist_ok=True)  # a run's first save: the directory may not exist yet
-        free = self.broadcast(shutil.disk_usage(os.path.dirname(final)).free if self.global_rank == 0 else None)
-        if free < needed:
-            raise no_space_error(final, needed, free, "the folder of shards needs")
-        os.makedirs(staged, exist_ok=True)
-        error: Optional[Exception] = None
-        try:
-            _distributed_checkpoint_save(shards, Path(staged))
-            if self.global_rank == 0:
-                self.checkpoint_io.save_checkpoint(checkpoint, os.path.join(staged, META_NAME))
-        except Exception as exc:  # noqa: BLE001 - judged below, by every rank alike
-            error = exc
-        # One verdict once every rank has written (this reduce waits for all): a rank failing alone
-        # (rank 0's meta.pt) must not leave the others waiting in a collective it never reaches.
-        if float(self.reduce(torch.tensor(float(error is not None), device=self.root_device), reduce_op="sum")):
-            # rank 0's free space, measured before any staging folder is removed: one message everywhere
-            free = self.broadcast(shutil.disk_usage(os.path.dirname(final)).free if self.global_rank == 0 else None)
-            if self.local_rank == 0:  # its node's staging folder: a failed write takes no space
-                shutil.rmtree(staged, ignore_errors=True)
-            if free < META_ALLOWANCE:  # DCP's error on a full disk names no errno ("unexpected pos ...")
-                raise no_space_error(final, needed, free, "the folder of shards needs") from error
-            if error is not None:
-                raise error
-            raise RuntimeError(
-                f"save_distributed_checkpoint=true: another rank failed to write its part of {staged} (its error "
-                f"is reported there); removed, the earlier checkpoints are intact")
-        # Rank 0 sees every rank's shard only on a filesystem all ranks share (node-local disks: the
-        # folder would never count as complete, and each node would keep its own staging folder).
-        complete = self.broadcast(folder_complete(staged) if self.global_rank == 0 else None)
-        if not complete:
-            if self.local_rank == 0:  # its node's staging folder (the one folder on a shared filesystem)
-                shutil.rmtree(staged, ignore_errors=True)
-            raise RuntimeError(
-                f"save_distributed_checkpoint=true: {staged} is incomplete as rank 0 sees it after every rank "
-                f"wrote its shard (removed; the earlier checkpoints are intact); the checkpoint directory "
-                f"must be on a filesystem every node shares "
-                f"(callbacks.model_checkpoint.dirpath), or set strategy.save_distributed_checkpoint=false")
-        if self.global_rank == 0:
-            publish(staged, final)
-        self.barrier("ring_fsdp_checkpoint_published")
+        save_folder(self, checkpoint, filepath)
 
 
 if "ring_fsdp" not in StrategyRegistry:

@@ -34,12 +34,16 @@ import glob
 import os
 import shutil
 import warnings
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Set
 
 TMP_MARK = ".tmp-"  #: ``.<name>.tmp-<token>``: a write in progress (or killed), file or folder
 OLD_MARK = ".old-"  #: ``.<name>.old-<pid>``: the checkpoint a finished folder write replaces
 META_NAME = "meta.pt"  #: Lightning's metadata file in a folder (lightning.fabric.utilities.load)
 DCP_METADATA = ".metadata"  #: torch.distributed.checkpoint's index of the shards
+#: Bytes a folder of shards takes beyond its tensors (DCP's index, meta.pt; 0.4 MiB for the 3b
+#: model) with room to spare: the space check's margin, and "full" when a write fails.
+META_ALLOWANCE = 64 * 2**20
 
 
 class CheckpointWriteError(OSError):
@@ -71,6 +75,85 @@ def state_bytes(state: Any) -> int:
     local = getattr(state, "to_local", None)
     tensor = local() if callable(local) else state
     return tensor.numel() * tensor.element_size() if hasattr(tensor, "element_size") else 0
+
+
+def save_folder(strategy: Any, checkpoint: Dict[str, Any], filepath: Any) -> None:
+    """Write ``checkpoint`` as a folder of shards at ``filepath``, whole or not at all, from every
+    rank of ``strategy`` (a Lightning strategy: ``broadcast``, ``reduce``, ranks, ``root_device``,
+    ``checkpoint_io``). The ``state_dict`` and ``optimizer_<i>`` shards go through DCP, the rest to
+    ``meta.pt`` through the trainer's checkpoint writer, under ``staging_path``; rank 0 publishes
+    the folder once every rank has written and it is complete. Every decision is one verdict that
+    every rank reaches (a reduce or rank 0's broadcast), so no rank waits in a collective another
+    one left: each failure raises on every rank, removes the staged folder and keeps the earlier
+    checkpoints.
+
+    Raises:
+        CheckpointWriteError: no room for the folder (before writing) or the disk filled while writing.
+        RuntimeError: the staged folder is incomplete as rank 0 sees it (node-local disks), or a
+            rank failed to write or publish (its own error on that rank).
+    """
+    import torch
+    from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
+
+    def total(value: float) -> float:  # over every rank; waits for all of them
+        return float(strategy.reduce(torch.tensor(float(value), device=strategy.root_device), reduce_op="sum"))
+
+    def rank0_free() -> int:
+        return strategy.broadcast(shutil.disk_usage(dirpath).free if strategy.global_rank == 0 else None)
+
+    def discard() -> None:
+        if strategy.local_rank == 0:  # its node's staging folder (the one folder on a shared filesystem)
+            shutil.rmtree(staged, ignore_errors=True)
+
+    final = strategy.broadcast(os.path.abspath(os.fspath(filepath)))
+    dirpath = os.path.dirname(final)
+    staged = strategy.broadcast(staging_path(final, str(os.getpid())))  # rank 0's pid names it
+    shards = {"state_dict": checkpoint.pop("state_dict"),
+              **{f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))}}
+    # Room first: the folder is written beside the checkpoints it replaces (whole or not at all),
+    # and a disk filled half-way fails every rank with DCP's own error ("unexpected pos ...").
+    needed = total(state_bytes(shards)) + META_ALLOWANCE
+    os.makedirs(dirpath, exist_ok=True)  # a run's first save: the directory may not exist yet
+    free = rank0_free()
+    if free < needed:
+        raise no_space_error(final, needed, free, "the folder of shards needs")
+    os.makedirs(staged, exist_ok=True)
+    error: Optional[Exception] = None
+    try:
+        _distributed_checkpoint_save(shards, Path(staged))
+        if strategy.global_rank == 0:
+            strategy.checkpoint_io.save_checkpoint(checkpoint, os.path.join(staged, META_NAME))
+    except Exception as exc:  # noqa: BLE001 - judged below, by every rank alike
+        error = exc
+    if total(error is not None):  # a rank failing alone (rank 0's meta.pt) must not strand the others
+        free = rank0_free()  # measured before any staging folder is removed: one message everywhere
+        discard()
+        if free < META_ALLOWANCE:  # DCP's error on a full disk names no errno
+            raise no_space_error(final, needed, free, "the folder of shards needs") from error
+        if error is not None:
+            raise error
+        raise RuntimeError(f"save_distributed_checkpoint=true: another rank failed to write its part of {staged} "
+                           f"(its error is reported there); removed, the earlier checkpoints are intact")
+    # Rank 0 sees every rank's shard only on a filesystem all ranks share (node-local disks: the
+    # folder would never count as complete, and each node would keep its own staging folder).
+    if not strategy.broadcast(folder_complete(staged) if strategy.global_rank == 0 else None):
+        discard()
+        raise RuntimeError(
+            f"save_distributed_checkpoint=true: {staged} is incomplete as rank 0 sees it after every rank "
+            f"wrote its shard (removed; the earlier checkpoints are intact); the checkpoint directory "
+            f"must be on a filesystem every node shares "
+            f"(callbacks.model_checkpoint.dirpath), or set strategy.save_distributed_checkpoint=false")
+    error = None
+    if strategy.global_rank == 0:
+        try:
+            publish(staged, final)  # a failure between its renames: clean_folder_leftovers repairs it
+        except Exception as exc:  # noqa: BLE001 - every rank raises below
+            error = exc
+    if total(error is not None):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"save_distributed_checkpoint=true: rank 0 failed to publish {staged} as {final} "
+                           f"(its error is reported there)")
 
 
 def fsync_dir(dirpath: str) -> None:

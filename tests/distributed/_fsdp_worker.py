@@ -260,22 +260,28 @@ def fit_and_fail_to_publish(rank: int, world_size: int, sp: int, ckpt_dir: str, 
     staged folder incomplete (as on node-local disks: the other node's shards are not there);
     ``"no_room"``: rank 0's disk has less free space than the shards; ``"full_mid_write"``: the
     disk fills while DCP writes (DCP's own error, which names no errno, as seen on an H200);
-    ``"meta_write"``: rank 0 alone fails, writing ``meta.pt`` after every rank wrote its shard.
+    ``"meta_write"``: rank 0 alone fails, writing ``meta.pt`` after every rank wrote its shard;
+    ``"publish"``: rank 0's rename of the complete staged folder fails.
     Returns the error each rank raised and what the checkpoint directory holds afterwards."""
     import shutil
 
     import lightning.fabric.strategies.fsdp as fabric_fsdp
     import torch.distributed as dist
 
-    import ring_lightning.parallel.fsdp as fsdp_module
+    import ring_lightning.parallel.sharded_checkpoint as folders
     from ring_lightning.training.checkpoint_io import checkpoint_step, readable
 
     W._lightning_env(rank, world_size)
     dp, error = world_size // sp, None
     real_usage, full = shutil.disk_usage, []
+    real_complete, real_publish = folders.folder_complete, folders.publish
     for max_steps, resume in ((2, None), (4, os.path.join(ckpt_dir, "last.ckpt"))):
         if resume and failure == "incomplete" and rank == 0:
-            fsdp_module.folder_complete = lambda path: False
+            folders.folder_complete = lambda path: False
+        if resume and failure == "publish" and rank == 0:
+            def publish_fails(staged, path):
+                raise OSError(f"cannot rename {staged}")
+            folders.publish = publish_fails
         if resume and failure == "no_room" and rank == 0:
             shutil.disk_usage = lambda path: real_usage(path)._replace(free=1000)
         if resume and failure == "full_mid_write":
@@ -297,7 +303,7 @@ def fit_and_fail_to_publish(rank: int, world_size: int, sp: int, ckpt_dir: str, 
             trainer.fit(AdamWMeanLossLM(), train_dataloaders=loader, ckpt_path=resume)
         except (RuntimeError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-    shutil.disk_usage = real_usage
+    shutil.disk_usage, folders.folder_complete, folders.publish = real_usage, real_complete, real_publish
     dist.barrier()  # every rank has raised: rank 0 has removed the staging folder
     last = os.path.join(ckpt_dir, "last.ckpt")
     return {"error": error, "entries": sorted(os.listdir(ckpt_dir)), "last_is_folder": os.path.isdir(last),

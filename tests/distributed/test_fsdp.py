@@ -133,6 +133,16 @@ def test_sharded_save_seen_incomplete_by_rank_0_raises_on_every_rank_and_publish
         assert res["last_is_folder"] and res["last_step"] == 2 and res["last_readable"]
 
 
+def test_a_publish_failing_on_rank_0_raises_on_every_rank_at_once(run_distributed, tmp_path):
+    """Rank 0's rename of the complete staged folder fails (an OSError): rank 0 raises it, rank 1
+    raises naming rank 0 (no rank waits in a barrier the other left), last.ckpt stays at step 2."""
+    results = run_distributed(F.fit_and_fail_to_publish, 2, 2, str(tmp_path), "publish", timeout=SPAWN_TIMEOUT_S)
+    assert results[0]["error"].startswith("OSError: cannot rename"), results[0]["error"]
+    assert results[1]["error"].startswith("RuntimeError: ") and "rank 0 failed to publish" in results[1]["error"]
+    for res in results:
+        assert res["last_is_folder"] and res["last_step"] == 2 and res["last_readable"]
+
+
 @pytest.mark.parametrize("failure", ["no_room", "full_mid_write"])
 def test_a_folder_save_without_room_names_the_space_on_every_rank_and_leaves_no_staged_folder(
         run_distributed, tmp_path, failure):
@@ -256,8 +266,9 @@ def test_two_forwards_before_one_backward_under_offload_are_refused_not_wrong(ru
     results = run_distributed(F.fit_two_forwards, 2, 2, runs, timeout=SPAWN_TIMEOUT_S)
     for rank, (offload_kept, offload_resharded, full) in enumerate(results):
         for run in (offload_kept, offload_resharded):
-            assert run["fsdp"].get("error") == INTERLEAVED_IN_PLACE, run["fsdp"]
-            assert "checkpointing=full" in INTERLEAVED_IN_PLACE and "strategy=ring" in INTERLEAVED_IN_PLACE
+            error = run["fsdp"].get("error")
+            assert error == INTERLEAVED_IN_PLACE, run["fsdp"]  # the refusal itself, on this rank
+            assert "checkpointing=full" in error and "strategy=ring" in error  # and it names the overrides
         assert full["fsdp"]["no_grad"] == [[]] * U.STEPS
         for step in range(U.STEPS):
             for p, g in full["ddp"]["grads"][step].items():
