@@ -117,8 +117,17 @@ def save_folder(strategy: Any, checkpoint: Dict[str, Any], filepath: Any) -> Non
     free = rank0_free()
     if free < needed:
         raise no_space_error(final, needed, free, "the folder of shards needs")
-    os.makedirs(staged, exist_ok=True)
     error: Optional[Exception] = None
+    try:
+        os.makedirs(staged, exist_ok=True)
+    except OSError as exc:
+        error = exc
+    if total(error is not None):  # before DCP's collectives: a rank that cannot write must not enter them
+        discard()
+        if error is not None:
+            raise error
+        raise RuntimeError(f"save_distributed_checkpoint=true: another rank could not create {staged} (its error "
+                           f"is reported there); the earlier checkpoints are intact")
     try:
         _distributed_checkpoint_save(shards, Path(staged))
         if strategy.global_rank == 0:

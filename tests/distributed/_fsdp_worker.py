@@ -261,7 +261,8 @@ def fit_and_fail_to_publish(rank: int, world_size: int, sp: int, ckpt_dir: str, 
     ``"no_room"``: rank 0's disk has less free space than the shards; ``"full_mid_write"``: the
     disk fills while DCP writes (DCP's own error, which names no errno, as seen on an H200);
     ``"meta_write"``: rank 0 alone fails, writing ``meta.pt`` after every rank wrote its shard;
-    ``"publish"``: rank 0's rename of the complete staged folder fails.
+    ``"publish"``: rank 0's rename of the complete staged folder fails; ``"mkdir"``: rank 1 alone
+    cannot create the staging folder (before DCP's collectives).
     Returns the error each rank raised and what the checkpoint directory holds afterwards."""
     import shutil
 
@@ -274,10 +275,16 @@ def fit_and_fail_to_publish(rank: int, world_size: int, sp: int, ckpt_dir: str, 
     W._lightning_env(rank, world_size)
     dp, error = world_size // sp, None
     real_usage, full = shutil.disk_usage, []
-    real_complete, real_publish = folders.folder_complete, folders.publish
+    real_complete, real_publish, real_makedirs = folders.folder_complete, folders.publish, os.makedirs
     for max_steps, resume in ((2, None), (4, os.path.join(ckpt_dir, "last.ckpt"))):
         if resume and failure == "incomplete" and rank == 0:
             folders.folder_complete = lambda path: False
+        if resume and failure == "mkdir" and rank == 1:
+            def makedirs_fails(path, *args, **kwargs):
+                if ".tmp-" in os.fspath(path):
+                    raise PermissionError(f"cannot create {path}")
+                return real_makedirs(path, *args, **kwargs)
+            os.makedirs = makedirs_fails
         if resume and failure == "publish" and rank == 0:
             def publish_fails(staged, path):
                 raise OSError(f"cannot rename {staged}")
@@ -304,6 +311,7 @@ def fit_and_fail_to_publish(rank: int, world_size: int, sp: int, ckpt_dir: str, 
         except (RuntimeError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
     shutil.disk_usage, folders.folder_complete, folders.publish = real_usage, real_complete, real_publish
+    os.makedirs = real_makedirs
     dist.barrier()  # every rank has raised: rank 0 has removed the staging folder
     last = os.path.join(ckpt_dir, "last.ckpt")
     return {"error": error, "entries": sorted(os.listdir(ckpt_dir)), "last_is_folder": os.path.isdir(last),

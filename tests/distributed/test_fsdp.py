@@ -143,6 +143,18 @@ def test_a_publish_failing_on_rank_0_raises_on_every_rank_at_once(run_distribute
         assert res["last_is_folder"] and res["last_step"] == 2 and res["last_readable"]
 
 
+def test_a_rank_that_cannot_create_the_staging_folder_stops_every_rank_before_dcp(run_distributed, tmp_path):
+    """Rank 1 alone cannot create the staging folder (a permission error): it raises its own error,
+    rank 0 raises naming another rank, before either enters DCP's collectives (without the verdict
+    rank 0 waits inside DCP until the timeout); last.ckpt stays at step 2, no staging folder."""
+    results = run_distributed(F.fit_and_fail_to_publish, 2, 2, str(tmp_path), "mkdir", timeout=SPAWN_TIMEOUT_S)
+    assert results[1]["error"].startswith("PermissionError: cannot create"), results[1]["error"]
+    assert results[0]["error"].startswith("RuntimeError: ") and "another rank could not create" in results[0]["error"]
+    for res in results:
+        assert res["entries"] == ["epoch=0-step=2.ckpt", "last.ckpt"], res["entries"]
+        assert res["last_is_folder"] and res["last_step"] == 2 and res["last_readable"]
+
+
 @pytest.mark.parametrize("failure", ["no_room", "full_mid_write"])
 def test_a_folder_save_without_room_names_the_space_on_every_rank_and_leaves_no_staged_folder(
         run_distributed, tmp_path, failure):
